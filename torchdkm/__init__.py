@@ -1,0 +1,28 @@
+"""torchdkm: train-time weight clustering (DKM) for any PyTorch model.
+
+model = torchdkm.prepare(model, "cv:6/6, fc:6/4")   # attach DKM
+...train with your own loop and loss...
+model = torchdkm.finalize(model)                      # packed indices + LUTs
+torchdkm.report(model); torchdkm.save(model, "model.dkm.safetensors")
+"""
+
+from .api import finalize, kmeans_compress, prepare
+from .config import DKMConfig, LayerConfig
+from .errors import TorchdkmError
+from .io import load, save
+from .report import Report, report
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DKMConfig",
+    "LayerConfig",
+    "Report",
+    "TorchdkmError",
+    "finalize",
+    "kmeans_compress",
+    "load",
+    "prepare",
+    "report",
+    "save",
+]

@@ -1,0 +1,84 @@
+"""Hard (nearest-centroid) k-means pieces: assignment, distortion, Lloyd, re-seeding.
+
+All functions take the batched ``(G, n, d)`` vectors, ``(G, n)`` multiplicities
+(``None``: all 1) and ``(G, k, d)`` centroids of :mod:`torchdkm.cluster.op`, and
+work chunk by chunk so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .op import _chunks
+
+
+def nearest(x: Tensor, c: Tensor, rows: int) -> tuple[Tensor, Tensor]:
+    """Index of each vector's nearest centroid ``(G, n)`` and its squared distance."""
+    g, n, _ = x.shape
+    index = torch.empty(g, n, dtype=torch.long, device=x.device)
+    dist = torch.empty(g, n, dtype=x.dtype, device=x.device)
+    cc = (c * c).sum(-1).unsqueeze(1)
+    for s in _chunks(n, rows):
+        xs = x[:, s]
+        score = torch.baddbmm(-cc, xs, 2.0 * c.transpose(1, 2))  # 2 x.c - |c|^2
+        best, index[:, s] = score.max(-1)
+        dist[:, s] = ((xs * xs).sum(-1) - best).clamp_min(0)
+    return index, dist
+
+
+def counts(index: Tensor, m: Tensor | None, k: int) -> Tensor:
+    """Multiplicity-weighted number of vectors per centroid: ``(G, k)``."""
+    g = index.shape[0]
+    keys = (index + k * torch.arange(g, device=index.device)[:, None]).reshape(-1)
+    weights = None if m is None else m.reshape(-1)
+    return torch.bincount(keys, weights=weights, minlength=g * k).view(g, k).to(torch.float64)
+
+
+def distortion(dist: Tensor, m: Tensor | None) -> Tensor:
+    """Mean squared distance to the nearest centroid, per group: ``(G,)``."""
+    if m is None:
+        return dist.mean(1)
+    return (dist * m).sum(1) / m.sum(1).clamp_min(1)
+
+
+def reseed_empty(x: Tensor, m: Tensor | None, c: Tensor, index: Tensor, dist: Tensor) -> Tensor:
+    """Move centroids that no vector chooses (empty or duplicate) onto the worst-served vectors.
+
+    A centroid is replaced only by a vector that no centroid represents exactly
+    (distance > 0), so a layer with fewer distinct vectors than centroids keeps
+    its duplicates rather than churning.  Returns new centroids (or ``c``).
+    """
+    k = c.shape[1]
+    empty = counts(index, m, k) == 0
+    if not bool(empty.any()):
+        return c
+    c = c.clone()
+    score = dist if m is None else torch.where(m > 0, dist, torch.zeros_like(dist))
+    for g in torch.nonzero(empty.any(1)).flatten().tolist():
+        slots = torch.nonzero(empty[g]).flatten()
+        worst = torch.topk(score[g], min(len(slots), score.shape[1]))
+        usable = worst.values > 0
+        slots, chosen = slots[: int(usable.sum())], worst.indices[usable]
+        c[g, slots] = x[g, chosen].to(c.dtype)
+    return c
+
+
+def lloyd(x: Tensor, m: Tensor | None, c: Tensor, rows: int, iters: int) -> Tensor:
+    """Hard k-means iterations from ``c``, re-seeding empty centroids; stops when assignments settle."""
+    g, k, d = c.shape
+    weights = torch.ones_like(x[..., 0]) if m is None else m
+    previous = None
+    for _ in range(iters):
+        index, dist = nearest(x, c, rows)
+        if previous is not None and torch.equal(index, previous):
+            break
+        previous = index
+        keys = (index + k * torch.arange(g, device=x.device)[:, None]).reshape(-1)
+        sums = torch.zeros(g * k, d, dtype=x.dtype, device=x.device)
+        sums.index_add_(0, keys, (x * weights.unsqueeze(-1)).reshape(-1, d))
+        mass = torch.zeros(g * k, dtype=x.dtype, device=x.device).index_add_(0, keys, weights.reshape(-1))
+        full = (mass > 0).view(g, k, 1)
+        c = torch.where(full, sums.view(g, k, d) / mass.clamp_min(1e-30).view(g, k, 1), c)
+        c = reseed_empty(x, m, c, index, dist)
+    return c

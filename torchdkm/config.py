@@ -1,0 +1,338 @@
+"""Typed configuration: what to cluster, and how, for every layer of a model.
+
+A :class:`LayerConfig` says how one weight is clustered.  A :class:`DKMConfig`
+holds rules that pick a ``LayerConfig`` for each module: a global rule, rules by
+module type and rules by module-name pattern.  The most specific rule wins:
+name beats type beats global; an exact name beats a glob pattern and a longer
+pattern beats a shorter one; a class name beats a shorthand group (``Conv2d``
+beats ``cv``).  A rule is a ``LayerConfig`` (replaces what is below it), a dict
+of fields (updates what is below it) or ``None`` (leave the module alone).
+
+The paper's shorthand parses directly: ``DKMConfig.parse("cv:6/6, fc:6/4")``
+clusters conv weights with 6-bit indices over 6-dim vectors and linear weights
+with 6-bit indices over 4-dim vectors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .errors import TorchdkmError
+
+CONFIG_VERSION = 1
+
+#: Shorthand keys of the paper's notation and the module classes they cover.
+TYPE_GROUPS: dict[str, tuple[str, ...]] = {
+    "fc": ("Linear",),
+    "linear": ("Linear",),
+    "cv": ("Conv1d", "Conv2d", "Conv3d"),
+    "conv": ("Conv1d", "Conv2d", "Conv3d"),
+    "emb": ("Embedding",),
+}
+#: Module classes whose weights torchdkm can cluster and palettize.
+SUPPORTED_TYPES: tuple[str, ...] = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Embedding")
+CLUSTER_DTYPES = ("auto", "exact", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    """How one weight tensor is clustered.
+
+    bits: index bits per vector; the LUT holds ``k = 2**bits`` centroids (1..8).
+    dim: values per vector (>= 1); a weight costs ``bits / dim`` bits.  Vectors
+        are cut from each output channel's weights in memory order, that is
+        along the input-channel / kernel axes (``in_features`` for Linear,
+        ``in_channels x kernel`` for ConvNd, ``embedding_dim`` for Embedding).
+    tau: softmax temperature *relative to the layer's k-means distortion*, the
+        mean squared distance from a weight vector to its nearest centroid.
+        The absolute temperature is ``tau * distortion``, recomputed every
+        step, so one value means the same sharpness in every layer, at every
+        bit width and weight scale.  Smaller is closer to hard k-means.
+    max_iters: cap on DKM iterations per forward pass.
+    tol: the iterations stop when no centroid moves more than
+        ``tol * sqrt(distortion)``.
+    group_size: output channels that share one LUT (``None``: one LUT for the
+        whole tensor).  A last group with fewer channels is allowed.
+    param: name of the parameter to cluster.
+    min_numel: weights with fewer values stay uncompressed.
+    cluster_dtype: ``"float16"`` / ``"bfloat16"`` clusters the scalar weights
+        (``dim == 1``) rounded to that 16-bit dtype, uniquified: the attention
+        is computed once per distinct 16-bit value (at most 65,536), so a step
+        costs about as much as a few passes over the weight.  ``"exact"``
+        clusters the exact values.  ``"auto"`` (default): a 16-bit model is
+        uniquified in its own dtype (lossless), float32 weights in float16
+        (bfloat16 if they exceed float16's range), float64 and vectors
+        (``dim > 1``) exactly.  Gradients pass the rounding straight through,
+        and ``finalize`` always snaps the exact weights.
+    chunk_mb: budget in MiB for the attention map computed at one time; larger
+        layers are processed in chunks so peak memory stays bounded.
+    """
+
+    bits: int = 4
+    dim: int = 1
+    tau: float = 0.05
+    max_iters: int = 5
+    tol: float = 1e-4
+    group_size: int | None = None
+    param: str = "weight"
+    min_numel: int = 256
+    cluster_dtype: str = "auto"
+    chunk_mb: float = 64.0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def k(self) -> int:
+        """Number of centroids."""
+        return 2**self.bits
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.bits / self.dim
+
+    def validate(self, where: str = "LayerConfig") -> None:
+        """Raise :class:`TorchdkmError` naming the first bad field."""
+
+        def bad(name: str, why: str) -> TorchdkmError:
+            value = getattr(self, name)
+            return TorchdkmError(f"{where}: {name}={value!r} is invalid: {why}")
+
+        if not _is_int(self.bits) or not 1 <= self.bits <= 8:
+            raise bad("bits", "index bits must be an integer from 1 to 8")
+        if not _is_int(self.dim) or self.dim < 1:
+            raise bad("dim", "vector length must be an integer >= 1")
+        if not _is_real(self.tau) or not math.isfinite(self.tau) or self.tau <= 0:
+            raise bad("tau", "temperature must be a finite number > 0")
+        if not _is_int(self.max_iters) or self.max_iters < 1:
+            raise bad("max_iters", "must be an integer >= 1")
+        if not _is_real(self.tol) or not math.isfinite(self.tol) or self.tol < 0:
+            raise bad("tol", "must be a finite number >= 0")
+        if self.group_size is not None and (not _is_int(self.group_size) or self.group_size < 1):
+            raise bad("group_size", "must be None or an integer >= 1")
+        if not isinstance(self.param, str) or not self.param:
+            raise bad("param", "must be a parameter name")
+        if not _is_int(self.min_numel) or self.min_numel < 0:
+            raise bad("min_numel", "must be an integer >= 0")
+        if self.cluster_dtype not in CLUSTER_DTYPES:
+            raise bad("cluster_dtype", f"must be one of {CLUSTER_DTYPES}")
+        if not _is_real(self.chunk_mb) or not math.isfinite(self.chunk_mb) or self.chunk_mb <= 0:
+            raise bad("chunk_mb", "must be a number > 0")
+
+    def replace(self, **changes: Any) -> LayerConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "LayerConfig") -> LayerConfig:
+        if not isinstance(data, dict):
+            raise TorchdkmError(f"{where}: expected a dict of fields, got {type(data).__name__}")
+        _check_keys(data, _LAYER_FIELDS, where)
+        try:
+            return cls(**data)
+        except TorchdkmError as err:
+            raise TorchdkmError(str(err).replace("LayerConfig", where, 1)) from None
+
+
+_LAYER_FIELDS = tuple(f.name for f in dataclasses.fields(LayerConfig))
+Rule = LayerConfig | dict | None
+
+
+@dataclass
+class DKMConfig:
+    """Rules that choose a :class:`LayerConfig` for each module of a model.
+
+    default: the global rule, applied to every supported module (Linear,
+        Conv1d/2d/3d, Embedding) that no other rule names; ``None`` leaves
+        unnamed modules alone.
+    by_type: module class name (``"Linear"``, ``"Conv2d"``, matched along the
+        class hierarchy) or shorthand group (``"fc"``, ``"cv"``, ``"emb"``).
+    by_name: qualified module names (``"encoder.layer.0.attention.self.query"``)
+        or glob patterns (``"encoder.*.query"``).  Every name rule must match
+        at least one module, so a typo is an error, not a silent no-op.
+    """
+
+    default: Rule = None
+    by_type: dict[str, Rule] = field(default_factory=dict)
+    by_name: dict[str, Rule] = field(default_factory=dict)
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        self.default = _as_rule(self.default, "default")
+        if not isinstance(self.by_type, dict) or not isinstance(self.by_name, dict):
+            raise TorchdkmError("DKMConfig: by_type and by_name must be dicts")
+        self.by_type = {k: _as_rule(v, f"by_type[{k!r}]") for k, v in self.by_type.items()}
+        self.by_name = {k: _as_rule(v, f"by_name[{k!r}]") for k, v in self.by_name.items()}
+        for key in self.by_type:
+            if key not in TYPE_GROUPS and key not in SUPPORTED_TYPES:
+                raise TorchdkmError(
+                    f"DKMConfig: by_type key {key!r} is not a supported module type; "
+                    f"use one of {sorted(TYPE_GROUPS) + list(SUPPORTED_TYPES)}"
+                )
+        if self.version != CONFIG_VERSION:
+            raise TorchdkmError(f"DKMConfig: version={self.version!r} is not supported (this is {CONFIG_VERSION})")
+
+    # -- construction -----------------------------------------------------
+    @classmethod
+    def parse(cls, text: str, **fields: Any) -> DKMConfig:
+        """Build a config from the paper's shorthand.
+
+        ``"cv:6/6, fc:6/4"``: rules separated by commas, each ``KEY:BITS[/DIM][@GROUP]``.
+        KEY is ``cv``/``conv``, ``fc``/``linear``, ``emb``, a class name
+        (``Conv2d``), ``*``/``all`` for the global rule, or a module-name
+        pattern.  ``@GROUP`` sets ``group_size``.  Extra keyword arguments
+        (``tau=0.02``, ``min_numel=0``...) apply to every rule.
+        """
+        if not isinstance(text, str) or not text.strip():
+            raise TorchdkmError(f"DKMConfig.parse: empty config string {text!r}")
+        config = cls()
+        for part in text.split(","):
+            part = part.strip()
+            match = _RULE_RE.fullmatch(part)
+            if match is None:
+                raise TorchdkmError(
+                    f"DKMConfig.parse: cannot read rule {part!r}; expected KEY:BITS[/DIM][@GROUP] "
+                    "as in 'cv:6/6, fc:6/4'"
+                )
+            key, bits, dim, group = match.groups()
+            values = dict(fields, bits=int(bits), dim=int(dim or 1))
+            if group:
+                values["group_size"] = int(group)
+            rule = LayerConfig.from_dict(values, where=f"rule {part!r}")
+            if key in ("*", "all"):
+                config.default = rule
+            elif key in TYPE_GROUPS or key in SUPPORTED_TYPES:
+                config.by_type[key] = rule
+            else:
+                config.by_name[key] = rule
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        def dump(rule: Rule) -> Any:
+            return rule.to_dict() if isinstance(rule, LayerConfig) else rule
+
+        return {
+            "version": self.version,
+            "default": dump(self.default),
+            "by_type": {k: dump(v) for k, v in self.by_type.items()},
+            "by_name": {k: dump(v) for k, v in self.by_name.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DKMConfig:
+        if not isinstance(data, dict):
+            raise TorchdkmError(f"DKMConfig: expected a dict, got {type(data).__name__}")
+        _check_keys(data, ("version", "default", "by_type", "by_name"), "DKMConfig")
+        return cls(
+            default=data.get("default"),
+            by_type=dict(data.get("by_type") or {}),
+            by_name=dict(data.get("by_name") or {}),
+            version=data.get("version", CONFIG_VERSION),
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> DKMConfig:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise TorchdkmError(f"DKMConfig: invalid JSON: {err}") from None
+        return cls.from_dict(data)
+
+    # -- resolution -------------------------------------------------------
+    def resolve(self, name: str, module: nn.Module) -> LayerConfig | None:
+        """The config for one module, or ``None`` if it stays uncompressed."""
+        type_names = [t.__name__ for t in type(module).__mro__]
+        supported = any(t in SUPPORTED_TYPES for t in type_names)
+        layers: list[Rule] = []
+        matched = False
+        if supported and self.default is not None:
+            layers.append(self.default)
+            matched = True
+        type_rule = _most_specific_type_rule(self.by_type, type_names)
+        if type_rule is not _MISSING:
+            layers.append(type_rule)
+            matched = True
+        name_rule = _most_specific_name_rule(self.by_name, name)
+        if name_rule is not _MISSING:
+            layers.append(name_rule)
+            matched = True
+        if not matched or layers[-1] is None:
+            return None
+        merged: LayerConfig | None = None
+        for rule in layers:
+            if rule is None:
+                merged = None
+            elif isinstance(rule, LayerConfig):
+                merged = rule
+            else:
+                base = merged if merged is not None else LayerConfig()
+                merged = LayerConfig.from_dict({**base.to_dict(), **rule}, where=f"rule for {name!r}")
+        return merged
+
+    def name_patterns_matching_nothing(self, names: list[str]) -> list[str]:
+        """Name rules that match none of ``names`` (used to reject typos)."""
+        return [p for p in self.by_name if not any(_name_matches(p, n) for n in names)]
+
+
+_RULE_RE = re.compile(r"\s*([^:\s]+)\s*:\s*(\d+)\s*(?:/\s*(\d+))?\s*(?:@\s*(\d+))?\s*")
+_MISSING = object()
+
+
+def _as_rule(rule: Any, where: str) -> Rule:
+    if rule is None or isinstance(rule, LayerConfig):
+        return rule
+    if isinstance(rule, dict):
+        _check_keys(rule, _LAYER_FIELDS, f"DKMConfig.{where}")
+        LayerConfig.from_dict({**LayerConfig().to_dict(), **rule}, where=f"DKMConfig.{where}")
+        return dict(rule)
+    raise TorchdkmError(f"DKMConfig.{where}: a rule must be a LayerConfig, a dict or None, got {type(rule).__name__}")
+
+
+def _check_keys(data: dict, allowed: tuple[str, ...], where: str) -> None:
+    for key in data:
+        if key not in allowed:
+            raise TorchdkmError(f"{where}: unknown key {key!r}; allowed keys are {list(allowed)}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _name_matches(pattern: str, name: str) -> bool:
+    return pattern == name or fnmatch.fnmatchcase(name, pattern)
+
+
+def _most_specific_name_rule(rules: dict[str, Rule], name: str) -> Any:
+    if name in rules:
+        return rules[name]
+    hits = [p for p in rules if fnmatch.fnmatchcase(name, p)]
+    if not hits:
+        return _MISSING
+    return rules[max(hits, key=lambda p: len(p.replace("*", "").replace("?", "")))]
+
+
+def _most_specific_type_rule(rules: dict[str, Rule], type_names: list[str]) -> Any:
+    for type_name in type_names:  # most derived class first
+        if type_name in rules:
+            return rules[type_name]
+    for key, members in TYPE_GROUPS.items():
+        if key in rules and any(t in members for t in type_names):
+            return rules[key]
+    return _MISSING

@@ -1,0 +1,193 @@
+"""The torchdkm file: one safetensors file with packed indices, LUTs, dense tensors and metadata.
+
+Tensors are the finalized model's ``state_dict``: for every palettized weight
+``<module>.<param>_indices`` (uint8, bit-packed, see :mod:`torchdkm.pack`) and
+``<module>.<param>_lut`` (``(groups, k, dim)``), and every other tensor as is.
+Tensors that share memory (tied weights) are stored once; the others are
+listed as aliases.  The safetensors header's ``__metadata__`` holds one key,
+``torchdkm``, a JSON document::
+
+    {"format": "torchdkm", "format_version": 1,
+     "layers": {"<module>": {"class": "Linear",
+                             "params": {"weight": {"shape": [...], "bits": 4,
+                                                   "dim": 1, "group_size": 64}}}},
+     "aliases": {"<key>": "<stored key>"},
+     "checksum": "sha256:<hex over every stored tensor, keys sorted>"}
+
+``load`` checks everything it reads against the model it fills and raises
+:class:`~torchdkm.errors.TorchdkmError` naming what is wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from ..errors import TorchdkmError
+from ..nn.palettized import PaletteSpec, palettize_module, palettized_modules, set_submodule
+from ..nn.parametrization import dkm_parametrizations
+from ..pack import packed_size
+
+FORMAT = "torchdkm"
+FORMAT_VERSION = 1
+
+
+def checksum(tensors: dict[str, Tensor]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        tensor = tensors[key].detach().contiguous().cpu()
+        digest.update(key.encode())
+        digest.update(str(tensor.dtype).encode() + str(tuple(tensor.shape)).encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
+    return "sha256:" + digest.hexdigest()
+
+
+def save(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write a finalized model to ``path``; returns the path."""
+    if dkm_parametrizations(model):
+        raise TorchdkmError("save: the model still has DKM training layers; call torchdkm.finalize(model) first")
+    layers: dict[str, Any] = {}
+    for name, module in palettized_modules(model):
+        layers[name] = {
+            "class": module.base_class.__name__,
+            "params": {p: s.to_dict() for p, s in module.palette.items()},
+        }
+    if not layers:
+        raise TorchdkmError("save: the model has no palettized layer; prepare, train and finalize it first")
+    tensors: dict[str, Tensor] = {}
+    aliases: dict[str, str] = {}
+    storage_key: dict[tuple, str] = {}
+    for key, tensor in model.state_dict().items():
+        ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
+        if tensor.numel() and ident in storage_key:
+            aliases[key] = storage_key[ident]
+            continue
+        storage_key[ident] = key
+        tensors[key] = tensor.detach().contiguous().cpu().clone()
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "layers": layers,
+        "aliases": aliases,
+        "checksum": checksum(tensors),
+    }
+    path = Path(path)
+    save_file(tensors, str(path), metadata={FORMAT: json.dumps(meta, sort_keys=True)})
+    return path
+
+
+def read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """Metadata and tensors of a torchdkm file, verified (checksum, structure)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TorchdkmError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except TorchdkmError:
+        raise
+    except Exception as err:  # safetensors raises several types for damaged files
+        raise TorchdkmError(f"{path}: not a readable safetensors file (truncated or corrupted?): {err}") from None
+    if FORMAT not in header:
+        raise TorchdkmError(f"{path}: a safetensors file, but not a torchdkm file (no '{FORMAT}' metadata)")
+    try:
+        meta = json.loads(header[FORMAT])
+    except json.JSONDecodeError as err:
+        raise TorchdkmError(f"{path}: torchdkm metadata is not valid JSON: {err}") from None
+    _check_meta(path, meta)
+    if checksum(tensors) != meta["checksum"]:
+        raise TorchdkmError(f"{path}: checksum mismatch: the tensor data is corrupted")
+    for key, target in meta["aliases"].items():
+        if target not in tensors:
+            raise TorchdkmError(f"{path}: alias {key!r} points to missing tensor {target!r}")
+        tensors[key] = tensors[target]
+    return meta, tensors
+
+
+def _check_meta(path: Path, meta: Any) -> None:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise TorchdkmError(f"{path}: metadata does not describe a torchdkm file")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise TorchdkmError(
+            f"{path}: format_version {version!r} is not supported (this torchdkm reads {FORMAT_VERSION})"
+        )
+    for key, kind in (("layers", dict), ("aliases", dict), ("checksum", str)):
+        if not isinstance(meta.get(key), kind):
+            raise TorchdkmError(f"{path}: metadata key {key!r} is missing or not a {kind.__name__}")
+
+
+def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
+    """Fill a freshly built model of the same architecture from ``path``; returns it."""
+    path = Path(path)
+    meta, tensors = read(path)
+    for name, entry in meta["layers"].items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise TorchdkmError(
+                f"{path}: the model has no module {name!r} (file made for another architecture?)"
+            ) from None
+        if not isinstance(entry, dict) or not isinstance(entry.get("params"), dict):
+            raise TorchdkmError(f"{path}: metadata for layer {name!r} is malformed")
+        expected = entry.get("class")
+        if expected not in [t.__name__ for t in type(module).__mro__]:
+            raise TorchdkmError(
+                f"{path}: layer {name!r} is a {expected} in the file but a {type(module).__name__} in the model"
+            )
+        palettes = {}
+        for param, raw in entry["params"].items():
+            palettes[param] = _palette(path, name, module, param, raw, tensors)
+        new = palettize_module(module, palettes)
+        if name == "":
+            model = new
+        else:
+            set_submodule(model, name, new)
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as err:
+        raise TorchdkmError(f"{path}: file does not match the model: {err}") from None
+    return model
+
+
+def _palette(path: Path, name: str, module: nn.Module, param: str, raw: Any, tensors: dict[str, Tensor]):
+    where = f"{path}: layer {name!r} parameter {param!r}"
+    try:
+        spec = PaletteSpec.from_dict(raw)
+        layout = spec.layout
+    except (KeyError, TypeError, ValueError) as err:
+        raise TorchdkmError(f"{where}: malformed palette metadata {raw!r} ({err})") from None
+    current = getattr(module, param, None)
+    if not isinstance(current, Tensor):
+        raise TorchdkmError(f"{where}: the model's module has no tensor {param!r}")
+    if tuple(current.shape) != spec.shape:
+        raise TorchdkmError(f"{where}: shape {list(spec.shape)} in the file, {list(current.shape)} in the model")
+    if not 1 <= spec.bits <= 8 or spec.dim < 1 or spec.group_size < 1:
+        raise TorchdkmError(f"{where}: invalid bits/dim/group_size {spec.bits}/{spec.dim}/{spec.group_size}")
+    prefix = f"{name}." if name else ""
+    packed = tensors.get(f"{prefix}{param}_indices")
+    lut = tensors.get(f"{prefix}{param}_lut")
+    if packed is None or lut is None:
+        raise TorchdkmError(f"{where}: indices or LUT missing from the file")
+    need = packed_size(spec.index_count, spec.bits)
+    if packed.dtype != torch.uint8 or tuple(packed.shape) != (need,):
+        raise TorchdkmError(
+            f"{where}: indices should be {need} uint8 bytes, found {tuple(packed.shape)} {packed.dtype}"
+        )
+    want = (layout.groups, 2**spec.bits, spec.dim)
+    if tuple(lut.shape) != want or not lut.is_floating_point():
+        raise TorchdkmError(
+            f"{where}: LUT should be a float tensor of shape {want}, found {tuple(lut.shape)} {lut.dtype}"
+        )
+    if not bool(torch.isfinite(lut).all()):
+        raise TorchdkmError(f"{where}: LUT holds NaN/Inf values")
+    return spec, packed, lut

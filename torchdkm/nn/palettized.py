@@ -1,0 +1,144 @@
+"""Inference modules whose weights are stored palettized: packed indices + LUT.
+
+``PalettizedLinear`` is an ``nn.Linear`` (so ``isinstance`` checks, ``forward``
+and hyper-parameters are the original's) whose ``weight`` is a read-only
+property decoded from two buffers, ``weight_indices`` (bit-packed uint8) and
+``weight_lut`` (``(groups, k, dim)``).  The decoded weight is bit-identical to
+the snapped weight, so outputs equal the snapped dense model exactly.  The same
+mechanism serves every supported class (Conv1d/2d/3d, Embedding) and any
+subclass of them: :func:`palettized_class` builds the palettized class once per
+base class.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+
+from torch import Tensor, nn
+
+from ..cluster import Layout
+from ..pack import unpack
+
+
+@dataclass(frozen=True)
+class PaletteSpec:
+    """What it takes to decode one palettized tensor."""
+
+    shape: tuple[int, ...]
+    bits: int
+    dim: int
+    group_size: int
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(self.shape, self.dim, self.group_size)
+
+    @property
+    def index_count(self) -> int:
+        layout = self.layout
+        return layout.groups * layout.vectors
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PaletteSpec:
+        return cls(tuple(int(s) for s in data["shape"]), int(data["bits"]), int(data["dim"]), int(data["group_size"]))
+
+
+class PalettizedMixin:
+    """Decoding shared by every palettized class; ``palette`` maps parameter name to spec."""
+
+    palette: dict[str, PaletteSpec]
+    base_class: type  # the class this one palettizes (nn.Linear, ...)
+
+    def decode(self, param: str) -> Tensor:
+        spec = self.palette[param]
+        layout = spec.layout
+        packed = getattr(self, f"{param}_indices")
+        index = unpack(packed, spec.bits, spec.index_count).view(layout.groups, layout.vectors)
+        return layout.decode(index, getattr(self, f"{param}_lut"))
+
+    def extra_repr(self) -> str:
+        base = super().extra_repr()  # type: ignore[misc]
+        specs = ", ".join(f"{p}: {s.bits}/{s.dim} bits/dim, group {s.group_size}" for p, s in self.palette.items())
+        return f"{base}, palettized({specs})"
+
+
+_CLASSES: dict[tuple[type, tuple[str, ...]], type] = {}
+
+
+def palettized_class(base: type, params: tuple[str, ...] = ("weight",)) -> type:
+    """The palettized subclass of ``base`` whose ``params`` are decoded properties."""
+    key = (base, tuple(sorted(params)))
+    if key not in _CLASSES:
+        props = {
+            p: property(lambda self, p=p: self.decode(p), doc=f"{p}, decoded from indices and LUT") for p in params
+        }
+        suffix = "" if key[1] == ("weight",) else "_" + "_".join(key[1])
+        _CLASSES[key] = type(
+            f"Palettized{base.__name__}{suffix}",
+            (PalettizedMixin, base),
+            {**props, "base_class": base, "__module__": __name__},
+        )
+    return _CLASSES[key]
+
+
+PalettizedLinear = palettized_class(nn.Linear)
+PalettizedConv1d = palettized_class(nn.Conv1d)
+PalettizedConv2d = palettized_class(nn.Conv2d)
+PalettizedConv3d = palettized_class(nn.Conv3d)
+PalettizedEmbedding = palettized_class(nn.Embedding)
+
+
+def palettize_module(module: nn.Module, tensors: dict[str, tuple[PaletteSpec, Tensor, Tensor]]) -> nn.Module:
+    """A palettized copy of ``module``: ``tensors`` maps parameter to ``(spec, packed, lut)``.
+
+    The copy shares every other parameter, buffer and submodule with ``module``.
+    """
+    base = type(module)
+    if isinstance(module, PalettizedMixin):
+        raise TypeError(f"{base.__name__} is already palettized")
+    cls = palettized_class(base, tuple(tensors))
+    new = cls.__new__(cls)
+    new.__dict__.update(module.__dict__)
+    new._parameters = OrderedDict((k, v) for k, v in module._parameters.items() if k not in tensors)
+    new._buffers = OrderedDict(module._buffers)
+    new._modules = OrderedDict(module._modules)
+    new._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
+    new.palette = {}
+    for param, (spec, packed, lut) in tensors.items():
+        new.palette[param] = spec
+        new.register_buffer(f"{param}_indices", packed)
+        new.register_buffer(f"{param}_lut", lut)
+    return new
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def is_palettized(module: nn.Module) -> bool:
+    return isinstance(module, PalettizedMixin)
+
+
+def palettized_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, PalettizedMixin)]
+
+
+__all__ = [
+    "PaletteSpec",
+    "PalettizedConv1d",
+    "PalettizedConv2d",
+    "PalettizedConv3d",
+    "PalettizedEmbedding",
+    "PalettizedLinear",
+    "PalettizedMixin",
+    "is_palettized",
+    "palettize_module",
+    "palettized_class",
+    "palettized_modules",
+]
