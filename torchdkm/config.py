@@ -80,7 +80,7 @@ class LayerConfig:
     dim: int = 1
     tau: float = 0.05
     max_iters: int = 5
-    tol: float = 1e-4
+    tol: float = 1e-3
     group_size: int | None = None
     param: str = "weight"
     min_numel: int = 256

@@ -18,11 +18,15 @@ def nearest(x: Tensor, c: Tensor, rows: int) -> tuple[Tensor, Tensor]:
     g, n, _ = x.shape
     index = torch.empty(g, n, dtype=torch.long, device=x.device)
     dist = torch.empty(g, n, dtype=x.dtype, device=x.device)
-    cc = (c * c).sum(-1).unsqueeze(1)
+    cc = (c * c).sum(-1, keepdim=True)
     for s in _chunks(n, rows):
         xs = x[:, s]
-        score = torch.baddbmm(-cc, xs, 2.0 * c.transpose(1, 2))  # 2 x.c - |c|^2
-        best, index[:, s] = score.max(-1)
+        if x.shape[-1] == 1:  # exact differences for scalars
+            d2 = (c - xs.transpose(1, 2)).square_()  # (G, k, r)
+            dist[:, s], index[:, s] = d2.min(1)
+            continue
+        score = torch.baddbmm(-cc, 2.0 * c, xs.transpose(1, 2))  # (G, k, r): 2 x.c - |c|^2
+        best, index[:, s] = score.max(1)
         dist[:, s] = ((xs * xs).sum(-1) - best).clamp_min(0)
     return index, dist
 

@@ -39,12 +39,24 @@ from torch import Tensor
 #: A centroid whose total attention mass is below this (in vectors) is empty:
 #: it keeps its value instead of becoming 0/0.
 EMPTY_MASS = 1e-8
+#: The backward forms ``dF/dc`` explicitly (and solves exactly) when ``k`` times
+#: the number of Gram terms is at most this; beyond, a Neumann series is summed.
+EXPLICIT_LIMIT = 512
 
 
 def rows_per_chunk(groups: int, k: int, dim: int, itemsize: int, budget_bytes: float) -> int:
-    """Rows per chunk so the per-chunk temporaries (about 6 ``rows x k`` maps) fit the budget."""
-    per_row = groups * (6 * k + 4 * dim) * itemsize
+    """Rows per chunk so the per-chunk temporaries fit the budget.
+
+    The backward's Gram matrices (see :func:`_jacobian`) weight the attention
+    chunk ``1 + d + d(d+1)/2`` ways at once; other temporaries are a few
+    ``k x rows`` maps.
+    """
+    per_row = groups * ((6 + _gram_terms(dim)) * k + 4 * dim) * itemsize
     return max(1, int(budget_bytes // per_row))
+
+
+def _gram_terms(dim: int) -> int:
+    return 1 + dim + dim * (dim + 1) // 2
 
 
 def _chunks(n: int, rows: int) -> Iterator[slice]:
@@ -52,30 +64,30 @@ def _chunks(n: int, rows: int) -> Iterator[slice]:
         yield slice(start, min(start + rows, n))
 
 
-def logits(x: Tensor, c: Tensor, tau: Tensor) -> Tensor:
-    """``-|x - c|^2 / tau``, up to a per-row constant for vectors (softmax ignores it).
+def attention(x: Tensor, c: Tensor, tau: Tensor) -> Tensor:
+    """``softmax_j(-|x_i - c_j|^2 / tau)``, laid out centroid-major: ``(G, k, rows)``.
 
-    Scalars use the exact difference (no cancellation, whatever ``k``);
-    vectors use ``2 x.c - |c|^2``, one batched matmul.
+    Centroid-major keeps every elementwise op and the softmax vectorised along
+    the long rows axis (``k`` is small), several times faster than ``(rows, k)``.
+    Scalars use the exact difference (no cancellation, whatever ``k``); vectors
+    use ``2 x.c - |c|^2`` (softmax ignores the per-row ``|x|^2``), one matmul.
     """
     scale = (1.0 / tau).view(-1, 1, 1)
     if x.shape[-1] == 1:
         root = scale.sqrt()
-        diff = (x * root) - (c * root).transpose(1, 2)
-        return diff.square_().neg_()
-    bias = -(c * c).sum(-1).unsqueeze(1) * scale  # (G, 1, k)
-    return torch.baddbmm(bias, x, ((2.0 * scale) * c).transpose(1, 2))
-
-
-def attention(x: Tensor, c: Tensor, tau: Tensor) -> Tensor:
-    return torch.softmax(logits(x, c, tau), dim=-1)
+        z = (c * root) - (x * root).transpose(1, 2)  # (G, k, rows)
+        z = z.square_().neg_()
+    else:
+        bias = -(c * c).sum(-1, keepdim=True) * scale  # (G, k, 1)
+        z = torch.baddbmm(bias, (2.0 * scale) * c, x.transpose(1, 2))
+    return torch.softmax(z, dim=1)
 
 
 def _mass(a: Tensor, m: Tensor | None) -> Tensor:
     """``A^T m``: (G, k)."""
     if m is None:
-        return a.sum(1)
-    return torch.bmm(m.unsqueeze(1), a).squeeze(1)
+        return a.sum(2)
+    return torch.bmm(a, m.unsqueeze(-1)).squeeze(-1)
 
 
 def update(x: Tensor, m: Tensor | None, c: Tensor, tau: Tensor, rows: int) -> tuple[Tensor, Tensor]:
@@ -85,7 +97,7 @@ def update(x: Tensor, m: Tensor | None, c: Tensor, tau: Tensor, rows: int) -> tu
     for s in _chunks(x.shape[1], rows):
         a = attention(x[:, s], c, tau)
         xs = x[:, s] if m is None else x[:, s] * m[:, s, None]
-        num += torch.bmm(a.transpose(1, 2), xs)
+        num += torch.bmm(a, xs)
         den += _mass(a, None if m is None else m[:, s])
     full = den > EMPTY_MASS
     new = torch.where(full.unsqueeze(-1), num / den.clamp_min(EMPTY_MASS).unsqueeze(-1), c)
@@ -109,8 +121,53 @@ def soft_output(x: Tensor, c: Tensor, tau: Tensor, rows: int) -> Tensor:
     """``A(c) c`` for every vector, chunked."""
     out = torch.empty_like(x)
     for s in _chunks(x.shape[1], rows):
-        out[:, s] = torch.bmm(attention(x[:, s], c, tau), c)
+        out[:, s] = torch.bmm(attention(x[:, s], c, tau).transpose(1, 2), c)
     return out
+
+
+def _gram_weights(xs: Tensor, m: Tensor | None) -> Tensor:
+    """``(G, P, rows)``: the row weights ``m, m x_a, m x_a x_b (a <= b)`` of the Gram matrices."""
+    ones = torch.ones_like(xs[..., 0]) if m is None else m
+    terms = [ones] + [ones * xs[..., a] for a in range(xs.shape[-1])]
+    terms += [ones * xs[..., a] * xs[..., b] for a in range(xs.shape[-1]) for b in range(a, xs.shape[-1])]
+    return torch.stack(terms, 1)
+
+
+def _second_moments(packed: Tensor, d: int) -> Tensor:
+    """``(..., d, d)`` symmetric matrices from the packed ``x_a x_b (a <= b)`` terms of :func:`_gram_weights`."""
+    out = packed.new_empty(*packed.shape[:-1], d, d)
+    pos = 1 + d
+    for a in range(d):
+        for b in range(a, d):
+            out[..., a, b] = packed[..., pos]
+            out[..., b, a] = packed[..., pos]
+            pos += 1
+    return out
+
+
+def _jacobian(grams: Tensor, sums: Tensor, c: Tensor, two_over_tau: Tensor) -> Tensor:
+    """``dF/dc`` as a ``(G, k d, k d)`` matrix, from sums gathered in one pass.
+
+    With ``F_j = sum_i m_i A_ij x_i / D_j`` and ``dA_ij/dc_l = (2/tau) A_ij (delta_jl - A_il) (x_i - c_l)``:
+    ``J_jl = (2/tau) / D_j [delta_jl (S_j - D_j c_j c_j^T) - sum_i m_i A_ij A_il (x_i - c_j)(x_i - c_l)^T]``
+    where ``S_j = sum_i m_i A_ij x_i x_i^T``; the last sum expands into the Gram
+    matrices ``sum_i w_i A_ij A_il`` for the weights of :func:`_gram_weights`.
+    ``F`` is taken at its fixed point, ``F(c) = c``.
+    """
+    g, k, d = c.shape
+    pairs = grams.permute(0, 2, 3, 1)  # (G, k, k, P)
+    s0, s1, s2 = pairs[..., 0], pairs[..., 1 : 1 + d], _second_moments(pairs, d)
+    cj = c[:, :, None, :, None]  # (G, k, 1, d, 1)
+    cl = c[:, None, :, None, :]  # (G, 1, k, 1, d)
+    cross = s2 - s1[..., :, None] * cl - cj * s1[..., None, :] + s0[..., None, None] * cj * cl
+    den = sums[..., 0]
+    diag = _second_moments(sums, d) - den[..., None, None] * c[..., :, None] * c[..., None, :]
+    jac = -cross
+    idx = torch.arange(k, device=c.device)
+    jac[:, idx, idx] += diag
+    inv_den = torch.where(den > EMPTY_MASS, 1.0 / den.clamp_min(EMPTY_MASS), torch.zeros_like(den))
+    jac = jac * (two_over_tau.view(-1, 1, 1, 1, 1) * inv_den[:, :, None, None, None])
+    return jac.permute(0, 1, 3, 2, 4).reshape(g, k * d, k * d)
 
 
 def backward(
@@ -134,56 +191,92 @@ def backward(
         that term per weight itself, from ``want_jac`` (``dim == 1`` only).
     Returns ``(dx, jac)``; ``jac`` is the per-row ``(2/tau) Var_A(c)``.
     """
+    g, k, d = c.shape
     two_over_tau = (2.0 / tau).view(-1, 1, 1)
+    explicit = k * _gram_terms(d) <= EXPLICIT_LIMIT
     dx = torch.zeros_like(x)
     jac = torch.empty_like(x) if want_jac else None
     gc = torch.zeros_like(c) if grad_c is None else grad_c.clone()
-    den = c.new_zeros(c.shape[:2])
+    sums = c.new_zeros(g, k, _gram_terms(d))  # per centroid: sum_i m A, m A x_a, m A x_a x_b
+    grams = c.new_zeros(g, _gram_terms(d), k, k) if explicit else None
+    kept = None
 
-    # Pass 1: the output's gradient into c* (and into x directly), plus A^T m.
+    # Pass 1: the output's gradient into c* (and into x directly), and the sums that make dF/dc.
     for s in _chunks(x.shape[1], rows):
         xs = x[:, s]
-        a = attention(xs, c, tau)
-        den += _mass(a, None if m is None else m[:, s])
+        a = attention(xs, c, tau)  # (G, k, r)
+        if s.start == 0 and s.stop == x.shape[1]:
+            kept = a
+        weights = _gram_weights(xs, None if m is None else m[:, s])  # (G, P, r)
+        sums += torch.bmm(a, weights.transpose(1, 2))
+        if explicit:
+            weighted = a.unsqueeze(1) * weights.unsqueeze(2)  # (G, P, k, r)
+            grams += torch.bmm(weighted.flatten(1, 2), a.transpose(1, 2)).view_as(grams)
         if want_jac:
-            w = torch.bmm(a, c)
-            jac[:, s] = two_over_tau * (torch.bmm(a, c * c) - w * w)
+            w = torch.bmm(a.transpose(1, 2), c)
+            jac[:, s] = two_over_tau * (torch.bmm(a.transpose(1, 2), c * c) - w * w)
         if grad_w is None:
             continue
         gs = grad_w[:, s]
-        ap = a * torch.bmm(gs, c.transpose(1, 2))  # A * (g . c_j)
-        sa = ap - a * ap.sum(-1, keepdim=True)  # dL/dlogits
-        gc += torch.bmm(a.transpose(1, 2), gs)
-        gc += two_over_tau * (torch.bmm(sa.transpose(1, 2), xs) - c * sa.sum(1).unsqueeze(-1))
+        ap = a * torch.bmm(c, gs.transpose(1, 2))  # A_ji (g_i . c_j)
+        sa = ap - a * ap.sum(1, keepdim=True)  # dL/dlogits
+        gc += torch.bmm(a, gs)
+        gc += two_over_tau * (torch.bmm(sa, xs) - c * sa.sum(2, keepdim=True))
         if direct:
-            dx[:, s] += two_over_tau * torch.bmm(sa, c)
+            dx[:, s] += two_over_tau * torch.bmm(sa.transpose(1, 2), c)
 
-    # Passes 2..: v = sum_t (dF/dc)^T^t gc; dx += (dF/dx)^T v, term by term.
+    # v = (I - dF/dc)^-T gc: solved exactly when dF/dc is small enough to form, else a Neumann series.
+    den = sums[..., 0]
     full = (den > EMPTY_MASS).unsqueeze(-1)
     inv_den = torch.where(full, 1.0 / den.clamp_min(EMPTY_MASS).unsqueeze(-1), torch.zeros_like(c))
+    if explicit:
+        jacobian = _jacobian(grams, sums, c, two_over_tau.view(-1))
+        eye = torch.eye(k * d, dtype=c.dtype, device=c.device)
+        v = torch.linalg.solve((eye - jacobian).transpose(1, 2), gc.reshape(g, k * d, 1)).view(g, k, d)
+        if bool(torch.isfinite(v).all()):
+            _adjoint_pass(x, m, c, tau, v * inv_den, rows, dx, kept)
+            return dx, jac
     u = gc * inv_den  # (G, k, d): gradient per unit of mass
-    first = u.norm()
+    first = float(u.norm())
     for _ in range(max_terms):
-        if float(first) == 0.0:
+        if first == 0.0:
             break
-        cu = (c * u).sum(-1).unsqueeze(1)  # (G, 1, k)
-        next_gc = torch.zeros_like(c)
-        for s in _chunks(x.shape[1], rows):
-            xs = x[:, s]
-            a = attention(xs, c, tau)
-            q = torch.bmm(xs, u.transpose(1, 2)) - cu  # (x_i - c_j) . u_j
-            if m is not None:
-                q = q * m[:, s, None]
-            t = a * (q - (a * q).sum(-1, keepdim=True))
-            next_gc += two_over_tau * (torch.bmm(t.transpose(1, 2), xs) - c * t.sum(1).unsqueeze(-1))
-            dxs = torch.bmm(a, u)
-            if m is not None:
-                dxs = dxs * m[:, s, None]
-            dx[:, s] += dxs + two_over_tau * torch.bmm(t, c)
+        next_gc = _adjoint_pass(x, m, c, tau, u, rows, dx, kept, want_next=True)
         u = next_gc * inv_den
-        if float(u.norm()) <= tol * float(first):
+        if float(u.norm()) <= tol * first:
             break
     return dx, jac
+
+
+def _adjoint_pass(
+    x: Tensor,
+    m: Tensor | None,
+    c: Tensor,
+    tau: Tensor,
+    u: Tensor,
+    rows: int,
+    dx: Tensor,
+    kept: Tensor | None,
+    want_next: bool = False,
+) -> Tensor | None:
+    """Add ``(dF/dx)^T v`` to ``dx`` for ``u = v / D``; optionally return ``(dF/dc)^T v``."""
+    two_over_tau = (2.0 / tau).view(-1, 1, 1)
+    cu = (c * u).sum(-1, keepdim=True)  # (G, k, 1)
+    next_gc = torch.zeros_like(c) if want_next else None
+    for s in _chunks(x.shape[1], rows):
+        xs = x[:, s]
+        a = kept if kept is not None else attention(xs, c, tau)
+        q = torch.bmm(u, xs.transpose(1, 2)) - cu  # (G, k, r): (x_i - c_j) . u_j
+        if m is not None:
+            q = q * m[:, None, s]
+        t = a * (q - (a * q).sum(1, keepdim=True))
+        if want_next:
+            next_gc += two_over_tau * (torch.bmm(t, xs) - c * t.sum(2, keepdim=True))
+        dxs = torch.bmm(a.transpose(1, 2), u)
+        if m is not None:
+            dxs = dxs * m[:, s, None]
+        dx[:, s] += dxs + two_over_tau * torch.bmm(t.transpose(1, 2), c)
+    return next_gc
 
 
 class DKMFunction(torch.autograd.Function):
