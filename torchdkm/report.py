@@ -136,9 +136,14 @@ def report(model: nn.Module, *, gap: bool = True, show: bool = True) -> Report:
             result.fp32_bytes += 4 * math.prod(spec.shape)
         hidden = {f"{p}_indices" for p in palette} | {f"{p}_lut" for p in palette}
         for param_name, tensor in _own_tensors(module):
-            if param_name in hidden or id(tensor) in seen:
+            if param_name in hidden:
                 continue
-            seen.add(id(tensor))
+            # A DKM weight is exported palettized; another module that shares the tensor
+            # (tied weights, that module excluded) keeps a dense copy, counted below.
+            if (name, param_name) not in dkm:
+                if id(tensor) in seen:
+                    continue
+                seen.add(id(tensor))
             if (name, param_name) in dkm:
                 par = dkm[(name, param_name)]
                 weight = original(module, param_name)

@@ -48,7 +48,8 @@ def distinct(weight: Tensor, layout: Layout, dtype: torch.dtype, compute: torch.
     keys = patterns(weight, dtype)
     groups = layout.groups
     if groups > 1:
-        group_of_row = torch.arange(layout.out, device=weight.device, dtype=torch.int32) // layout.group_size
+        # int64: group * 65536 overflows int32 beyond 32,768 groups
+        group_of_row = torch.arange(layout.out, device=weight.device) // layout.group_size
         keys = (keys.view(layout.out, layout.row_len) + (group_of_row * PATTERNS)[:, None]).reshape(-1)
     if groups <= MAX_TABLE_GROUPS:
         table_counts = torch.bincount(keys, minlength=groups * PATTERNS)

@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ..errors import TorchdkmError
-from ..nn.palettized import PaletteSpec, palettize_module, palettized_modules, set_submodule
+from ..nn.palettized import PaletteSpec, is_palettized, palettize_module, palettized_modules, set_submodule
 from ..nn.parametrization import dkm_parametrizations
 from ..pack import packed_size
 
@@ -139,6 +139,10 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
             ) from None
         if not isinstance(entry, dict) or not isinstance(entry.get("params"), dict):
             raise TorchdkmError(f"{path}: metadata for layer {name!r} is malformed")
+        if is_palettized(module):
+            raise TorchdkmError(
+                f"{path}: layer {name!r} of the model is already palettized; load into a freshly built model"
+            )
         expected = entry.get("class")
         if expected not in [t.__name__ for t in type(module).__mro__]:
             raise TorchdkmError(

@@ -1,0 +1,92 @@
+"""Hard k-means pieces: nearest centroid, counts, distortion, re-seeding, Lloyd."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from torchdkm.cluster.hard import counts, distortion, lloyd, nearest, reseed_empty
+
+F64 = torch.float64
+
+
+@pytest.mark.parametrize("d", [1, 3])
+@pytest.mark.parametrize("rows", [1, 7, 1000])
+def test_nearest_matches_brute_force(d, rows):
+    g = torch.Generator().manual_seed(d)
+    x = torch.randn(2, 40, d, generator=g, dtype=F64)
+    c = torch.randn(2, 5, d, generator=g, dtype=F64)
+    index, dist = nearest(x, c, rows)
+    d2 = torch.cdist(x, c).square()
+    assert torch.equal(index, d2.argmin(-1))
+    assert torch.allclose(dist, d2.min(-1).values, atol=1e-12, rtol=0)
+
+
+def test_counts_and_distortion_use_multiplicities():
+    index = torch.tensor([[0, 1, 1, 2], [2, 2, 2, 2]])
+    m = torch.tensor([[1.0, 2.0, 0.0, 3.0], [1.0, 1.0, 0.0, 0.0]])
+    assert counts(index, None, 3).tolist() == [[1, 2, 1], [0, 0, 4]]
+    assert counts(index, m, 3).tolist() == [[1, 2, 3], [0, 0, 2]]
+    dist = torch.tensor([[1.0, 2.0, 100.0, 3.0], [4.0, 2.0, 100.0, 100.0]])
+    assert torch.allclose(distortion(dist, m), torch.tensor([(1 + 4 + 9) / 6, 3.0]))
+    assert torch.allclose(distortion(dist, None), dist.mean(1))
+
+
+def test_reseed_moves_empty_centroids_to_worst_served_vectors():
+    x = torch.tensor([[[0.0], [0.1], [5.0], [9.0]]], dtype=F64)
+    c = torch.tensor([[[0.0], [100.0], [5.0]]], dtype=F64)  # centroid 1 serves nobody
+    index, dist = nearest(x, c, 8)
+    new = reseed_empty(x, None, c, index, dist)
+    assert new is not c
+    assert new[0, :, 0].tolist() == [0.0, 9.0, 5.0]  # 9.0 is the worst-served vector
+
+
+def test_reseed_replaces_duplicates():
+    x = torch.tensor([[[0.0], [1.0], [2.0], [8.0]]], dtype=F64)
+    c = torch.tensor([[[1.0], [1.0], [8.0]]], dtype=F64)  # a duplicate: one copy is empty
+    index, dist = nearest(x, c, 8)
+    new = reseed_empty(x, None, c, index, dist)
+    assert torch.isfinite(new).all()
+    assert len(set(new[0, :, 0].tolist())) == 3
+
+
+def test_reseed_keeps_duplicates_when_every_vector_is_represented():
+    x = torch.tensor([[[1.0], [1.0], [2.0], [2.0]]], dtype=F64)
+    c = torch.tensor([[[1.0], [2.0], [2.0], [1.0]]], dtype=F64)
+    index, dist = nearest(x, c, 8)
+    new = reseed_empty(x, None, c, index, dist)
+    assert torch.equal(new, c)
+
+
+def test_reseed_ignores_padding():
+    x = torch.tensor([[[0.0], [1.0], [50.0]]], dtype=F64)
+    m = torch.tensor([[1.0, 1.0, 0.0]], dtype=F64)
+    c = torch.tensor([[[0.0], [-100.0]]], dtype=F64)
+    index, dist = nearest(x, c, 8)
+    new = reseed_empty(x, m, c, index, dist)
+    assert new[0, 1, 0].item() == 1.0  # not the padded 50.0
+
+
+def lloyd_reference(x, c, iters=100):
+    for _ in range(iters):
+        assign = torch.cdist(x, c).argmin(1)
+        c = torch.stack([x[assign == j].mean(0) if (assign == j).any() else c[j] for j in range(c.shape[0])])
+    return c
+
+
+@pytest.mark.parametrize("d", [1, 2])
+def test_lloyd_converges_to_the_reference_fixed_point(d):
+    g = torch.Generator().manual_seed(10 + d)
+    x = torch.randn(1, 80, d, generator=g, dtype=F64)
+    c0 = x[:, :6].clone()
+    c = lloyd(x, None, c0, rows=16, iters=100)
+    assert torch.allclose(c[0], lloyd_reference(x[0], c0[0]), atol=1e-12, rtol=0)
+
+
+def test_lloyd_with_empty_start_never_gives_nan():
+    x = torch.randn(2, 30, 2, dtype=F64)
+    c0 = torch.full((2, 4, 2), 1e3, dtype=F64)
+    c0[:, 0] = 0.0
+    c = lloyd(x, None, c0, rows=8, iters=20)
+    assert torch.isfinite(c).all()
+    assert (torch.cdist(x, c).argmin(-1)[:, :, None] == torch.arange(4)).any(1).all(), "no centroid left empty"
