@@ -88,10 +88,11 @@ def finalize(model: nn.Module) -> nn.Module:
         tensors = {}
         for _, param, p in entries:
             weight = original(module, param)
-            index = p.clusterer.assign(weight, p.centroids)
+            _, centroids = p.export(weight)
+            index = p.clusterer.assign(weight, centroids)
             layout = p.clusterer.layout
             spec = PaletteSpec(layout.shape, p.config.bits, p.config.dim, layout.group_size)
-            tensors[param] = (spec, pack(index.reshape(-1), spec.bits), p.centroids.to(weight.dtype).clone())
+            tensors[param] = (spec, pack(index.reshape(-1), spec.bits), centroids.to(weight.dtype).clone())
         for _, param, _ in entries:
             parametrize.remove_parametrizations(module, param, leave_parametrized=False)
         new = palettize_module(module, tensors)
@@ -103,5 +104,12 @@ def finalize(model: nn.Module) -> nn.Module:
 
 
 def kmeans_compress(model: nn.Module, config: DKMConfig | str) -> nn.Module:
-    """Post-training k-means (no training): the baseline every DKM result sits beside."""
-    return finalize(prepare(model, config))
+    """Post-training k-means (no training): the baseline every DKM result sits beside.
+
+    Like ``prepare`` and ``finalize`` it works in place: ``copy.deepcopy`` the
+    model first to keep the original.
+    """
+    prepare(model, config)
+    for _, _, _, par in dkm_parametrizations(model):
+        par.refresh = False  # snap to the k-means centroids themselves
+    return finalize(model)

@@ -151,8 +151,8 @@ def report(model: nn.Module, *, gap: bool = True, show: bool = True) -> Report:
                 spec = PaletteSpec(layout.shape, par.config.bits, par.config.dim, layout.group_size)
                 distance = None
                 if gap:
-                    hard = par.clusterer.snap(weight, par.centroids)
-                    soft = par.soft(weight)
+                    hard, centroids = par.export(weight)
+                    soft = par.clusterer.soft(weight, centroids).weight
                     distance = float((soft - hard).float().norm() / hard.float().norm().clamp_min(1e-30))
                 result.layers.append(layer_row(prefix + param_name, spec, weight.element_size(), distance))
                 result.fp32_bytes += 4 * weight.numel()

@@ -112,8 +112,10 @@ def test_parametrization_train_soft_eval_snap():
     assert p.centroids.shape == (1, 4, 1)
     start = p.centroids.clone()
     p.eval()
-    assert torch.equal(p(weight), p.clusterer.snap(weight, start))
-    assert torch.equal(p.centroids, start)  # eval never moves the centroids
+    refreshed = p.clusterer.soft(weight, start).centroids  # one DKM step on the current weights
+    assert torch.equal(p(weight), p.clusterer.snap(weight, refreshed))
+    assert torch.equal(p.export(weight)[1], refreshed)
+    assert torch.equal(p.centroids, start)  # eval never moves the stored centroids
     soft = p.soft(weight)
     assert torch.equal(p.centroids, start)  # neither does soft()
     p.train()

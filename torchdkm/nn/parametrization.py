@@ -9,8 +9,9 @@ works) and ``state_dict`` (the weight moves to
 In training mode, reading ``module.weight`` runs one DKM step from the stored
 centroids and returns the soft-clustered weight ``A C``; the converged
 centroids are stored for the next step.  In eval mode it returns the hard
-snapped weight, which is exactly what ``finalize`` will export, so validation
-during training measures the model you will ship.
+snapped weight, which is exactly what ``finalize`` will export (centroids
+refreshed on the current weights, see :meth:`DKMParametrization.export`), so
+validation during training measures the model you will ship.
 """
 
 from __future__ import annotations
@@ -30,14 +31,34 @@ class DKMParametrization(nn.Module):
         self.config = config
         self.clusterer = WeightClusterer(name, config, weight.shape)
         self.register_buffer("centroids", self.clusterer.init(weight))
+        self._snapped: tuple[tuple, Tensor, Tensor] | None = None
+        #: ``False`` snaps to the stored centroids as they are (post-training k-means).
+        self.refresh = True
 
     def forward(self, weight: Tensor) -> Tensor:
         if not self.training:
-            return self.clusterer.snap(weight, self.centroids)
+            return self.export(weight)[0]
         result = self.clusterer.soft(weight, self.centroids)
         with torch.no_grad():
             self.centroids.copy_(result.centroids)
         return result.weight
+
+    @torch.no_grad()
+    def export(self, weight: Tensor) -> tuple[Tensor, Tensor]:
+        """The hard weight ``finalize`` exports, and the centroids it snaps to.
+
+        The stored centroids come from the last training forward, which ran
+        before the last optimizer step moved the weights; one DKM step on the
+        current weights (no gradient, nothing stored) brings them up to date.
+        The result is cached until the weight or the centroids change.
+        """
+        key = (weight.data_ptr(), weight._version, self.centroids._version)
+        if self._snapped is None or self._snapped[0] != key:
+            centroids = self.centroids
+            if self.refresh:
+                centroids = self.clusterer.soft(weight.detach(), centroids).centroids
+            self._snapped = (key, self.clusterer.snap(weight, centroids), centroids)
+        return self._snapped[1], self._snapped[2]
 
     def soft(self, weight: Tensor) -> Tensor:
         """The soft weight for the current centroids, without updating them."""
