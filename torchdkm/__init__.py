@@ -9,6 +9,7 @@ torchdkm.report(model); torchdkm.save(model, "model.dkm.safetensors")
 from .api import finalize, kmeans_compress, prepare
 from .config import DKMConfig, LayerConfig
 from .errors import TorchdkmError
+from .integrations.hf import load_pretrained, save_pretrained
 from .io import load, save
 from .report import Report, report
 
@@ -22,7 +23,9 @@ __all__ = [
     "finalize",
     "kmeans_compress",
     "load",
+    "load_pretrained",
     "prepare",
     "report",
     "save",
+    "save_pretrained",
 ]

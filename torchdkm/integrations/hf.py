@@ -1,0 +1,199 @@
+"""Hugging Face transformers: compress a model, save it, rebuild it without writing model code.
+
+A torchdkm pretrained directory holds ``config.json`` (the transformers config,
+whose ``architectures`` names the model class), ``model.dkm.safetensors`` (the
+torchdkm file) and, for convenience, the tokenizer files.  :func:`load_pretrained`
+builds the architecture from the config (random weights, no download) and
+fills it from the torchdkm file, which is all the model code a user needs.
+Everything works offline: directories are local, nothing touches the Hub.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..api import finalize, prepare
+from ..config import DKMConfig
+from ..errors import TorchdkmError
+from ..io import load, save
+from .distill import distill, read_sentences
+
+WEIGHTS = "model.dkm.safetensors"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+
+
+def _transformers() -> Any:
+    try:
+        import transformers
+    except ImportError:
+        raise TorchdkmError("Hugging Face support needs transformers: pip install 'torchdkm[hf]'") from None
+    return transformers
+
+
+def _model_class(config: Any) -> Any:
+    """The transformers class ``config.architectures`` names, or ``None``."""
+    names = getattr(config, "architectures", None) or []
+    return getattr(_transformers(), names[0], None) if names else None
+
+
+def load_hf(directory: str | os.PathLike) -> tuple[nn.Module, Any]:
+    """A Hugging Face model directory's model (class from ``config.architectures``) and tokenizer."""
+    transformers = _transformers()
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise TorchdkmError(f"{directory}: not a Hugging Face model directory (no config.json)")
+    config = transformers.AutoConfig.from_pretrained(directory)
+    cls = _model_class(config) or transformers.AutoModel
+    model = cls.from_pretrained(directory)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+    return model.eval(), tokenizer
+
+
+def save_pretrained(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    *,
+    tokenizer: Any = None,
+    source: str | os.PathLike | None = None,
+) -> Path:
+    """Write a finalized transformers model to ``directory`` for :func:`load_pretrained`; returns it.
+
+    ``tokenizer`` (saved with its ``save_pretrained``) or ``source`` (a model
+    directory whose tokenizer files are copied) makes the directory
+    self-contained for inference.
+    """
+    if not hasattr(model, "config") or not hasattr(model.config, "to_json_file"):
+        raise TorchdkmError("save_pretrained: expected a transformers model (with a .config)")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(directory)
+    save(model, directory / WEIGHTS)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    elif source is not None:
+        for name in TOKENIZER_FILES:
+            if (Path(source) / name).is_file():
+                shutil.copy2(Path(source) / name, directory / name)
+    return directory
+
+
+def load_pretrained(directory: str | os.PathLike, *, model_class: Any = None) -> nn.Module:
+    """Rebuild a model saved by :func:`save_pretrained` (or ``torchdkm compress``), in eval mode.
+
+    The class is ``model_class``, else ``config.architectures[0]``, else ``AutoModel``.
+    """
+    transformers = _transformers()
+    directory = Path(directory)
+    for name in ("config.json", WEIGHTS):
+        if not (directory / name).is_file():
+            raise TorchdkmError(f"{directory}: not a torchdkm pretrained directory (no {name})")
+    config = transformers.AutoConfig.from_pretrained(directory)
+    cls = model_class or _model_class(config)
+    model = cls(config) if cls is not None else transformers.AutoModel.from_config(config)
+    return load(directory / WEIGHTS, model).eval()
+
+
+@torch.no_grad()
+def embed(model: nn.Module, tokenizer: Any, sentences: list[str], *, max_length: int = 128) -> Tensor:
+    """Sentence embeddings: mean of the last hidden states over real tokens (sentence-transformers' pooling).
+
+    A model whose first output is already one vector per sentence (a classification head) returns it as is.
+    """
+    batch = tokenizer(sentences, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    hidden = model(**batch)[0]
+    if hidden.dim() != 3:
+        return hidden
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
+
+
+def compress(
+    directory: str | os.PathLike,
+    config: DKMConfig | str,
+    *,
+    sentences: list[str] | None = None,
+    epochs: int = 1,
+    batch_size: int = 16,
+    lr: float = 1e-4,
+    max_length: int = 128,
+    max_steps: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[nn.Module, nn.Module, Any]:
+    """Load a Hugging Face model, DKM-compress it by distillation from itself; returns (compressed, original, tokenizer).
+
+    ``sentences`` default to the built-in sample.  The compressed model is finalized (packed indices + LUTs).
+    """
+    teacher, tokenizer = load_hf(directory)
+    student = prepare(copy.deepcopy(teacher), config)
+    distill(
+        student,
+        teacher,
+        tokenizer,
+        read_sentences() if sentences is None else sentences,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        max_length=max_length,
+        max_steps=max_steps,
+        seed=seed,
+        progress=progress,
+    )
+    return finalize(student).eval(), teacher, tokenizer
+
+
+class CoreMLEncoder(nn.Module):
+    """A fixed-length encoder call that coremltools converts.
+
+    transformers builds position ids and the attention mask with ops the Core
+    ML converter lacks; passing explicit ids and a ready additive 4-D mask
+    avoids them.  Returns the model's first output (``last_hidden_state``).
+    """
+
+    def __init__(self, model: nn.Module, seq_len: int):
+        super().__init__()
+        self.model = model
+        self.seq_len = seq_len
+        names = inspect.signature(model.forward).parameters
+        ids = torch.arange(seq_len).unsqueeze(0)
+        self.extra = [n for n in ("position_ids", "token_type_ids") if n in names]
+        self.register_buffer("position_ids", ids, persistent=False)
+        self.register_buffer("token_type_ids", torch.zeros_like(ids), persistent=False)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        mask = (1.0 - attention_mask[:, None, None, :].float()) * -1e4  # finite in fp16
+        mask = mask.expand(-1, 1, self.seq_len, self.seq_len)
+        extra = {n: getattr(self, n) for n in self.extra}
+        return self.model(input_ids=input_ids, attention_mask=mask, **extra)[0]
+
+
+def export_coreml(model: nn.Module, path: str | os.PathLike, *, seq_len: int = 128, **options: Any) -> Any:
+    """Convert a compressed transformers encoder to Core ML (inputs ``input_ids``, ``attention_mask`` of ``(1, seq_len)``)."""
+    from ..io.coreml import export_coreml as convert
+
+    example = (torch.zeros(1, seq_len, dtype=torch.long), torch.ones(1, seq_len, dtype=torch.long))
+    wrapper = CoreMLEncoder(model, seq_len).eval()
+    return convert(wrapper, example, path, input_names=["input_ids", "attention_mask"], **options)
+
+
+__all__ = ["compress", "embed", "export_coreml", "load_hf", "load_pretrained", "save_pretrained"]

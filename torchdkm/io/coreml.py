@@ -1,0 +1,259 @@
+"""Core ML export: a finalized model to an ``.mlpackage`` whose weights stay palettized.
+
+How.  coremltools' own convention, the one ``coremltools.optimize.torch``
+palettizers use: a module carries buffers named
+``_COREML_/<param>/compression_type`` (``[2]``, palettization),
+``_COREML_/<param>/lut`` and ``_COREML_/<param>/vector_axis``; ``ct.convert``
+then turns that parameter into a ``constexpr_lut_to_dense`` op (indices + LUT)
+instead of a dense constant.  We hand it the snapped dense weight and the LUT
+laid out as the iOS 18 op wants it (``lut.rank == weight.rank + 2``); the
+converter recovers the indices by nearest-centroid search, which is exact
+because every snapped weight vector *is* a centroid.  This path was chosen over
+post-conversion ``palettize_weights(mode="unique")`` because it keeps
+torchdkm's LUTs as they are (per-tensor, per-grouped-channel and vector LUTs)
+rather than re-clustering.
+
+Layouts.  A palettized weight maps to Core ML natively when its vectors run
+along one axis (``dim == 1``, or the weight's last non-unit axis is a
+multiple of ``dim``: Linear/Embedding rows, 1x1 convs).  A group size that
+does not divide the output channels is expressed with one LUT per channel
+(each a copy of its group's LUT).  Otherwise (vectors that cross kernel rows,
+e.g. 3x3 convs with ``dim=4``) the weight is stored as its ``(groups,
+vectors * dim)`` vector matrix, palettized along axis 1, and reshaped back in
+the graph (a reshape and a slice per such weight).  Core ML has no 5- or
+7-bit indices: those LUTs are padded to 6 / 8 bits with copies of the last
+centroid.  ``minimum_deployment_target`` must be iOS 18 or later (vector and
+grouped LUTs); LUTs are stored in the compute precision (fp16 by default).
+
+Core ML runs predictions only on Apple platforms; on Linux the package can be
+built, saved and inspected (see :func:`lut_ops`), not run.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..errors import TorchdkmError
+from ..nn.palettized import PaletteSpec, PalettizedMixin, set_submodule
+from ..nn.parametrization import dkm_parametrizations
+from .dense import decode_indices
+
+PALETTIZATION = 2  # coremltools CompressionType.PALETTIZATION
+CORE_ML_BITS = (1, 2, 3, 4, 6, 8)  # index widths constexpr_lut_to_dense accepts
+
+
+def _coremltools() -> Any:
+    logging.getLogger("coremltools").setLevel(logging.ERROR)  # import chatter about missing macOS libraries
+    try:
+        import coremltools as ct
+    except ImportError:
+        raise TorchdkmError("Core ML export needs coremltools: pip install 'torchdkm[coreml]'") from None
+    return ct
+
+
+def vector_axis(spec: PaletteSpec) -> int | None:
+    """The weight axis its vectors run along, or ``None`` when they cross axes (scalars: axis 1)."""
+    if spec.dim == 1:
+        return 1
+    axes = [i for i in range(1, len(spec.shape)) if spec.shape[i] != 1]
+    if not axes or spec.shape[axes[-1]] % spec.dim:
+        return None
+    return axes[-1]
+
+
+def _pad_lut(lut: Tensor) -> Tensor:
+    """Pad the centroid axis (-2) to a width Core ML supports, repeating the last centroid."""
+    k = lut.shape[-2]
+    bits = next(b for b in CORE_ML_BITS if 2**b >= k)
+    if 2**bits == k:
+        return lut
+    extra = lut.narrow(-2, k - 1, 1).expand(*lut.shape[:-2], 2**bits - k, lut.shape[-1])
+    return torch.cat([lut, extra], dim=-2)
+
+
+def _metadata(module: nn.Module, param: str, lut: Tensor, axis: int | None) -> None:
+    module.register_buffer(f"_COREML_/{param}/compression_type", torch.tensor([PALETTIZATION]))
+    module.register_buffer(f"_COREML_/{param}/lut", _pad_lut(lut).contiguous())
+    if axis is not None and lut.shape[-1] > 1:
+        module.register_buffer(f"_COREML_/{param}/vector_axis", torch.tensor(axis))
+
+
+def _vector_class(base: type, params: tuple[str, ...]) -> type:
+    """``base`` whose ``params`` are rebuilt from a palettized ``<param>_vectors`` buffer in the graph."""
+
+    def getter(param: str):
+        def get(self):
+            layout = self.palette[param].layout
+            vectors = getattr(self, f"{param}_vectors")
+            return layout.from_vectors(vectors.view(layout.groups, layout.vectors, -1))
+
+        return property(get)
+
+    return type(f"CoreML{base.__name__}", (base,), {p: getter(p) for p in params})
+
+
+@torch.no_grad()
+def coreml_ready(model: nn.Module) -> nn.Module:
+    """A copy of a finalized model that ``ct.convert`` turns into LUT ops.
+
+    Each palettized module becomes its original class again, with the snapped
+    weight as a plain tensor plus coremltools' palettization metadata (see the
+    module docstring).  The copy computes the same outputs as ``model``.
+    """
+    if dkm_parametrizations(model):
+        raise TorchdkmError("Core ML export: the model still has DKM training layers; call torchdkm.finalize first")
+    ready = copy.deepcopy(model)
+    found = [(n, m) for n, m in ready.named_modules() if isinstance(m, PalettizedMixin)]
+    if not found:
+        raise TorchdkmError("Core ML export: the model has no palettized layer; finalize it first")
+    for name, module in found:
+        new = _plain_module(module)
+        if name == "":
+            ready = new
+        else:
+            set_submodule(ready, name, new)
+    return ready.eval()
+
+
+def _plain_module(module: nn.Module) -> nn.Module:
+    crossing = tuple(p for p, s in module.palette.items() if vector_axis(s) is None)
+    base = module.base_class
+    cls = _vector_class(base, crossing) if crossing else base
+    new = cls.__new__(cls)
+    new.__dict__.update(module.__dict__)
+    hidden = {f"{p}_{s}" for p in module.palette for s in ("indices", "lut")}
+    new._buffers = OrderedDict((k, v) for k, v in module._buffers.items() if k not in hidden)
+    new._parameters = OrderedDict(module._parameters)
+    new._non_persistent_buffers_set = set(module._non_persistent_buffers_set) - hidden
+    for param, spec in module.palette.items():
+        layout = spec.layout
+        index = decode_indices(spec, getattr(module, f"{param}_indices"))
+        lut = getattr(module, f"{param}_lut")
+        axis = vector_axis(spec)
+        if axis is None:  # store the (groups, vectors * dim) matrix, palettized along axis 1
+            vectors = torch.gather(lut, 1, index.unsqueeze(-1).expand(-1, -1, spec.dim))
+            flat = vectors.reshape(layout.groups, -1).clone()
+            new.register_parameter(f"{param}_vectors", nn.Parameter(flat, False))  # a parameter: torch.export lifts it
+            _metadata(new, f"{param}_vectors", lut.unsqueeze(1), 1)
+            continue
+        if layout.groups > 1 and layout.out % layout.group_size:
+            lut = lut[torch.arange(layout.out) // layout.group_size]  # one LUT per channel
+        shape = (lut.shape[0],) + (1,) * (len(spec.shape) - 1) + tuple(lut.shape[1:])
+        new.register_parameter(param, nn.Parameter(layout.decode(index, getattr(module, f"{param}_lut")), False))
+        _metadata(new, param, lut.reshape(shape), axis)
+    if not crossing:
+        del new.__dict__["palette"]
+    return new
+
+
+def export_coreml(
+    model: nn.Module,
+    example_inputs: tuple[Tensor, ...],
+    path: str | os.PathLike | None = None,
+    *,
+    input_names: list[str] | None = None,
+    output_names: list[str] | None = None,
+    compute_precision: str = "float16",
+    deployment_target: str = "iOS18",
+    frontend: str = "trace",
+) -> Any:
+    """Capture a finalized model and convert it to a Core ML ``mlprogram``; returns the ``MLModel``.
+
+    ``example_inputs`` fix the input shapes (Core ML wants static shapes by
+    default); integer inputs become int32.  With ``path`` (``*.mlpackage``) the
+    package is saved too.  Weights that torchdkm palettized become
+    ``constexpr_lut_to_dense`` ops; everything else stays dense.  ``frontend``:
+    ``"trace"`` (``torch.jit.trace``, deprecated by torch but what coremltools
+    supports best) or ``"export"`` (``torch.export``).
+    """
+    ct = _coremltools()
+    if path is not None and Path(path).suffix != ".mlpackage":
+        raise TorchdkmError(f"Core ML export: {path} should end in .mlpackage")
+    target = getattr(ct.target, deployment_target, None)
+    if target is None or target < ct.target.iOS18:
+        raise TorchdkmError(f"Core ML export: deployment_target {deployment_target!r} must be iOS18 or later")
+    precision = {"float16": ct.precision.FLOAT16, "float32": ct.precision.FLOAT32}.get(compute_precision)
+    if precision is None:
+        raise TorchdkmError(
+            f"Core ML export: compute_precision must be 'float16' or 'float32', not {compute_precision!r}"
+        )
+    example_inputs = tuple(example_inputs)
+    names = input_names or [f"input_{i}" for i in range(len(example_inputs))]
+    inputs = [
+        ct.TensorType(name=n, shape=tuple(x.shape), dtype=np.int32 if not x.is_floating_point() else np.float32)
+        for n, x in zip(names, example_inputs)
+    ]
+    ready = coreml_ready(model)
+    if frontend == "trace":
+        captured = torch.jit.trace(ready, example_inputs, strict=False)
+    elif frontend == "export":
+        captured = torch.export.export(ready, example_inputs).run_decompositions({})
+    else:
+        raise TorchdkmError(f"Core ML export: frontend must be 'trace' or 'export', not {frontend!r}")
+    outputs = [ct.TensorType(name=n) for n in output_names] if output_names else None
+    mlmodel = ct.convert(
+        captured,
+        inputs=inputs,
+        outputs=outputs,
+        convert_to="mlprogram",
+        minimum_deployment_target=target,
+        compute_precision=precision,
+    )
+    if path is not None:
+        mlmodel.save(str(path))
+    return mlmodel
+
+
+@dataclass(frozen=True)
+class LutOp:
+    """One ``constexpr_lut_to_dense`` op of a converted program."""
+
+    name: str
+    shape: tuple[int, ...]  # the dense tensor it produces
+    lut_shape: tuple[int, ...]
+    nbits: int
+    vector_axis: int | None
+    op: Any  # the MIL operation (``op.materialized_val_inference()`` decodes it)
+
+
+def lut_ops(converted: Any) -> list[LutOp]:
+    """The LUT ops of an ``MLModel`` (via its MIL program) or of a MIL ``Program``."""
+    program = getattr(converted, "_mil_program", converted)
+    if program is None or not hasattr(program, "functions"):
+        raise TorchdkmError("lut_ops: pass an MLModel made by ct.convert in this process, or a MIL Program")
+    found = []
+    for function in program.functions.values():
+        for op in function.operations:
+            if op.op_type != "constexpr_lut_to_dense":
+                continue
+            axis = op.inputs.get("vector_axis")
+            found.append(
+                LutOp(
+                    name=op.name,
+                    shape=tuple(op.outputs[0].shape),
+                    lut_shape=tuple(op.lut.shape),
+                    nbits=int(np.log2(op.lut.shape[-2])),
+                    vector_axis=None if axis is None else int(axis.val),
+                    op=op,
+                )
+            )
+    return found
+
+
+def weight_file_bytes(package: str | os.PathLike) -> int:
+    """Size of an ``.mlpackage``'s weight file(s): what the weights cost on disk."""
+    root = Path(package) / "Data" / "com.apple.CoreML" / "weights"
+    return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+
+
+__all__ = ["LutOp", "coreml_ready", "export_coreml", "lut_ops", "vector_axis", "weight_file_bytes"]
