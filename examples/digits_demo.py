@@ -67,7 +67,7 @@ class Options:
     epochs: int = 30  # fp32 training
     dkm_epochs: int = 12  # DKM fine-tuning, per setting
     settings: tuple[str, ...] = SETTINGS
-    tau: float | None = None  # DKM temperature relative to each layer's distortion; None: library default
+    tau: float | None = None  # DKM temperature relative to each layer's margin; None: library default
     lr: float = 3e-3  # Adam's peak learning rate, for fp32 training and DKM fine-tuning alike
     seed: int = 0  # data split, initial weights and batch order
     out: Path = OUT

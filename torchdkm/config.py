@@ -53,16 +53,18 @@ class LayerConfig:
         (``in_features`` for Linear, ``in_channels x kernel`` for ConvNd,
         ``embedding_dim`` for Embedding); when a channel's weight count is not
         a multiple of ``dim`` a vector continues into the next channel.
-    tau: softmax temperature *relative to the layer's k-means distortion*, the
-        mean squared distance from a weight vector to its nearest centroid.
-        The absolute temperature is ``tau * distortion``, recomputed every
-        step, so one value means the same sharpness whatever the layer's weight
-        scale.  Vectors (``dim > 1``) are softer than scalars at the same
-        value.  Smaller is closer to hard k-means; the default keeps the
-        train/export gap (``report``) under 1% in the demo at every setting.
+    tau: softmax temperature *relative to the layer's margin*: the mean, over
+        weight vectors, of (squared distance to the second-nearest centroid)
+        minus (squared distance to the nearest), i.e. the logit gap that
+        decides an assignment.  The absolute temperature is ``tau * margin``,
+        recomputed every step, so one value means about the same sharpness
+        whatever the layer's weight scale, vector length or bit width (the
+        k-means distortion, an earlier unit, made 8-dim vectors 15x softer
+        than scalars).  Smaller is closer to hard k-means; the default keeps
+        the train/export gap (``report``) under 1% in the demo at every setting.
     max_iters: cap on DKM iterations per forward pass.
     tol: the iterations stop when no centroid moves more than
-        ``tol * sqrt(distortion)``.
+        ``tol * sqrt(margin)``.
     group_size: output channels that share one LUT (``None``: one LUT for the
         whole tensor).  A last group with fewer channels is allowed.
     param: name of the parameter to cluster.
@@ -82,7 +84,7 @@ class LayerConfig:
 
     bits: int = 4
     dim: int = 1
-    tau: float = 0.02
+    tau: float = 0.005
     max_iters: int = 5
     tol: float = 1e-3
     group_size: int | None = None
@@ -183,7 +185,7 @@ class DKMConfig:
                     f"DKMConfig: by_type key {key!r} is not a supported module type; "
                     f"use one of {sorted(TYPE_GROUPS) + list(SUPPORTED_TYPES)}"
                 )
-        if self.version != CONFIG_VERSION:
+        if not _is_int(self.version) or self.version != CONFIG_VERSION:
             raise TorchdkmError(f"DKMConfig: version={self.version!r} is not supported (this is {CONFIG_VERSION})")
 
     # -- construction -----------------------------------------------------
@@ -194,7 +196,8 @@ class DKMConfig:
         ``"cv:6/6, fc:6/4"``: rules separated by commas, each ``KEY:BITS[/DIM][@GROUP]``.
         KEY is ``cv``/``conv``, ``fc``/``linear``, ``emb``, a class name
         (``Conv2d``), ``*``/``all`` for the global rule, or a module-name
-        pattern.  ``@GROUP`` sets ``group_size``.  Extra keyword arguments
+        pattern.  ``@GROUP`` sets ``group_size``.  ``KEY:none`` leaves the
+        matching modules uncompressed (``"*:4/1, lm_head:none"``).  Extra keyword arguments
         (``tau=0.02``, ``min_numel=0``...) apply to every rule.
         """
         if not isinstance(text, str) or not text.strip():
@@ -202,6 +205,10 @@ class DKMConfig:
         config = cls()
         for part in text.split(","):
             part = part.strip()
+            skip = _SKIP_RE.fullmatch(part)
+            if skip is not None:
+                config._add(skip.group(1), None)
+                continue
             match = _RULE_RE.fullmatch(part)
             if match is None:
                 raise TorchdkmError(
@@ -212,14 +219,16 @@ class DKMConfig:
             values = dict(fields, bits=int(bits), dim=int(dim or 1))
             if group:
                 values["group_size"] = int(group)
-            rule = LayerConfig.from_dict(values, where=f"rule {part!r}")
-            if key in ("*", "all"):
-                config.default = rule
-            elif key in TYPE_GROUPS or key in SUPPORTED_TYPES:
-                config.by_type[key] = rule
-            else:
-                config.by_name[key] = rule
+            config._add(key, LayerConfig.from_dict(values, where=f"rule {part!r}"))
         return config
+
+    def _add(self, key: str, rule: Rule) -> None:
+        if key in ("*", "all"):
+            self.default = rule
+        elif key in TYPE_GROUPS or key in SUPPORTED_TYPES:
+            self.by_type[key] = rule
+        else:
+            self.by_name[key] = rule
 
     def to_dict(self) -> dict[str, Any]:
         def dump(rule: Rule) -> Any:
@@ -237,6 +246,9 @@ class DKMConfig:
         if not isinstance(data, dict):
             raise TorchdkmError(f"DKMConfig: expected a dict, got {type(data).__name__}")
         _check_keys(data, ("version", "default", "by_type", "by_name"), "DKMConfig")
+        for key in ("by_type", "by_name"):
+            if data.get(key) is not None and not isinstance(data[key], dict):
+                raise TorchdkmError(f"DKMConfig: {key} must be a dict, got {type(data[key]).__name__}")
         return cls(
             default=data.get("default"),
             by_type=dict(data.get("by_type") or {}),
@@ -291,6 +303,7 @@ class DKMConfig:
         return [p for p in self.by_name if not any(_name_matches(p, n) for n in names)]
 
 
+_SKIP_RE = re.compile(r"\s*([^:\s]+)\s*:\s*(?:none|off|-)\s*", re.IGNORECASE)
 _RULE_RE = re.compile(r"\s*([^:\s]+)\s*:\s*(\d+)\s*(?:/\s*(\d+))?\s*(?:@\s*(\d+))?\s*")
 _MISSING = object()
 

@@ -15,20 +15,38 @@ from .op import _chunks
 
 def nearest(x: Tensor, c: Tensor, rows: int) -> tuple[Tensor, Tensor]:
     """Index of each vector's nearest centroid ``(G, n)`` and its squared distance."""
+    index, dist, _ = _nearest(x, c, rows, False)
+    return index, dist
+
+
+def nearest_two(x: Tensor, c: Tensor, rows: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Like :func:`nearest`, plus the squared distance to the second-nearest centroid."""
+    index, dist, second = _nearest(x, c, rows, True)
+    return index, dist, second
+
+
+def _nearest(x: Tensor, c: Tensor, rows: int, two: bool) -> tuple[Tensor, Tensor, Tensor | None]:
     g, n, _ = x.shape
     index = torch.empty(g, n, dtype=torch.long, device=x.device)
     dist = torch.empty(g, n, dtype=x.dtype, device=x.device)
+    second = torch.empty(g, n, dtype=x.dtype, device=x.device) if two and c.shape[1] > 1 else None
     cc = (c * c).sum(-1, keepdim=True)
     for s in _chunks(n, rows):
         xs = x[:, s]
         if x.shape[-1] == 1:  # exact differences for scalars
-            d2 = (c - xs.transpose(1, 2)).square_()  # (G, k, r)
-            dist[:, s], index[:, s] = d2.min(1)
-            continue
-        score = torch.baddbmm(-cc, 2.0 * c, xs.transpose(1, 2))  # (G, k, r): 2 x.c - |c|^2
-        best, index[:, s] = score.max(1)
-        dist[:, s] = ((xs * xs).sum(-1) - best).clamp_min(0)
-    return index, dist
+            score = (c - xs.transpose(1, 2)).square_().neg_()  # (G, k, r): -|x - c|^2
+            offset = 0.0
+        else:
+            score = torch.baddbmm(-cc, 2.0 * c, xs.transpose(1, 2))  # (G, k, r): 2 x.c - |c|^2 = -|x - c|^2 + |x|^2
+            offset = (xs * xs).sum(-1)
+        if second is None:
+            best, index[:, s] = score.max(1)
+        else:
+            top = score.topk(2, dim=1)
+            best, index[:, s] = top.values[:, 0], top.indices[:, 0]
+            second[:, s] = (offset - top.values[:, 1]).clamp_min(0)
+        dist[:, s] = (offset - best).clamp_min(0)
+    return index, dist, second
 
 
 def counts(index: Tensor, m: Tensor | None, k: int) -> Tensor:

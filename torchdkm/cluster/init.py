@@ -16,6 +16,9 @@ generator) and Lloyd on all vectors, chunked.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor
 
@@ -31,6 +34,21 @@ def optimal_1d(values: Tensor, weights: Tensor, k: int) -> Tensor:
     Entries with weight 0 are ignored (padding).  Returns ``(G, k)`` sorted
     centroids; a row with fewer than ``k`` distinct values repeats its values.
     """
+    with _one_thread():  # thousands of small ops: thread start-up would dominate
+        return _optimal_1d(values, weights, k)
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _optimal_1d(values: Tensor, weights: Tensor, k: int) -> Tensor:
     device = values.device
     g_count = values.shape[0]
     v = values.to(torch.float64)

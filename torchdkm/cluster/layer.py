@@ -15,16 +15,16 @@ from torch import Tensor
 from ..config import LayerConfig
 from ..errors import TorchdkmError
 from . import op
-from .hard import distortion, nearest, reseed_empty
+from .hard import distortion, nearest, nearest_two, reseed_empty
 from .init import init_centroids
 from .layout import Layout
 from .unique import Distinct, UniqueDKMFunction, distinct
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 _FP16_MAX = 65504.0
-#: The temperature's scale never drops below this fraction of the weights' mean square,
-#: so a layer whose weights already sit on the centroids still gets a finite temperature.
-DISTORTION_FLOOR = 1e-6
+#: The temperature's unit never drops below this fraction of the weights' mean square,
+#: so a layer with duplicate centroids still gets a finite temperature.
+MARGIN_FLOOR = 1e-6
 #: Up to this many scalars the 1-D optimum is found on the exact values; above, on
 #: their distinct 16-bit roundings (then polished by Lloyd on the exact values).
 DP_EXACT_LIMIT = 65536
@@ -90,15 +90,23 @@ class WeightClusterer:
         return x, self.layout.multiplicity(x.dtype, x.device)
 
     def _scale(self, x: Tensor, m: Tensor | None, c: Tensor, rows: int) -> tuple[Tensor, Tensor]:
-        """Re-seed empty centroids; return them and the layer's distortion (the unit of tau)."""
+        """Re-seed empty centroids; return them and the layer's margin (the unit of tau).
+
+        The margin is the mean, over weight vectors, of the squared distance to
+        the second-nearest centroid minus that to the nearest: the logit gap a
+        softmax at temperature 1 would see.  Measuring ``tau`` in it gives the
+        same sharpness at any weight scale, bit width and vector length (the
+        k-means distortion would not: vectors have small margins next to it).
+        """
         with torch.no_grad():
             index, dist = nearest(x, c, rows)
             reseeded = reseed_empty(x, m, c, index, dist)
             if reseeded is not c:
                 c = reseeded
                 index, dist = nearest(x, c, rows)
+            _, first, second = nearest_two(x, c, rows)
             mean_sq = distortion((x * x).sum(-1), m)
-            scale = distortion(dist, m).clamp_min(DISTORTION_FLOOR * mean_sq + 1e-30)
+            scale = distortion(second - first, m).clamp_min(MARGIN_FLOOR * mean_sq + 1e-30)
         return c, scale
 
     # -- the three operations ---------------------------------------------

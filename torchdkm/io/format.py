@@ -12,10 +12,17 @@ listed as aliases.  The safetensors header's ``__metadata__`` holds one key,
                              "params": {"weight": {"shape": [...], "bits": 4,
                                                    "dim": 1, "group_size": 64}}}},
      "aliases": {"<key>": "<stored key>"},
-     "checksum": "sha256:<hex over every stored tensor, keys sorted>"}
+     "checksum": "sha256:<hex over every stored tensor, keys sorted>",
+     "meta_checksum": "sha256:<hex over the canonical JSON of layers and aliases>"}
 
 ``load`` checks everything it reads against the model it fills and raises
-:class:`~torchdkm.errors.TorchdkmError` naming what is wrong.
+:class:`~torchdkm.errors.TorchdkmError` naming what is wrong.  The order:
+structure first (so a damaged file gets the most specific message), then the
+two checksums, which catch what is consistent but not what was written (a
+``group_size`` changed to another that decodes to the same sizes, say).  Memory
+stays bounded by the file's size: safetensors checks every declared shape
+against the bytes present, and the palette metadata is checked against the
+model before anything is unpacked.
 """
 
 from __future__ import annotations
@@ -50,6 +57,12 @@ def checksum(tensors: dict[str, Tensor]) -> str:
     return "sha256:" + digest.hexdigest()
 
 
+def meta_checksum(meta: dict[str, Any]) -> str:
+    """Digest of the metadata that decides how tensors are decoded and placed: layers and aliases."""
+    text = json.dumps({"layers": meta["layers"], "aliases": meta["aliases"]}, sort_keys=True)
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
 def save(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write a finalized model to ``path``; returns the path."""
     if dkm_parametrizations(model):
@@ -79,8 +92,9 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
         "aliases": aliases,
         "checksum": checksum(tensors),
     }
+    meta["meta_checksum"] = meta_checksum(meta)
     path = Path(path)
-    save_file(tensors, str(path), metadata={FORMAT: json.dumps(meta, sort_keys=True)})
+    save_file(tensors, str(path), metadata={FORMAT: json.dumps(meta)})
     return path
 
 
@@ -101,14 +115,17 @@ def read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
         raise TorchdkmError(f"{path}: a safetensors file, but not a torchdkm file (no '{FORMAT}' metadata)")
     try:
         meta = json.loads(header[FORMAT])
-    except json.JSONDecodeError as err:
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, an over-long integer, deep nesting
         raise TorchdkmError(f"{path}: torchdkm metadata is not valid JSON: {err}") from None
     _check_meta(path, meta)
     if checksum(tensors) != meta["checksum"]:
         raise TorchdkmError(f"{path}: checksum mismatch: the tensor data is corrupted")
+    stored = set(tensors)
     for key, target in meta["aliases"].items():
-        if target not in tensors:
+        if not isinstance(target, str) or target not in stored:
             raise TorchdkmError(f"{path}: alias {key!r} points to missing tensor {target!r}")
+        if key in stored:
+            raise TorchdkmError(f"{path}: alias {key!r} names a tensor that is also stored")
         tensors[key] = tensors[target]
     return meta, tensors
 
@@ -121,7 +138,7 @@ def _check_meta(path: Path, meta: Any) -> None:
         raise TorchdkmError(
             f"{path}: format_version {version!r} is not supported (this torchdkm reads {FORMAT_VERSION})"
         )
-    for key, kind in (("layers", dict), ("aliases", dict), ("checksum", str)):
+    for key, kind in (("layers", dict), ("aliases", dict), ("checksum", str), ("meta_checksum", str)):
         if not isinstance(meta.get(key), kind):
             raise TorchdkmError(f"{path}: metadata key {key!r} is missing or not a {kind.__name__}")
 
@@ -144,11 +161,14 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
                 f"{path}: layer {name!r} of the model is already palettized; load into a freshly built model"
             )
         expected = entry.get("class")
-        if expected not in [t.__name__ for t in type(module).__mro__]:
+        if not isinstance(expected, str) or expected not in [t.__name__ for t in type(module).__mro__]:
+            expected = expected if isinstance(expected, str) else _short(expected)
             raise TorchdkmError(
                 f"{path}: layer {name!r} is a {expected} in the file but a {type(module).__name__} in the model"
             )
         palettes = {}
+        if not entry["params"]:
+            raise TorchdkmError(f"{path}: metadata for layer {name!r} is malformed (no parameter)")
         for param, raw in entry["params"].items():
             palettes[param] = _palette(path, name, module, param, raw, tensors)
         new = palettize_module(module, palettes)
@@ -156,26 +176,32 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
             model = new
         else:
             set_submodule(model, name, new)
+    wanted = model.state_dict()
+    for key, tensor in tensors.items():
+        if key in wanted and tensor.dtype != wanted[key].dtype:
+            raise TorchdkmError(
+                f"{path}: tensor {key!r} is {tensor.dtype} in the file but {wanted[key].dtype} in the model"
+            )
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as err:
         raise TorchdkmError(f"{path}: file does not match the model: {err}") from None
+    if meta_checksum(meta) != meta["meta_checksum"]:
+        raise TorchdkmError(f"{path}: metadata checksum mismatch: the layer metadata is corrupted")
     return model
 
 
 def _palette(path: Path, name: str, module: nn.Module, param: str, raw: Any, tensors: dict[str, Tensor]):
     where = f"{path}: layer {name!r} parameter {param!r}"
-    try:
-        spec = PaletteSpec.from_dict(raw)
-        layout = spec.layout
-    except (KeyError, TypeError, ValueError) as err:
-        raise TorchdkmError(f"{where}: malformed palette metadata {raw!r} ({err})") from None
-    current = getattr(module, param, None)
+    spec = _spec(where, raw)
+    layout = spec.layout
+    current = getattr(module, param, None) if isinstance(param, str) else None
     if not isinstance(current, Tensor):
         raise TorchdkmError(f"{where}: the model's module has no tensor {param!r}")
+    # Checked against the model before any size is computed from it (a huge shape allocates nothing).
     if tuple(current.shape) != spec.shape:
         raise TorchdkmError(f"{where}: shape {list(spec.shape)} in the file, {list(current.shape)} in the model")
-    if not 1 <= spec.bits <= 8 or spec.dim < 1 or spec.group_size < 1:
+    if not 1 <= spec.bits <= 8 or spec.dim < 1 or not 1 <= spec.group_size <= layout.out:
         raise TorchdkmError(f"{where}: invalid bits/dim/group_size {spec.bits}/{spec.dim}/{spec.group_size}")
     prefix = f"{name}." if name else ""
     packed = tensors.get(f"{prefix}{param}_indices")
@@ -194,4 +220,32 @@ def _palette(path: Path, name: str, module: nn.Module, param: str, raw: Any, ten
         )
     if not bool(torch.isfinite(lut).all()):
         raise TorchdkmError(f"{where}: LUT holds NaN/Inf values")
+    if lut.dtype != current.dtype:
+        raise TorchdkmError(
+            f"{where}: LUT is {lut.dtype} in the file but the model's {param} is {current.dtype}; "
+            "build the model in the file's dtype"
+        )
     return spec, packed, lut
+
+
+def _spec(where: str, raw: Any) -> PaletteSpec:
+    """A :class:`PaletteSpec` from the file's JSON, accepting only what ``save`` writes (no coercion)."""
+
+    def whole(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    fields = ("shape", "bits", "dim", "group_size")
+    if (
+        not isinstance(raw, dict)
+        or set(raw) != set(fields)
+        or not isinstance(raw["shape"], list)
+        or not all(whole(v) for v in raw["shape"])
+        or not all(whole(raw[f]) for f in fields[1:])
+    ):
+        raise TorchdkmError(f"{where}: malformed palette metadata {_short(raw)}")
+    return PaletteSpec(tuple(raw["shape"]), raw["bits"], raw["dim"], raw["group_size"])
+
+
+def _short(value: Any, limit: int = 200) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."

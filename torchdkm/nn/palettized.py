@@ -16,6 +16,7 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass
 
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from ..cluster import Layout
 from ..pack import unpack
@@ -39,6 +40,12 @@ class PaletteSpec:
         layout = self.layout
         return layout.groups * layout.vectors
 
+    def decode(self, packed: Tensor, lut: Tensor) -> Tensor:
+        """The dense tensor from packed indices and a ``(groups, k, dim)`` LUT."""
+        layout = self.layout
+        index = unpack(packed, self.bits, self.index_count).view(layout.groups, layout.vectors)
+        return layout.decode(index, lut)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -54,11 +61,7 @@ class PalettizedMixin:
     base_class: type  # the class this one palettizes (nn.Linear, ...)
 
     def decode(self, param: str) -> Tensor:
-        spec = self.palette[param]
-        layout = spec.layout
-        packed = getattr(self, f"{param}_indices")
-        index = unpack(packed, spec.bits, spec.index_count).view(layout.groups, layout.vectors)
-        return layout.decode(index, getattr(self, f"{param}_lut"))
+        return self.palette[param].decode(getattr(self, f"{param}_indices"), getattr(self, f"{param}_lut"))
 
     def extra_repr(self) -> str:
         base = super().extra_repr()  # type: ignore[misc]
@@ -96,16 +99,22 @@ def palettize_module(module: nn.Module, tensors: dict[str, tuple[PaletteSpec, Te
     """A palettized copy of ``module``: ``tensors`` maps parameter to ``(spec, packed, lut)``.
 
     The copy shares every other parameter, buffer and submodule with ``module``.
+    ``module`` itself is left untouched; if it is parametrized (a DKM layer),
+    the copy is built on the class it had before, without the parametrizations
+    (torch's ``remove_parametrizations`` would edit a class that
+    ``copy.deepcopy`` shares between copies).
     """
-    base = type(module)
+    base = parametrize.type_before_parametrizations(module)
     if isinstance(module, PalettizedMixin):
         raise TypeError(f"{base.__name__} is already palettized")
+    if parametrize.is_parametrized(module) and set(module.parametrizations) - set(tensors):
+        raise TypeError(f"{base.__name__} has parametrizations torchdkm does not own: {list(module.parametrizations)}")
     cls = palettized_class(base, tuple(tensors))
     new = cls.__new__(cls)
     new.__dict__.update(module.__dict__)
     new._parameters = OrderedDict((k, v) for k, v in module._parameters.items() if k not in tensors)
     new._buffers = OrderedDict(module._buffers)
-    new._modules = OrderedDict(module._modules)
+    new._modules = OrderedDict((k, v) for k, v in module._modules.items() if k != "parametrizations")
     new._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
     new.palette = {}
     for param, (spec, packed, lut) in tensors.items():
