@@ -21,7 +21,7 @@ def rounded(shape, dtype, *, seed=0, scale=1.0):
 def check_distinct(weight, layout, dtype, found):
     keys = weight.reshape(-1).to(dtype).to(found.values.dtype)
     # Every weight maps to a slot holding its (rounded) value.
-    assert torch.equal(found.values.reshape(-1)[found.index], keys)
+    assert torch.equal(found.expand(found.values), keys)
     # Per group: counts add up to the group's real size, and the values with counts are distinct.
     assert found.counts.sum(1).tolist() == [float(c) for c in layout.real_counts()]
     for g in range(layout.groups):
@@ -31,7 +31,7 @@ def check_distinct(weight, layout, dtype, found):
         assert live.numel() == rows.reshape(-1).to(dtype).unique().numel()
     # Every weight's slot lies in its own group's row of the table.
     group_of_weight = torch.arange(layout.out).repeat_interleave(layout.row_len) // layout.group_size
-    assert torch.equal(found.index // found.values.shape[1], group_of_weight)
+    assert torch.equal(found.index // found.per_group, group_of_weight)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -52,7 +52,7 @@ def test_distinct_bincount_and_unique_fallback_agree(monkeypatch):
     monkeypatch.setattr(unique_mod, "MAX_TABLE_GROUPS", 1)  # force the torch.unique route
     fallback = unique_mod.distinct(weight, layout, torch.float16, torch.float32)
     check_distinct(weight, layout, torch.float16, fallback)
-    assert torch.equal(table.values.reshape(-1)[table.index], fallback.values.reshape(-1)[fallback.index])
+    assert torch.equal(table.expand(table.values), fallback.expand(fallback.values))
     for g in range(layout.groups):
         a = sorted(zip(table.values[g, :, 0].tolist(), table.counts[g].tolist()))
         b = sorted(zip(fallback.values[g, :, 0].tolist(), fallback.counts[g].tolist()))
@@ -149,7 +149,11 @@ def test_auto_picks_the_path():
     cfg = LayerConfig(bits=2, min_numel=0)
     c = WeightClusterer("layer", cfg, (4, 4))
     assert c.unique_dtype(torch.randn(4, 4)) == torch.float16
-    assert c.unique_dtype(torch.randn(4, 4) * 1e6) == torch.bfloat16  # beyond float16's range
+    big = torch.randn(4, 4) * 1e6  # beyond float16's range: float16 is tried, then bfloat16
+    assert c.unique_dtype(big) == torch.float16
+    assert torch.equal(
+        c._distinct(big, torch.float16).values.flatten().sort().values, big.bfloat16().float().flatten().unique()
+    )
     assert c.unique_dtype(torch.randn(4, 4).half()) == torch.float16
     assert c.unique_dtype(torch.randn(4, 4).bfloat16()) == torch.bfloat16
     assert c.unique_dtype(torch.randn(4, 4, dtype=F64)) is None
@@ -164,9 +168,9 @@ def test_distinct_with_more_than_32768_groups():
     weight = torch.randn(32769, 2, generator=torch.Generator().manual_seed(13))
     layout = Layout.of(weight.shape, 1, 1)  # one LUT per row: 32769 groups
     found = unique_mod.distinct(weight, layout, torch.float16, torch.float32)
-    assert torch.equal(found.values.reshape(-1)[found.index], weight.reshape(-1).half().float())
+    assert torch.equal(found.expand(found.values), weight.reshape(-1).half().float())
     assert torch.equal(found.counts.sum(1), torch.full((32769,), 2.0))
-    assert torch.equal(found.index // found.values.shape[1], torch.arange(32769).repeat_interleave(2))
+    assert torch.equal(found.index // found.per_group, torch.arange(32769).repeat_interleave(2))
 
 
 def test_unique_equals_exact_with_more_than_32768_groups():

@@ -15,7 +15,7 @@ from torch import Tensor
 from ..config import LayerConfig
 from ..errors import TorchdkmError
 from . import op
-from .hard import distortion, nearest, nearest_two, reseed_empty
+from .hard import clipped_mean, nearest, nearest_two, reseed_empty
 from .init import init_centroids
 from .layout import Layout
 from .unique import Distinct, UniqueDKMFunction, distinct
@@ -60,10 +60,8 @@ class WeightClusterer:
             return None
         if weight.dtype in (torch.float16, torch.bfloat16):
             return weight.dtype if mode == "auto" else _DTYPES[mode]
-        if mode == "auto":
-            if weight.dtype == torch.float64:
-                return None
-            return torch.float16 if float(weight.detach().abs().max()) <= _FP16_MAX else torch.bfloat16
+        if mode == "auto":  # float16 unless the weights overflow it (see _distinct)
+            return None if weight.dtype == torch.float64 else torch.float16
         return _DTYPES[mode]
 
     def check_finite(self, weight: Tensor) -> None:
@@ -79,6 +77,9 @@ class WeightClusterer:
     def _distinct(self, weight: Tensor, dtype: torch.dtype) -> Distinct:
         found = distinct(weight.detach(), self.layout, dtype, self.compute_dtype(weight))
         if not bool(torch.isfinite(found.values).all()):
+            overflow = dtype == torch.float16 and weight.dtype not in (torch.float16, torch.bfloat16)
+            if overflow and self.config.cluster_dtype == "auto" and bool(torch.isfinite(weight).all()):
+                return self._distinct(weight, torch.bfloat16)  # beyond float16's range: bfloat16's is float32's
             raise TorchdkmError(
                 f"layer {self.name!r}: weight has NaN/Inf values, or values beyond the range of "
                 f"cluster_dtype {dtype}; use finite weights or cluster_dtype='bfloat16'/'exact'"
@@ -97,6 +98,9 @@ class WeightClusterer:
         softmax at temperature 1 would see.  Measuring ``tau`` in it gives the
         same sharpness at any weight scale, bit width and vector length (the
         k-means distortion would not: vectors have small margins next to it).
+        Margins (and squared norms, for the floor) beyond ``MARGIN_CLIP`` times
+        their median count as that much, so a few outlying weights do not set
+        the temperature of all the others.
         """
         with torch.no_grad():
             index, dist = nearest(x, c, rows)
@@ -105,8 +109,8 @@ class WeightClusterer:
                 c = reseeded
                 index, dist = nearest(x, c, rows)
             _, first, second = nearest_two(x, c, rows)
-            mean_sq = distortion((x * x).sum(-1), m)
-            scale = distortion(second - first, m).clamp_min(MARGIN_FLOOR * mean_sq + 1e-30)
+            mean_sq = clipped_mean((x * x).sum(-1), m)
+            scale = clipped_mean(second - first, m).clamp_min(MARGIN_FLOOR * mean_sq + 1e-30)
         return c, scale
 
     # -- the three operations ---------------------------------------------
@@ -119,6 +123,8 @@ class WeightClusterer:
         if self.config.dim == 1:
             dtype = self.unique_dtype(weight)
             if dtype is None and self.layout.numel > DP_EXACT_LIMIT:
+                dtype = torch.float16 if float(weight.abs().max()) <= _FP16_MAX else torch.bfloat16
+            elif dtype == torch.float16 and weight.dtype != torch.float16:
                 dtype = torch.float16 if float(weight.abs().max()) <= _FP16_MAX else torch.bfloat16
             if dtype is not None:
                 found = self._distinct(weight, dtype)
@@ -135,9 +141,7 @@ class WeightClusterer:
             rows = self.rows(found.values.element_size(), found.values.shape[0])
             c0, scale = self._scale(found.values, found.counts, c0, rows)
             tau, tol = cfg.tau * scale, cfg.tol * scale.sqrt()
-            out, c = UniqueDKMFunction.apply(
-                weight, found.values, found.counts, found.index, c0, tau, cfg.max_iters, tol, rows, cfg.tol
-            )
+            out, c = UniqueDKMFunction.apply(weight, found, c0, tau, cfg.max_iters, tol, rows, cfg.tol)
             return SoftResult(out, c.detach())
         self.check_finite(weight)
         x, m = self._vectors(weight)

@@ -32,16 +32,44 @@ PATTERNS = 1 << 16
 
 @dataclass
 class Distinct:
-    """The distinct values of a weight, per group, padded to a ``(G, U)`` table."""
+    """The distinct values of a weight, per group, padded to a ``(G, U)`` table of slots.
 
-    values: Tensor  # (G, U, 1) float32/float64
+    Every weight has an ``index`` into a *table space* of ``table_size``
+    entries, ``per_group`` per group: with few groups the table space is all
+    65,536 bit patterns of each group, so a weight's index is its own bit
+    pattern (int32, no gather needed to find it); with many groups it is the
+    ``(G, U)`` slots themselves (``torch.unique``'s inverse).  ``slots`` maps
+    each slot to its place in table space.
+    """
+
+    values: Tensor  # (G, U, 1) in the compute dtype
     counts: Tensor  # (G, U) float; 0 for padding slots
-    index: Tensor  # (numel,) position of every weight in the flattened (G * U) table
+    index: Tensor  # (numel,) int32/int64: every weight's entry in table space
+    slots: Tensor  # (G * U,) int64: every slot's entry in table space (0 for padding)
+    table_size: int
+    per_group: int
+
+    def to_table(self, per_slot: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """``(table_size,)`` table holding each slot's value at its entry."""
+        flat = per_slot.reshape(-1)
+        table = flat.new_zeros(self.table_size, dtype=dtype or flat.dtype)
+        live = self.counts.reshape(-1) > 0
+        table[self.slots[live]] = flat[live].to(table.dtype)
+        return table
+
+    def expand(self, per_slot: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """Each weight's slot value: ``(numel,)``."""
+        return self.to_table(per_slot, dtype).index_select(0, self.index)
+
+    def sum_per_slot(self, per_weight: Tensor) -> Tensor:
+        """Sum of ``per_weight`` over the weights of each slot: ``(G, U)``."""
+        table = torch.bincount(self.index, weights=per_weight.reshape(-1), minlength=self.table_size)
+        return table[self.slots].view_as(self.counts) * (self.counts > 0)
 
 
 def patterns(weight: Tensor, dtype: torch.dtype) -> Tensor:
-    """Each value's 16-bit pattern in ``dtype``, as int32 in ``[0, 65536)``."""
-    return weight.reshape(-1).to(dtype).view(torch.int16).to(torch.int32) & 0xFFFF
+    """Each value's 16-bit pattern in ``dtype``, as int32 in ``[0, 65536)`` (two passes)."""
+    return weight.reshape(-1).to(dtype).view(torch.uint16).to(torch.int32)
 
 
 def distinct(weight: Tensor, layout: Layout, dtype: torch.dtype, compute: torch.dtype) -> Distinct:
@@ -52,56 +80,55 @@ def distinct(weight: Tensor, layout: Layout, dtype: torch.dtype, compute: torch.
         group_of_row = torch.arange(layout.out, device=weight.device) // layout.group_size
         keys = (keys.view(layout.out, layout.row_len) + (group_of_row * PATTERNS)[:, None]).reshape(-1)
     if groups <= MAX_TABLE_GROUPS:
+        keys = keys.to(torch.int32)
         table_counts = torch.bincount(keys, minlength=groups * PATTERNS)
         present = torch.nonzero(table_counts).flatten()
         counts = table_counts[present]
-        inverse = None
+        index, table_size, per_group = keys, groups * PATTERNS, PATTERNS
     else:
-        present, inverse, counts = torch.unique(keys, return_inverse=True, return_counts=True)
+        present, index, counts = torch.unique(keys, return_inverse=True, return_counts=True)
+        table_size, per_group = 0, 0
     group = present // PATTERNS
-    per_group = torch.bincount(group, minlength=groups)
-    width = int(per_group.max())
-    start = per_group.cumsum(0) - per_group
+    per = torch.bincount(group, minlength=groups)
+    width = int(per.max())
+    start = per.cumsum(0) - per
     slot = group * width + (torch.arange(present.numel(), device=weight.device) - start[group])
-    if inverse is None:
-        lookup = torch.empty(groups * PATTERNS, dtype=torch.int64, device=weight.device)
-        lookup[present] = slot
-        index = lookup[keys]
-    else:
-        index = slot[inverse]
-    pattern = present % PATTERNS
-    pattern = torch.where(pattern >= 1 << 15, pattern - PATTERNS, pattern).to(torch.int16)
+    pattern = (present % PATTERNS).to(torch.int32).to(torch.uint16)
     values = torch.zeros(groups * width, dtype=compute, device=weight.device)
     values[slot] = pattern.view(dtype).to(compute)
     mass = torch.zeros(groups * width, dtype=compute, device=weight.device)
     mass[slot] = counts.to(compute)
-    return Distinct(values.view(groups, width, 1), mass.view(groups, width), index)
+    slots = torch.zeros(groups * width, dtype=torch.int64, device=weight.device)
+    if table_size:
+        slots[slot] = present
+    else:  # torch.unique's inverse numbers the present keys in order: map them to slots
+        index = slot[index]
+        slots[slot] = slot
+        table_size, per_group = groups * width, width
+    return Distinct(values.view(groups, width, 1), mass.view(groups, width), index, slots, table_size, per_group)
 
 
 class UniqueDKMFunction(torch.autograd.Function):
     """DKM over distinct values, gathered back to every weight."""
 
     @staticmethod
-    def forward(ctx, weight, values, counts, index, c0, tau, max_iters, tol, rows, grad_tol):  # type: ignore[override]
+    def forward(ctx, weight, found, c0, tau, max_iters, tol, rows, grad_tol):  # type: ignore[override]
+        values, counts = found.values, found.counts
         c, iters = op.iterate(values, counts, c0, tau, max_iters, tol, rows)
         soft = op.soft_output(values, c, tau, rows)
-        out = soft.reshape(-1).index_select(0, index).view(weight.shape).to(weight.dtype)
-        ctx.save_for_backward(values, counts, index, c, tau)
+        out = found.expand(soft, weight.dtype).view(weight.shape)
+        ctx.save_for_backward(c, tau)
+        ctx.found, ctx.shape = found, weight.shape
         ctx.rows, ctx.max_terms, ctx.grad_tol, ctx.iters = rows, max(max_iters, 1), grad_tol, iters
-        ctx.shape, ctx.dtype = weight.shape, weight.dtype
         ctx.set_materialize_grads(False)
         return out, c
 
     @staticmethod
     def backward(ctx, grad_out, grad_c):  # type: ignore[override]
-        values, counts, index, c, tau = ctx.saved_tensors
-        shape, dtype = ctx.shape, ctx.dtype
-        summed = None
-        if grad_out is not None:
-            flat = grad_out.reshape(-1)
-            summed = torch.zeros(values.numel(), dtype=values.dtype, device=values.device)
-            summed.index_add_(0, index, flat.to(values.dtype))
-            summed = summed.view_as(values)
+        c, tau = ctx.saved_tensors
+        found: Distinct = ctx.found
+        values, counts = found.values, found.counts
+        summed = None if grad_out is None else found.sum_per_slot(grad_out.to(values.dtype)).unsqueeze(-1)
         shared, jac = op.backward(
             values,
             counts,
@@ -116,9 +143,10 @@ class UniqueDKMFunction(torch.autograd.Function):
             want_jac=grad_out is not None,
         )
         share = torch.where(counts > 0, shared[..., 0] / counts.clamp_min(1), torch.zeros_like(counts))
-        per_weight = share.reshape(-1).index_select(0, index)
+        dtype = values.dtype if grad_out is None else grad_out.dtype
+        per_weight = found.expand(share, dtype)
         if grad_out is None:
-            return per_weight.view(shape).to(dtype), None, None, None, None, None, None, None, None, None
-        slope = jac.reshape(-1).index_select(0, index)
-        grad = torch.addcmul(per_weight, flat.to(values.dtype), slope).view(shape).to(dtype)
-        return grad, None, None, None, None, None, None, None, None, None
+            return per_weight.view(ctx.shape), None, None, None, None, None, None, None
+        slope = found.expand(jac, dtype)
+        grad = torch.addcmul(per_weight, grad_out.reshape(-1), slope).view(grad_out.shape)
+        return grad, None, None, None, None, None, None, None
