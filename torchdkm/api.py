@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .config import SUPPORTED_TYPES, DKMConfig
+from .distributed import is_dtensor
 from .errors import TorchdkmError
 from .nn.palettized import PaletteSpec, palettize_module, set_submodule
 from .nn.parametrization import DKMParametrization, dkm_parametrizations, original
@@ -52,6 +53,11 @@ def prepare(model: nn.Module, config: DKMConfig | str) -> nn.Module:
         tensor = getattr(module, layer.param, None)
         if not isinstance(tensor, nn.Parameter):
             raise TorchdkmError(f"prepare: module {name!r} has no parameter {layer.param!r}")
+        if is_dtensor(tensor):
+            raise TorchdkmError(
+                f"prepare: {name or 'model'}.{layer.param} is a sharded DTensor (fully_shard applied?); "
+                "call torchdkm.prepare before fully_shard"
+            )
         if tensor.numel() < layer.min_numel:
             continue
         if id(tensor) in seen:
@@ -93,8 +99,6 @@ def finalize(model: nn.Module) -> nn.Module:
             layout = p.clusterer.layout
             spec = PaletteSpec(layout.shape, p.config.bits, p.config.dim, layout.group_size)
             tensors[param] = (spec, pack(index.reshape(-1), spec.bits), centroids.to(weight.dtype).clone())
-        for _, param, _ in entries:
-            parametrize.remove_parametrizations(module, param, leave_parametrized=False)
         new = palettize_module(module, tensors)
         if name == "":
             model = new

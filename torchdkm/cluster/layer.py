@@ -7,6 +7,7 @@ detail (layout, padding, temperature, nearest-centroid rule).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,9 @@ _FP16_MAX = 65504.0
 #: The temperature's unit never drops below this fraction of the weights' mean square,
 #: so a layer with duplicate centroids still gets a finite temperature.
 MARGIN_FLOOR = 1e-6
+#: Weights may reach this fraction of the square root of the compute dtype's largest value
+#: (1.8e15 in float32): squared distances and their sums over many vectors stay finite.
+MAGNITUDE_MARGIN = 1e-4
 #: Up to this many scalars the 1-D optimum is found on the exact values; above, on
 #: their distinct 16-bit roundings (then polished by Lloyd on the exact values).
 DP_EXACT_LIMIT = 65536
@@ -65,9 +69,21 @@ class WeightClusterer:
         return _DTYPES[mode]
 
     def check_finite(self, weight: Tensor) -> None:
-        if not bool(torch.isfinite(weight).all()):
+        """Finite, and small enough that squared distances stay finite in the compute dtype (one pass)."""
+        low, high = (float(v) for v in torch.aminmax(weight.detach())) if weight.numel() else (0.0, 0.0)
+        peak = max(-low, high)
+        if not (math.isfinite(low) and math.isfinite(high)):
             bad = int((~torch.isfinite(weight)).sum())
             raise TorchdkmError(f"layer {self.name!r}: weight has {bad} NaN/Inf values; DKM needs finite weights")
+        self.check_magnitude(peak, self.compute_dtype(weight))
+
+    def check_magnitude(self, peak: float, dtype: torch.dtype) -> None:
+        limit = math.sqrt(torch.finfo(dtype).max) * MAGNITUDE_MARGIN
+        if peak > limit:
+            raise TorchdkmError(
+                f"layer {self.name!r}: weight magnitude {peak:.3g} exceeds {limit:.3g}, beyond which squared "
+                f"distances overflow {dtype}; rescale the layer or train it in float64"
+            )
 
     def rows(self, itemsize: int, groups: int | None = None) -> int:
         return op.rows_per_chunk(
@@ -84,6 +100,8 @@ class WeightClusterer:
                 f"layer {self.name!r}: weight has NaN/Inf values, or values beyond the range of "
                 f"cluster_dtype {dtype}; use finite weights or cluster_dtype='bfloat16'/'exact'"
             )
+        if found.values.numel():
+            self.check_magnitude(float(found.values.abs().amax()), found.values.dtype)
         return found
 
     def _vectors(self, weight: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -112,6 +130,12 @@ class WeightClusterer:
             mean_sq = clipped_mean((x * x).sum(-1), m)
             scale = clipped_mean(second - first, m).clamp_min(MARGIN_FLOOR * mean_sq + 1e-30)
         return c, scale
+
+    def temperature(self, weight: Tensor, centroids: Tensor) -> Tensor:
+        """The absolute softmax temperature per group, ``tau x margin``, for these centroids."""
+        x, m = self._vectors(weight.detach())
+        _, scale = self._scale(x, m, centroids.to(x.dtype), self.rows(x.element_size()))
+        return self.config.tau * scale
 
     # -- the three operations ---------------------------------------------
     def init(self, weight: Tensor) -> Tensor:
