@@ -64,3 +64,8 @@ def test_export_section(workdir, monkeypatch):
     pytest.importorskip("coremltools")
     run_section("export", workdir, monkeypatch)
     assert (workdir / "net.mlpackage").is_dir()
+
+
+def test_quickstart_section(workdir, monkeypatch):
+    run_section("quickstart", workdir, monkeypatch)
+    assert (workdir / "model.dkm.safetensors").is_file()
