@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..config import LayerConfig
 from ..errors import TorchdkmError
-from . import op
+from . import op, sparse
 from .hard import clipped_mean, nearest, nearest_two, reseed_empty
 from .init import init_centroids
 from .layout import Layout
@@ -121,12 +121,11 @@ class WeightClusterer:
         the temperature of all the others.
         """
         with torch.no_grad():
-            index, dist = nearest(x, c, rows)
-            reseeded = reseed_empty(x, m, c, index, dist)
+            index, first, second = nearest_two(x, c, rows)
+            reseeded = reseed_empty(x, m, c, index, first)
             if reseeded is not c:
                 c = reseeded
-                index, dist = nearest(x, c, rows)
-            _, first, second = nearest_two(x, c, rows)
+                _, first, second = nearest_two(x, c, rows)
             mean_sq = clipped_mean((x * x).sum(-1), m)
             scale = clipped_mean(second - first, m).clamp_min(MARGIN_FLOOR * mean_sq + 1e-30)
         return c, scale
@@ -172,7 +171,12 @@ class WeightClusterer:
         rows = self.rows(x.element_size())
         c0, scale = self._scale(x, m, c0, rows)
         tau, tol = cfg.tau * scale, cfg.tol * scale.sqrt()
-        w, c = op.dkm(x, m, c0, tau, max_iters=cfg.max_iters, tol=tol, rows=rows, grad_tol=cfg.tol)
+        if cfg.top_m is not None and cfg.top_m < cfg.k:
+            w, c, _ = sparse.dkm_sparse(
+                x, m, c0, tau, top=cfg.top_m, max_iters=cfg.max_iters, tol=tol, rows=rows, grad_tol=cfg.tol
+            )
+        else:
+            w, c = op.dkm(x, m, c0, tau, max_iters=cfg.max_iters, tol=tol, rows=rows, grad_tol=cfg.tol)
         partial = self.layout.partial_mask(x.device)
         if partial is not None:
             groups, index, mask = partial
