@@ -39,12 +39,10 @@ def _nearest(x: Tensor, c: Tensor, rows: int, two: bool) -> tuple[Tensor, Tensor
         else:
             score = torch.baddbmm(-cc, 2.0 * c, xs.transpose(1, 2))  # (G, k, r): 2 x.c - |c|^2 = -|x - c|^2 + |x|^2
             offset = (xs * xs).sum(-1)
-        if second is None:
-            best, index[:, s] = score.max(1)
-        else:
-            top = score.topk(2, dim=1)
-            best, index[:, s] = top.values[:, 0], top.indices[:, 0]
-            second[:, s] = (offset - top.values[:, 1]).clamp_min(0)
+        best, index[:, s] = score.max(1)
+        if second is not None:  # mask the winner, take the max again: two passes, cheaper than topk
+            score.scatter_(1, index[:, s].unsqueeze(1), float("-inf"))
+            second[:, s] = (offset - score.amax(1)).clamp_min(0)
         dist[:, s] = (offset - best).clamp_min(0)
     return index, dist, second
 
