@@ -88,6 +88,11 @@ class LayerConfig:
         The mass left out is bounded, and below float resolution for Gaussian
         weights when ``top_m >= dim + 1`` (cells meet ``dim + 1`` at a time).
         ``None``, or ``top_m >= 2**bits``, computes the full attention.
+    shard_attention: under ``torch.distributed`` (world size > 1), split the
+        full attention of the exact path by rows across the ranks, each rank
+        computing ``1 / world`` of it and all-reducing the sums (eDKM's idea);
+        every rank gets the same result as unsharded, to float rounding.  It
+        uses the full (not top-m) attention, where memory is the bottleneck.
     """
 
     bits: int = 4
@@ -101,6 +106,7 @@ class LayerConfig:
     cluster_dtype: str = "auto"
     chunk_mb: float = 64.0
     top_m: int | None = 4
+    shard_attention: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -141,6 +147,8 @@ class LayerConfig:
             raise bad("cluster_dtype", f"must be one of {CLUSTER_DTYPES}")
         if not _is_real(self.chunk_mb) or not math.isfinite(self.chunk_mb) or self.chunk_mb <= 0:
             raise bad("chunk_mb", "must be a number > 0")
+        if not isinstance(self.shard_attention, bool):
+            raise bad("shard_attention", "must be True or False")
         if self.top_m is not None and (not _is_int(self.top_m) or self.top_m < 1):
             raise bad("top_m", "must be None or an integer >= 1")
 

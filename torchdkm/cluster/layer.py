@@ -171,7 +171,11 @@ class WeightClusterer:
         rows = self.rows(x.element_size())
         c0, scale = self._scale(x, m, c0, rows)
         tau, tol = cfg.tau * scale, cfg.tol * scale.sqrt()
-        if cfg.top_m is not None and cfg.top_m < cfg.k:
+        shard = _shard() if cfg.shard_attention else None
+        if shard is not None:
+            with op.sharded(shard):
+                w, c = op.dkm(x, m, c0, tau, max_iters=cfg.max_iters, tol=tol, rows=rows, grad_tol=cfg.tol)
+        elif cfg.top_m is not None and cfg.top_m < cfg.k:
             w, c, _ = sparse.dkm_sparse(
                 x, m, c0, tau, top=cfg.top_m, max_iters=cfg.max_iters, tol=tol, rows=rows, grad_tol=cfg.tol
             )
@@ -211,3 +215,11 @@ class WeightClusterer:
     def _masked_dist(x: Tensor, c: Tensor, mask: Tensor) -> Tensor:
         """Squared distance over the real (unpadded) values: x (P, d), c (P, k, d)."""
         return (((x.unsqueeze(1) - c) ** 2) * mask.unsqueeze(1)).sum(-1)
+
+
+def _shard() -> op.Shard | None:
+    """This rank's share of the attention rows, when running under ``torch.distributed``."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return None
+    return op.Shard(dist.get_rank(), dist.get_world_size())

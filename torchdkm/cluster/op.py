@@ -43,6 +43,10 @@ the centroids under the row's attention.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -73,9 +77,53 @@ def _gram_terms(dim: int) -> int:
     return 1 + dim + dim * (dim + 1) // 2
 
 
+@dataclass(frozen=True)
+class Shard:
+    """This process's share of the rows when the attention is sharded across ranks (eDKM's idea).
+
+    Each rank computes the attention for a contiguous block of rows only; every
+    sum over rows (centroid statistics, Gram sums, gradients into the
+    centroids) is all-reduced, and the per-row outputs (soft weights, weight
+    gradients) are assembled by an all-reduce of zero-padded tensors, so every
+    rank ends with the full, identical result while holding a ``1 / world``
+    share of the attention map.
+    """
+
+    rank: int
+    world: int
+    group: Any = None
+
+    def span(self, n: int) -> tuple[int, int]:
+        per = -(-n // self.world)
+        return min(n, self.rank * per), min(n, (self.rank + 1) * per)
+
+
+_SHARD: ContextVar[Shard | None] = ContextVar("torchdkm_shard", default=None)
+
+
+@contextmanager
+def sharded(shard: Shard | None) -> Iterator[None]:
+    """Run the dense op's passes on this rank's rows only (see :class:`Shard`)."""
+    token = _SHARD.set(shard)
+    try:
+        yield
+    finally:
+        _SHARD.reset(token)
+
+
+def _reduce(t: Tensor) -> Tensor:
+    """Sum ``t`` over the ranks sharing the rows (a no-op unless sharded)."""
+    shard = _SHARD.get()
+    if shard is not None and shard.world > 1:
+        torch.distributed.all_reduce(t, group=shard.group)
+    return t
+
+
 def _chunks(n: int, rows: int) -> Iterator[slice]:
-    for start in range(0, n, rows):
-        yield slice(start, min(start + rows, n))
+    shard = _SHARD.get()
+    first, last = (0, n) if shard is None else shard.span(n)
+    for start in range(first, last, rows):
+        yield slice(start, min(start + rows, last))
 
 
 def attention(x: Tensor, c: Tensor, tau: Tensor) -> Tensor:
@@ -113,6 +161,7 @@ def update(x: Tensor, m: Tensor | None, c: Tensor, tau: Tensor, rows: int) -> tu
         xs = x[:, s] if m is None else x[:, s] * m[:, s, None]
         num += torch.bmm(a, xs)
         den += _mass(a, None if m is None else m[:, s])
+    _reduce(num), _reduce(den)
     full = den > EMPTY_MASS
     new = torch.where(full.unsqueeze(-1), num / den.clamp_min(EMPTY_MASS).unsqueeze(-1), c)
     return new, den
@@ -133,10 +182,10 @@ def iterate(
 
 def soft_output(x: Tensor, c: Tensor, tau: Tensor, rows: int) -> Tensor:
     """``A(c) c`` for every vector, chunked."""
-    out = torch.empty_like(x)
+    out = torch.empty_like(x) if _SHARD.get() is None else torch.zeros_like(x)
     for s in _chunks(x.shape[1], rows):
         out[:, s] = torch.bmm(attention(x[:, s], c, tau).transpose(1, 2), c)
-    return out
+    return _reduce(out)
 
 
 def _gram_weights(xs: Tensor, m: Tensor | None) -> Tensor:
@@ -210,7 +259,7 @@ def backward(
     explicit = k * _gram_terms(d) <= EXPLICIT_LIMIT
     dx = torch.zeros_like(x)
     jac = torch.empty_like(x) if want_jac else None
-    gc = torch.zeros_like(c) if grad_c is None else grad_c.clone()
+    gc = torch.zeros_like(c)
     sums = c.new_zeros(g, k, _gram_terms(d))  # per centroid: sum_i m A, m A x_a, m A x_a x_b
     grams = c.new_zeros(g, _gram_terms(d), k, k) if explicit else None
     kept = None
@@ -239,6 +288,11 @@ def backward(
         if direct:
             dx[:, s] += two_over_tau * torch.bmm(sa.transpose(1, 2), c)
 
+    _reduce(sums), _reduce(gc)
+    if explicit:
+        _reduce(grams)
+    if grad_c is not None:
+        gc += grad_c
     # v = (I - dF/dc)^-T gc: solved exactly when dF/dc is small enough to form, else a Neumann series.
     den = sums[..., 0]
     full = (den > EMPTY_MASS).unsqueeze(-1)
@@ -249,7 +303,7 @@ def backward(
         v = torch.linalg.solve((eye - jacobian).transpose(1, 2), gc.reshape(g, k * d, 1)).view(g, k, d)
         if bool(torch.isfinite(v).all()) and float(v.norm()) <= MAX_AMPLIFICATION * float(gc.norm()) + 1e-30:
             _adjoint_pass(x, m, c, tau, v * inv_den, rows, dx, kept)
-            return dx, jac
+            return _reduce(dx), jac
     u = gc * inv_den  # (G, k, d): gradient per unit of mass
     first = float(u.norm())
     for _ in range(max_terms):
@@ -259,7 +313,7 @@ def backward(
         u = next_gc * inv_den
         if float(u.norm()) <= tol * first:
             break
-    return dx, jac
+    return _reduce(dx), jac
 
 
 def _adjoint_pass(
@@ -290,7 +344,7 @@ def _adjoint_pass(
         if m is not None:
             dxs = dxs * m[:, s, None]
         dx[:, s] += dxs + two_over_tau * torch.bmm(t.transpose(1, 2), c)
-    return next_gc
+    return None if next_gc is None else _reduce(next_gc)
 
 
 class DKMFunction(torch.autograd.Function):
@@ -302,14 +356,17 @@ class DKMFunction(torch.autograd.Function):
         w = soft_output(x, c, tau, rows)
         ctx.save_for_backward(x, m, c, tau)
         ctx.rows, ctx.max_terms, ctx.grad_tol = rows, max(max_iters, 1), grad_tol
-        ctx.iters = iters
+        ctx.iters, ctx.shard = iters, _SHARD.get()
         ctx.set_materialize_grads(False)
         return w, c
 
     @staticmethod
     def backward(ctx, grad_w, grad_c):  # type: ignore[override]
         x, m, c, tau = ctx.saved_tensors
-        dx, _ = backward(x, m, c, tau, grad_w, grad_c, ctx.rows, direct=True, max_terms=ctx.max_terms, tol=ctx.grad_tol)
+        with sharded(ctx.shard):
+            dx, _ = backward(
+                x, m, c, tau, grad_w, grad_c, ctx.rows, direct=True, max_terms=ctx.max_terms, tol=ctx.grad_tol
+            )
         return dx, None, None, None, None, None, None, None
 
 
