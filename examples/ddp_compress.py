@@ -120,6 +120,7 @@ def main() -> None:
         print(f"DKM {accuracy(final):.3f} (in eval mode before finalize: {snapped_accuracy:.3f})")
         print(f"wrote {path}")
     if distributed:
+        dist.barrier()  # tear down together: a rank leaving gloo while another still works can abort
         dist.destroy_process_group()
 
 

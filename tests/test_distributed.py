@@ -135,6 +135,7 @@ def _worker(rank: int, store: str, out: str) -> None:
             results["shard_then_prepare"] = str(err)
         if rank == 0:
             torch.save(results, out)
+        dist.barrier()  # tear down together: a rank leaving gloo while another still works can abort
     finally:
         dist.destroy_process_group()
 

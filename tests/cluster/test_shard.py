@@ -4,9 +4,6 @@ Two gloo processes each compute their half of the rows of the dense DKM op;
 outputs, centroids and weight gradients must equal a single process's.
 """
 
-import os
-import socket
-
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -31,9 +28,8 @@ def _soft_and_grad(config: LayerConfig, weight: torch.Tensor):
     return result.weight.detach(), result.centroids, grad
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _worker(rank: int, world: int, store: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     results = []
     for i, (shape, bits, dim, group) in enumerate(CASES):
@@ -43,18 +39,13 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         sharded = _soft_and_grad(LayerConfig(shard_attention=True, **common), weight)
         results.append(sharded)
     torch.save(results, f"{out}.{rank}")
+    dist.barrier()
     dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_sharded_attention_equals_unsharded(tmp_path):
     out = str(tmp_path / "shard")
-    mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path / "store"), out), nprocs=2, join=True)
     ranks = [torch.load(f"{out}.{r}") for r in range(2)]
     for i, (shape, bits, dim, group) in enumerate(CASES):
         weight = torch.randn(shape, generator=torch.Generator().manual_seed(i), dtype=torch.float64)
