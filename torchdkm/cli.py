@@ -143,7 +143,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     from .io import read
-    from .io.dense import decode, palettes
+    from .io.dense import palettes
 
     try:
         import matplotlib
@@ -156,7 +156,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     specs = palettes(meta)
     key = find_layer(args.layer, list(specs))
     spec, lut = specs[key], tensors[f"{key}_lut"]
-    weight = decode(spec, tensors[f"{key}_indices"], lut)
+    weight = spec.decode(tensors[f"{key}_indices"], lut)
     layout = spec.layout
     if args.group is not None:
         if not 0 <= args.group < layout.groups:

@@ -147,8 +147,6 @@ class WeightClusterer:
             dtype = self.unique_dtype(weight)
             if dtype is None and self.layout.numel > DP_EXACT_LIMIT:
                 dtype = torch.float16 if float(weight.abs().max()) <= _FP16_MAX else torch.bfloat16
-            elif dtype == torch.float16 and weight.dtype != torch.float16:
-                dtype = torch.float16 if float(weight.abs().max()) <= _FP16_MAX else torch.bfloat16
             if dtype is not None:
                 found = self._distinct(weight, dtype)
                 pair = (found.values[..., 0], found.counts)

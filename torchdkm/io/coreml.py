@@ -46,7 +46,6 @@ from torch import Tensor, nn
 from ..errors import TorchdkmError
 from ..nn.palettized import PaletteSpec, PalettizedMixin, set_submodule
 from ..nn.parametrization import dkm_parametrizations
-from .dense import decode_indices
 
 PALETTIZATION = 2  # coremltools CompressionType.PALETTIZATION
 CORE_ML_BITS = (1, 2, 3, 4, 6, 8)  # index widths constexpr_lut_to_dense accepts
@@ -137,7 +136,7 @@ def _plain_module(module: nn.Module) -> nn.Module:
     new._non_persistent_buffers_set = set(module._non_persistent_buffers_set) - hidden
     for param, spec in module.palette.items():
         layout = spec.layout
-        index = decode_indices(spec, getattr(module, f"{param}_indices"))
+        index = spec.indices(getattr(module, f"{param}_indices"))
         lut = getattr(module, f"{param}_lut")
         axis = vector_axis(spec)
         if axis is None:  # store the (groups, vectors * dim) matrix, palettized along axis 1

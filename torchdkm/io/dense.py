@@ -22,7 +22,6 @@ from torch import Tensor, nn
 from ..errors import TorchdkmError
 from ..nn.palettized import PaletteSpec, PalettizedMixin
 from ..nn.parametrization import dkm_parametrizations
-from ..pack import unpack
 from .format import read
 
 
@@ -35,17 +34,6 @@ def palettes(meta: dict[str, Any]) -> dict[str, PaletteSpec]:
     return found
 
 
-def decode_indices(spec: PaletteSpec, packed: Tensor) -> Tensor:
-    """``(groups, vectors)`` indices from the packed bytes."""
-    layout = spec.layout
-    return unpack(packed, spec.bits, spec.index_count).view(layout.groups, layout.vectors)
-
-
-def decode(spec: PaletteSpec, packed: Tensor, lut: Tensor) -> Tensor:
-    """The dense weight of one palettized tensor, exactly as the palettized module computes it."""
-    return spec.layout.decode(decode_indices(spec, packed), lut)
-
-
 def dense_tensors(meta: dict[str, Any], tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     """A file's tensors (as :func:`torchdkm.io.read` returns them) with every palette decoded."""
     out = dict(tensors)
@@ -53,7 +41,7 @@ def dense_tensors(meta: dict[str, Any], tensors: dict[str, Tensor]) -> dict[str,
         packed, lut = out.pop(f"{key}_indices", None), out.pop(f"{key}_lut", None)
         if packed is None or lut is None:
             raise TorchdkmError(f"{key}: indices or LUT missing from the file")
-        out[key] = decode(spec, packed, lut)
+        out[key] = spec.decode(packed, lut)
     return out
 
 
@@ -101,4 +89,4 @@ def export_dense(source: nn.Module | str | os.PathLike, path: str | os.PathLike)
     return path
 
 
-__all__ = ["decode", "decode_indices", "dense_state_dict", "dense_tensors", "export_dense", "palettes"]
+__all__ = ["dense_state_dict", "dense_tensors", "export_dense", "palettes"]

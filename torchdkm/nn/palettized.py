@@ -40,11 +40,14 @@ class PaletteSpec:
         layout = self.layout
         return layout.groups * layout.vectors
 
+    def indices(self, packed: Tensor) -> Tensor:
+        """``(groups, vectors)`` indices from the packed bytes."""
+        layout = self.layout
+        return unpack(packed, self.bits, self.index_count).view(layout.groups, layout.vectors)
+
     def decode(self, packed: Tensor, lut: Tensor) -> Tensor:
         """The dense tensor from packed indices and a ``(groups, k, dim)`` LUT."""
-        layout = self.layout
-        index = unpack(packed, self.bits, self.index_count).view(layout.groups, layout.vectors)
-        return layout.decode(index, lut)
+        return self.layout.decode(self.indices(packed), lut)
 
     def to_dict(self) -> dict:
         return asdict(self)
