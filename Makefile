@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint setup bench clean
+.PHONY: demo test lint setup bench clean fortunes reproduce-vision reproduce-nlp
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -14,19 +14,33 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[dev,demo,hf,coreml,plot]"
 	touch $(STAMP)
 
+# Debian's fortunes (labelled English text for the NLP experiment), from apt when missing.
+FORTUNES := /usr/share/games/fortunes
+fortunes:
+	@test -d $(FORTUNES) || apt-get install -y -q fortunes >/dev/null 2>&1 \
+	  || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q fortunes >/dev/null 2>&1) \
+	  || echo "note: could not apt-get install fortunes (not root?); the NLP experiment needs it"
+
 setup: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m examples.digits_demo
 
-test: $(STAMP)
-	$(BIN)/ruff check torchdkm tests examples bench
+test: $(STAMP) fortunes
+	$(BIN)/ruff check torchdkm tests examples bench experiments
 	$(BIN)/python -m pytest -q -x tests; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 bench: $(STAMP)
 	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python -m bench.dkm_step
+
+# The experiments of README "Results on real models and data": each under 60 minutes on 2 cores.
+reproduce-vision: $(STAMP)
+	$(BIN)/python -m experiments.vision
+
+reproduce-nlp: $(STAMP) fortunes
+	$(BIN)/python -m experiments.nlp
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
