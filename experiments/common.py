@@ -8,6 +8,7 @@ spread over seeds).  Plots use matplotlib's Agg backend (no display needed).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import statistics
@@ -109,8 +110,13 @@ def environment() -> dict[str, Any]:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
         commit = ""
+    source = hashlib.sha256()
+    for path in sorted(Path(torchdkm.__file__).parent.rglob("*.py")):
+        source.update(path.read_bytes())
     return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "torchdkm_source_sha256": source.hexdigest()[:16],
+        "torchdkm_path": str(Path(torchdkm.__file__).parent),
         "torch": torch.__version__,
         "torchdkm": torchdkm.__version__,
         "threads": torch.get_num_threads(),
