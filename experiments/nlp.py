@@ -98,6 +98,7 @@ class Options:
     out: Path = RESULTS
     name: str = "nlp"
     progress: bool = True
+    merge: Path | None = None  # see --merge
 
     @classmethod
     def tiny(cls, **changes: Any) -> Options:
@@ -531,13 +532,16 @@ def _run(opts: Options) -> Results:
     sizes: dict[tuple[str, str], torchdkm.Report] = {}
     plots = []
     if "classify" in opts.parts:
-        plots.append(classify(opts, data, results, runner, sizes))
+        plot = classify(opts, data, results, runner, sizes)
+        plots += [plot] if plot is not None else []
     if "distill" in opts.parts:
         distill(opts, data, results, sizes)
     if runner is not None:
         for record in runner.collect(sizes):
             results.add(record)
             log_line(f"coremltools DKM {record.setting} s{record.seed}: {record.metrics} {record.note}")
+    if opts.merge is not None:
+        merge_into(results, opts)
     results.write(opts.out)
     plots += tradeoff_plots(results, opts, data)
     text = tables(results, opts)
@@ -547,14 +551,39 @@ def _run(opts: Options) -> Results:
     return results
 
 
+def merge_into(results: Results, opts: Options) -> None:
+    """Keep an earlier run's records of the methods not re-run, and check its fp32 models came back the same."""
+    earlier = json.loads(Path(opts.merge).read_text())
+    old = [Record(**{k: v for k, v in r.items() if k != "factor"}) for r in earlier["records"]]
+    new_fp32 = {(r.setting, r.seed): r.metrics for r in results.records if r.method == "fp32"}
+    for r in old:
+        if r.method == "fp32" and (r.setting, r.seed) in new_fp32 and new_fp32[(r.setting, r.seed)] != r.metrics:
+            raise torchdkm.TorchdkmError(
+                f"--merge: fp32 seed {r.seed} {r.setting} differs from {opts.merge} "
+                f"({new_fp32[(r.setting, r.seed)]} vs {r.metrics}); use the same --threads and code"
+            )
+    rerun = set(opts.methods) | {"fp32"}
+    results.records = [r for r in old if r.method not in rerun or r.method == "fp32"] + [
+        r for r in results.records if r.method != "fp32"
+    ]
+    results.config["merged"] = {
+        "from": str(opts.merge),
+        "earlier_config": earlier["config"],
+        "earlier_environment": earlier["environment"],
+        "earlier_wall_seconds": earlier["wall_seconds"],
+        "rerun_methods": sorted(set(opts.methods)),
+    }
+    log_line(f"merged: kept {opts.merge}'s records except {sorted(set(opts.methods))}; fp32 reproduced exactly")
+
+
 def classify(
     opts: Options,
     data: Fortunes,
     results: Results,
     runner: CoremlRunner | None,
     sizes: dict[tuple[str, str], torchdkm.Report],
-) -> Path:
-    """fp32 fine-tuning, then every method at every setting, per seed; returns the histogram plot."""
+) -> Path | None:
+    """fp32 fine-tuning, then every method at every setting, per seed; returns the histogram plot (DKM's)."""
     plot = None
     for seed in opts.seeds:
         torch.manual_seed(seed)
@@ -582,12 +611,13 @@ def classify(
             for setting in opts.settings:
                 runner.submit("classify", fp32, setting, seed)
         for setting in opts.settings:
-            model, record = dkm(task, fp32, setting, seed)
-            results.add(record)
-            sizes[("classify", setting)] = torchdkm.report(model, show=False)
-            if plot is None and setting == opts.settings[-1]:
-                plot = histogram(fp32, model, setting, opts)
-            del model
+            if "DKM" in opts.methods:
+                model, record = dkm(task, fp32, setting, seed)
+                results.add(record)
+                sizes[("classify", setting)] = torchdkm.report(model, show=False)
+                if plot is None and setting == opts.settings[-1]:
+                    plot = histogram(fp32, model, setting, opts)
+                del model
             if "k-means" in opts.methods:
                 results.add(kmeans(task, fp32, setting, seed))
             if "uniform PTQ" in opts.methods:
@@ -604,7 +634,7 @@ def distill(opts: Options, data: Fortunes, results: Results, sizes: dict[tuple[s
     results.add(Record("fp32", "distill: -", 0, task.score(teacher), report.fp32_bytes, report.fp32_bytes, 32.0))
     for setting in opts.settings:
         label = f"distill: {setting}"
-        for seed in opts.seeds:
+        for seed in opts.seeds if "DKM" in opts.methods else ():
             model, record = dkm(task, teacher, setting, seed)
             results.add(replace(record, setting=label))
             sizes[("distill", setting)] = torchdkm.report(model, show=False)
@@ -786,9 +816,23 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--parts", nargs="+", choices=("classify", "distill"), help="default both")
     parser.add_argument("--coreml-seconds", type=float, help="coremltools' training budget per run")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory (default %(default)s)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, help="default: all")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        help="an earlier results JSON: its records of other methods are kept (a partial re-run), "
+        "and the fp32 models are checked to be reproduced exactly",
+    )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    changes: dict[str, Any] = {"out": args.out, "progress": not args.no_progress}
+    changes: dict[str, Any] = {"out": args.out, "progress": not args.no_progress, "merge": args.merge}
+    if args.methods:
+        if "coremltools DKM" in args.methods and "DKM" not in args.methods:
+            parser.error("coremltools DKM is sized from the DKM run of the same setting: add DKM")
+        changes["methods"] = tuple(args.methods)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.seeds:
         changes["seeds"] = tuple(args.seeds)
     if args.parts:

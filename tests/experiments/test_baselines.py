@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from experiments.baselines import (
+    _round_to_grid,
     bits_by_type,
     fake_quantize,
     uniform_qat_,
@@ -24,9 +25,17 @@ def test_each_row_uses_at_most_2_to_the_bits_levels(bits: int) -> None:
     rounded = fake_quantize(weight, bits)
     for row in rounded:
         assert torch.unique(row).numel() <= 2**bits
-    # error bounded by half a step of each row's grid (plus float16 rounding of scale/offset)
-    step = (weight.amax(1) - weight.amin(1)) / (2**bits - 1)
-    assert ((rounded - weight).abs().amax(1) <= 0.5 * step * 1.01 + 1e-3).all()
+    # the clipping search never does worse, row by row, than the plain min-max grid (its first candidate)
+    low, high = weight.amin(1, keepdim=True), weight.amax(1, keepdim=True)
+    minmax = _round_to_grid(weight, low, high, 2**bits - 1)
+    assert ((rounded - weight).pow(2).sum(1) <= (minmax - weight).pow(2).sum(1) + 1e-9).all()
+    assert ((minmax - weight).abs().amax(1) <= 0.5 * (high - low).squeeze(1) / (2**bits - 1) * 1.01 + 1e-3).all()
+
+
+def test_clipping_search_helps_a_row_with_an_outlier() -> None:
+    row = torch.cat([torch.linspace(-1, 1, 255), torch.tensor([12.0])])[None]
+    minmax = _round_to_grid(row, row.amin(1, keepdim=True), row.amax(1, keepdim=True), 15)
+    assert (fake_quantize(row, 4) - row).pow(2).sum() < 0.95 * (minmax - row).pow(2).sum()
 
 
 def test_row_extremes_are_kept_at_8_bits() -> None:
