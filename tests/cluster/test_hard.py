@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from torchdkm.cluster.hard import counts, distortion, lloyd, nearest, reseed_empty
+from torchdkm.cluster import hard
+from torchdkm.cluster.hard import counts, distortion, lloyd, nearest, nearest_two, reseed_empty, squared_norms
 
 F64 = torch.float64
 
@@ -90,3 +91,32 @@ def test_lloyd_with_empty_start_never_gives_nan():
     c = lloyd(x, None, c0, rows=8, iters=20)
     assert torch.isfinite(c).all()
     assert (torch.cdist(x, c).argmin(-1)[:, :, None] == torch.arange(4)).any(1).all(), "no centroid left empty"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize(("d", "k"), [(1, 16), (2, 16), (3, 12), (2, 4)])
+def test_nearest_two_ranks_integers_like_brute_force(dtype, d, k, monkeypatch):
+    """The packed-integer ranking (amin, rotation, amin) finds the nearest and second nearest, in chunks."""
+    monkeypatch.setattr(hard, "CACHE_ROWS", 64)  # several chunks
+    g = torch.Generator().manual_seed(10 * d + k)
+    x = torch.randn(2, 300, d, generator=g, dtype=dtype)
+    c = torch.randn(2, k, d, generator=g, dtype=dtype)
+    c[0, 1] = c[0, 0]  # a tie: the lower index wins
+    x[1, 5] = c[1, 3]  # a vector on a centroid: distance exactly 0
+    index, first, second = nearest_two(x, c, 100)
+    d2 = torch.cdist(x.double(), c.double()).square()
+    two = d2.topk(2, -1, largest=False)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    chosen = d2.gather(-1, index.unsqueeze(-1)).squeeze(-1)  # the chosen centroid is (one of) the nearest
+    assert torch.allclose(chosen, two.values[..., 0], atol=tol, rtol=tol)
+    assert torch.allclose(first.double(), two.values[..., 0], atol=tol, rtol=tol)
+    assert torch.allclose(second.double(), two.values[..., 1], atol=tol, rtol=tol)
+    assert int(index[1, 5]) == 3 and float(first[1, 5]) <= (0.0 if d == 1 else tol)  # vectors: a matmul's rounding
+    assert not (index[0] == 1).any()  # centroid 1 duplicates centroid 0: never the nearest
+
+
+def test_squared_norms():
+    x = torch.randn(2, 7, 3, dtype=F64)
+    assert torch.allclose(squared_norms(x), (x * x).sum(-1))
+    wide = torch.randn(1, 5, 20, dtype=F64)
+    assert torch.allclose(squared_norms(wide), (wide * wide).sum(-1))

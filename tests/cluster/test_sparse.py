@@ -214,3 +214,90 @@ def test_top_must_be_positive():
 def test_log_floor_is_below_float_resolution():
     for dtype in (torch.float32, torch.float64):
         assert math.exp(sparse._floor(dtype)) < torch.finfo(dtype).eps ** 1.9
+
+
+@pytest.mark.parametrize("itype", [torch.int32, torch.int64])
+@pytest.mark.parametrize(("k", "top"), [(16, 4), (12, 3), (5, 4), (2, 1)])
+def test_smallest_by_rotation_equals_a_sort(itype, k, top):
+    """amin, rotate, amin... finds the top + 1 smallest of distinct non-negative integers, even near the top bit."""
+    g = torch.Generator().manual_seed(k + top)
+    high = torch.iinfo(itype).max
+    ids = torch.arange(k, dtype=itype).view(1, k, 1)
+    packed = torch.randint(0, 1 << 26, (2, k, 257), generator=g).to(itype) * k + ids  # distinct: residues mod k
+    packed[0, :, 0] = high - k + ids[0, :, 0]  # the largest values there are: the rotation must not overflow
+    packed[1, :, 0] = ids[0, :, 0] * 3  # a sorted row
+    packed[1, :, 1] = ids[0, :, 0].flip(0)  # a reversed one
+    want = packed.sort(1).values[:, : top + 1]
+    assert torch.equal(sparse._smallest(packed.clone(), top), want)
+
+
+def test_rank_feeds_the_temperature_and_the_selection():
+    """``rank`` reads back as ``hard.nearest_two`` does, and ``dkm_sparse`` given it matches one that ranks itself."""
+    x, c0, tau = gaussian_layer(3000, 2, 16, seed=12, dtype=torch.float32)
+    ranked = sparse.rank(x, c0)
+    index, first, second = sparse.nearest_two(ranked)
+    want = nearest_two(x, c0, 1000)
+    assert torch.equal(index.long(), want[0])
+    assert torch.equal(first, want[1]) and torch.equal(second, want[2])
+    kw = dict(top=4, max_iters=3, tol=torch.tensor(0.0), rows=500)
+    fresh = run(sparse.dkm_sparse, x, None, c0, tau, gw=torch.ones_like(x), gc=torch.zeros_like(c0), **kw)
+    given = run(
+        sparse.dkm_sparse, x, None, c0, tau, gw=torch.ones_like(x), gc=torch.zeros_like(c0), ranked=ranked, **kw
+    )
+    elsewhere = sparse.rank(x, c0 + 0.01)  # ranked at other centroids: ignored
+    other = run(
+        sparse.dkm_sparse, x, None, c0, tau, gw=torch.ones_like(x), gc=torch.zeros_like(c0), ranked=elsewhere, **kw
+    )
+    for a, b, o in zip(fresh[:3], given[:3], other[:3]):
+        assert torch.equal(a, b) and torch.equal(a, o)
+
+
+@pytest.mark.parametrize(("groups", "with_m"), [(1, False), (2, True)])
+def test_soft_rows_laid_out_as_chosen_match_a_fresh_layout(groups, with_m):
+    """After repairs, the soft rows the selection carries are the flags' soft rows, with their sets and vectors."""
+    x, m, c0 = problem(groups, 600, 2, 8, seed=13, with_m=with_m)
+    tau = torch.full((groups,), 0.05, dtype=F64)
+    data = sparse._Data.of(x, m, 8, 64)
+    c, _, sel, soft, _ = sparse._iterate(data, c0, tau, 4, torch.tensor(0.0, dtype=F64), 3)
+    sel, soft, _ = sparse._current(data, sel, soft, c * 1.05, tau)  # a move that makes rows stale
+    assert sel.rebased and sel.soft is not None
+    fresh = sparse._soft_layout(data, sel.index, sel.hard, 8, tau)
+
+    def table(chunks):
+        rows = torch.cat([ch.rows for ch in chunks])
+        order = rows.argsort()
+        keys = torch.cat([ch.keys for ch in chunks], 1)[:, order].sort(0).values
+        xt = torch.cat([ch.xt for ch in chunks], 1)[:, order]
+        ms = None if chunks[0].m is None else torch.cat([ch.m for ch in chunks])[order]
+        return rows[order], keys, xt, ms
+
+    got, want = table(soft), table(fresh)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+    assert (got[3] is None) == (want[3] is None) and (got[3] is None or torch.equal(got[3], want[3]))
+
+
+def test_backward_twice_gives_the_same_bits():
+    """The second backward rebuilds the layout in the forward's chunks (the first used the forward's own)."""
+    x, c0, tau = gaussian_layer(2000, 2, 16, seed=14)
+    xr = x.clone().requires_grad_(True)
+    w, c, _ = sparse.dkm_sparse(xr, None, c0, tau, top=3, max_iters=4, tol=torch.tensor(0.0, dtype=F64), rows=300)
+    loss = (w * torch.randn_like(w)).sum() + c.sum()
+    (first,) = torch.autograd.grad(loss, xr, retain_graph=True)
+    (second,) = torch.autograd.grad(loss, xr)
+    assert torch.equal(first, second)
+
+
+def test_coordinate_major():
+    x = torch.randn(2, 5, 3, dtype=F64)
+    assert torch.equal(sparse.coordinate_major(x), x.permute(2, 0, 1))
+    wide = torch.randn(1, 4, 20, dtype=F64)
+    assert torch.equal(sparse.coordinate_major(wide), wide.permute(2, 0, 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("d", [1, 2, 3])
+def test_rows_gathers_like_indexing(dtype, d):
+    table = torch.randn(d, 9, dtype=dtype).t()  # (9, d), not contiguous
+    index = torch.tensor([3, 0, 8, 3, 5])
+    got = sparse._rows(table, index)
+    assert got.shape == (5, d) and torch.equal(got, table[index])

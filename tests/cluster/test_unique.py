@@ -179,3 +179,29 @@ def test_unique_equals_exact_with_more_than_32768_groups():
     assert_close(w_e, w_u, 1e-10)
     assert_close(c_e, c_u, 1e-10)
     assert_close(g_e, g_u, 1e-10)
+
+
+@pytest.mark.parametrize("group_size", [None, 4])
+def test_passes_in_pieces_equal_one_piece(monkeypatch, group_size):
+    """Counting, gathering and summing over the weights piece by piece (patterns recomputed) changes nothing."""
+    weight = rounded((12, 16), torch.bfloat16, seed=7)
+    w_one, c_one, g_one = soft_both(weight, "auto", group_size=group_size)[1]
+    monkeypatch.setattr(unique_mod, "PIECE", 7)  # pieces that split rows and groups
+    monkeypatch.setattr(unique_mod, "COUNT_PIECE", 5)
+    w_many, c_many, g_many = soft_both(weight, "auto", group_size=group_size)[1]
+    assert torch.equal(w_one, w_many) and torch.equal(c_one, c_many)
+    assert_close(g_one, g_many, 1e-6)  # (the gradient sums add in other pieces)
+    layout = Layout.of(weight.shape, 1, group_size)
+    found = unique_mod.distinct(weight, layout, torch.bfloat16, torch.float32)
+    check_distinct(weight, layout, torch.bfloat16, found)
+
+
+def test_weight_changed_before_backward_is_an_error():
+    """The backward reads the weight's patterns again: autograd refuses a weight modified in place meanwhile."""
+    weight = rounded((12, 16), torch.bfloat16, seed=8).requires_grad_(True)
+    clusterer = WeightClusterer("layer", LayerConfig(bits=2, min_numel=0), weight.shape)
+    out = clusterer.soft(weight, clusterer.init(weight)).weight
+    with torch.no_grad():
+        weight.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()

@@ -16,7 +16,7 @@ from torch import Tensor
 from ..config import LayerConfig
 from ..errors import TorchdkmError
 from . import op, sparse
-from .hard import clipped_mean, nearest, nearest_two, reseed_empty
+from .hard import clipped_mean, nearest, nearest_two, reseed_empty, squared_norms
 from .init import init_centroids
 from .layout import Layout
 from .unique import Distinct, UniqueDKMFunction, distinct
@@ -108,7 +108,9 @@ class WeightClusterer:
         x = self.layout.to_vectors(weight.to(self.compute_dtype(weight)))
         return x, self.layout.multiplicity(x.dtype, x.device)
 
-    def _scale(self, x: Tensor, m: Tensor | None, c: Tensor, rows: int) -> tuple[Tensor, Tensor]:
+    def _scale(
+        self, x: Tensor, m: Tensor | None, c: Tensor, rows: int, two: tuple[Tensor, Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Re-seed empty centroids; return them and the layer's margin (the unit of tau).
 
         The margin is the mean, over weight vectors, of the squared distance to
@@ -118,15 +120,16 @@ class WeightClusterer:
         k-means distortion would not: vectors have small margins next to it).
         Margins (and squared norms, for the floor) beyond ``MARGIN_CLIP`` times
         their median count as that much, so a few outlying weights do not set
-        the temperature of all the others.
+        the temperature of all the others.  ``two``: :func:`nearest_two` at
+        ``c``, if already known.
         """
         with torch.no_grad():
-            index, first, second = nearest_two(x, c, rows)
+            index, first, second = nearest_two(x, c, rows) if two is None else two
             reseeded = reseed_empty(x, m, c, index, first)
             if reseeded is not c:
                 c = reseeded
                 _, first, second = nearest_two(x, c, rows)
-            mean_sq = clipped_mean((x * x).sum(-1), m)
+            mean_sq = clipped_mean(squared_norms(x), m)
             scale = clipped_mean(second - first, m).clamp_min(MARGIN_FLOOR * mean_sq + 1e-30)
         return c, scale
 
@@ -167,15 +170,22 @@ class WeightClusterer:
         self.check_finite(weight)
         x, m = self._vectors(weight)
         rows = self.rows(x.element_size())
-        c0, scale = self._scale(x, m, c0, rows)
-        tau, tol = cfg.tau * scale, cfg.tol * scale.sqrt()
         shard = _shard() if cfg.shard_attention else None
+        top = cfg.top_m if shard is None and cfg.top_m is not None and cfg.top_m < cfg.k else None
+        ranked = None
+        if top is not None:  # the sparse op ranks the centroids for every vector: the temperature reads it too
+            ranked = sparse.rank(x.detach(), c0)
+            c0, scale = self._scale(x, m, c0, rows, sparse.nearest_two(ranked))
+            # (re-seeded centroids: dkm_sparse ranks the vectors again)
+        else:
+            c0, scale = self._scale(x, m, c0, rows)
+        tau, tol = cfg.tau * scale, cfg.tol * scale.sqrt()
         if shard is not None:
             with op.sharded(shard):
                 w, c = op.dkm(x, m, c0, tau, max_iters=cfg.max_iters, tol=tol, rows=rows, grad_tol=cfg.tol)
-        elif cfg.top_m is not None and cfg.top_m < cfg.k:
+        elif top is not None:
             w, c, _ = sparse.dkm_sparse(
-                x, m, c0, tau, top=cfg.top_m, max_iters=cfg.max_iters, tol=tol, rows=rows, grad_tol=cfg.tol
+                x, m, c0, tau, top=top, max_iters=cfg.max_iters, tol=tol, rows=rows, grad_tol=cfg.tol, ranked=ranked
             )
         else:
             w, c = op.dkm(x, m, c0, tau, max_iters=cfg.max_iters, tol=tol, rows=rows, grad_tol=cfg.tol)

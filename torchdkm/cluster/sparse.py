@@ -10,8 +10,9 @@ of centroids and its attention is the softmax over ``S_i`` only, renormalised:
 row, ``A~`` one-hot) when the mass on every other centroid is provably below
 ``eps * exp(-HARD_MARGIN)`` (``eps`` of the dtype): ~90% of the rows of 4-bit
 Gaussian weights.  A hard row costs nothing per iteration (its share of
-``A~^T m x`` and ``A~^T m`` is constant, summed once), one gather for the
-output and one scatter in the backward.  The other rows work on
+``A~^T m x`` and ``A~^T m``, and of the backward's Gram sums, is constant,
+summed once when it is chosen), one gather for the output and one scatter in
+the backward, all in row order (a spare key takes the soft rows).  The other rows work on
 ``(top x rows)`` maps with gathers of centroids and scatter-adds into them:
 the update ``F~``, the output ``A~ c``, the backward's output gradient and
 direct term, the Gram sums of ``dF~/dc`` (per kept entry, and per pair of kept
@@ -21,8 +22,7 @@ adjoint pass.  ``F~``, its fixed point and its implicit gradient are those of
 sparse forward (the sets are piecewise constant in ``x``), with the same
 structure (two chunked passes, one ``(k d) x (k d)`` solve, formed in float64),
 saving ``x, m, c*, tau``, the sets (one byte per kept entry for ``k <= 256``),
-a flag per row and the hard rows' sums of ``m, m x``, independent of the
-iterations.
+a flag per row and the hard rows' Gram sums, independent of the iterations.
 
 Approximation.  Per row, the mass the dense softmax puts outside ``S_i`` is
 
@@ -43,17 +43,21 @@ returns, per group, a bound on ``dropped_i`` over the real rows
 Selection.  The sets come from one ``(k x rows)`` pass of squared distances (a
 matmul for vectors, exact differences for scalars) whose float bits carry the
 centroid index in their lowest ``ceil(log2 k)`` bits (used for ranking only; the
-bounds use the packed values rounded the safe way), and a bitonic min/max
-tournament that finds each row's ``top + 1`` smallest with elementwise ops (no
-sort, no strided ``topk``).  The kept logits are then recomputed exactly from
-``x_i - c_j``.  The sets are chosen at the centroids the call starts from and
+bounds use the packed values rounded the safe way), and rounds of an ``amin``
+along the centroid axis, each followed by an integer rotation that sends what
+it found to the top (no sort, no strided ``topk``): two rounds for every row
+decide which rows are hard, ``top + 1`` for the others.  The nearest two are
+what the layer's temperature reads too (:func:`rank`, passed in as
+``ranked``).  The kept logits are then recomputed exactly from ``x_i - c_j``.  The sets are chosen at the centroids the call starts from and
 kept while the centroids move: moves of at most ``delta`` lower ``L_i`` to
 ``(sqrt(L_i) - delta)^2`` and raise ``D_i`` to ``(sqrt(D_i) + delta)^2``, so
 each row has a *slack*, the move after which its bound could exceed both
 ``eps`` and ``exp(RESELECT)`` times its value when chosen.  Before each
 evaluation, the rows whose slack the centroids have outrun are chosen again at
 the current centroids (a few percent of the rows per iteration when k-means
-is still drifting; none when the centroids have settled).
+is still drifting; none when the centroids have settled).  The soft rows are
+laid out for the evaluations as they are chosen (the rows chosen again leave
+their chunks), so no evaluation gathers them from the whole layer.
 
 With ``top >= k`` every centroid is kept: the result is the dense op's up to
 rounding, and the dropped mass is 0.
@@ -77,8 +81,14 @@ RESELECT = 1.0
 #: A row is one-hot ("hard") when, at selection, its mass off the nearest centroid is provably
 #: below ``eps * exp(-HARD_MARGIN)``: the margin lets the centroids move before that bound reaches ``eps``.
 HARD_MARGIN = 8.0
-#: Soft rows per chunk at most: a chunk's temporaries then stay in cache.
-MAX_ROWS = 16384
+#: Rows per chunk at most (per-row work: selection scores, soft rows' attention).
+MAX_ROWS = 65536
+#: Soft rows per chunk at most: the ``(top x rows)`` maps of a chunk then stay in cache.
+SOFT_ROWS = 16384
+#: Items per piece of a float64 scatter-add (see :func:`_scatter`).
+SCATTER_ITEMS = 8192
+#: Rows per ``(k x rows)`` block of squared distances in the selection: the block stays in cache.
+SELECT_ROWS = 16384
 _INT_OF = {torch.float32: torch.int32, torch.float64: torch.int64}
 
 
@@ -99,13 +109,14 @@ class Selection:
     bound over the rows when chosen.
     """
 
-    index: Tensor  # (G, top, n) centroid indices (uint8 when k <= 256)
+    index: Tensor  # (G, top, n) centroid indices (uint8 when k <= 256); a hard row uses its first only
     hard: Tensor  # (G, n) bool
     slack: Tensor  # (G, n)
     ref: Tensor  # (G, k, d)
-    hard_sums: Tensor  # (1 + d, G * k) float64: the hard rows' m and m x summed per centroid
+    hard_sums: Tensor  # (P, G * k) float64: the hard rows' Gram weights (m, m x, m x x^T) summed per centroid
     base: Tensor  # (G,)
     rebased: bool = False  # some rows were chosen at centroids other than ``ref``
+    soft: list[_Soft] | None = None  # the soft rows laid out as they were chosen (None: lay them out from the flags)
 
     @property
     def top(self) -> int:
@@ -122,24 +133,73 @@ class Selection:
 
 @dataclass
 class _Data:
-    """One call's vectors, coordinate-major ``(d, G, n)`` so that every op runs along rows.
+    """One call's vectors: ``xf`` coordinate-major ``(d, G, n)``, so that every op runs along rows.
 
-    ``budget`` is the memory the caller's ``rows`` grants the dense op's chunk
-    (the inverse of :func:`op.rows_per_chunk`); what the backward keeps across
-    chunks stays within it.
+    ``flat`` is the same vectors as ``(G n, d)`` rows (the caller's layout):
+    gathers of rows go through it (along dim 0), and per-vector results are
+    written in that layout.  ``xf`` is the one transposed copy (elementwise
+    ops on the strided view cost several times more).  ``budget`` is the memory
+    the caller's ``rows`` grants the dense op's chunk (the inverse of
+    :func:`op.rows_per_chunk`); what the backward keeps across chunks stays
+    within it.
     """
 
     x: Tensor
     m: Tensor | None
     xf: Tensor
+    flat: Tensor
     rows: int
     budget: int
 
     @staticmethod
-    def of(x: Tensor, m: Tensor | None, k: int, rows: int) -> _Data:
-        g, _, d = x.shape
+    def of(x: Tensor, m: Tensor | None, k: int, rows: int, xf: Tensor | None = None) -> _Data:
+        """``xf``: :func:`coordinate_major` ``(x)``, if already made."""
+        g, n, d = x.shape
         budget = rows * g * ((6 + _gram_terms(d)) * k + 4 * d) * x.element_size()
-        return _Data(x, m, x.permute(2, 0, 1).contiguous(), max(1, min(rows, MAX_ROWS)), budget)
+        xf = coordinate_major(x) if xf is None else xf
+        return _Data(x, m, xf, x.reshape(g * n, d), max(1, min(rows, MAX_ROWS)), budget)
+
+    def at(self, pos: slice | Tensor) -> Tensor:
+        """``(d, G, r)``: the vectors at positions ``pos`` of every group (a view for a slice)."""
+        if isinstance(pos, slice):
+            return self.xf[:, :, pos]
+        d, g, n = self.xf.shape
+        rows = pos if g == 1 else (pos + n * torch.arange(g, device=pos.device).view(g, 1)).view(-1)
+        return _rows(self.flat, rows).view(g, -1, d).permute(2, 0, 1)
+
+    def rows_of(self, rows: Tensor) -> Tensor:
+        """``(d, r)``: the vectors at flat rows ``rows``, coordinate-major."""
+        return _rows(self.flat, rows).t().contiguous()
+
+
+def _rows(table: Tensor, index: Tensor) -> Tensor:
+    """``table[index]`` for a ``(B, d)`` table: ``(len(index), d)``.
+
+    Pairs (``d == 2``) go as one complex number each, whose gather is several
+    times faster than ``index_select`` of short rows; other widths a
+    coordinate at a time.
+    """
+    d = table.shape[1]
+    if d == 1:
+        return table[:, 0].index_select(0, index).unsqueeze(1)
+    if d == 2 and table.dtype in (torch.float32, torch.float64):
+        return torch.view_as_real(torch.view_as_complex(table.contiguous()).index_select(0, index))
+    out = table.new_empty(index.numel(), d)
+    for a in range(d):
+        torch.index_select(table[:, a], 0, index, out=out[:, a])
+    return out
+
+
+def coordinate_major(x: Tensor) -> Tensor:
+    """``x`` (G, n, d) as a contiguous ``(d, G, n)``: one strided copy per coordinate (a ``permute(...).contiguous()``
+    of a few coordinates is several times slower)."""
+    g, n, d = x.shape
+    if d > 16:
+        return x.permute(2, 0, 1).contiguous()
+    out = x.new_empty(d, g, n)
+    for a in range(d):
+        out[a].copy_(x[..., a])
+    return out
 
 
 # -- selection ------------------------------------------------------------------------
@@ -151,153 +211,141 @@ def _index_bits(k: int) -> int:
 
 @dataclass
 class _Packed:
-    """Squared distances ``(G, k, r)`` as integers (their float bits) whose low bits hold the centroid index.
+    """Reads squared distances packed as integers (their float bits, the centroid index in the low bits) as bounds.
 
-    Integers order like the floats they hold where those are >= 0; the few
-    below 0 (rounding around 0) come first.  :meth:`lower` / :meth:`upper`
-    read a packed value back as a bound on the true squared distance.
+    The packed floats are >= 0 (:func:`_packed_distances`), so the integers
+    order like the floats they hold.  :meth:`lower` / :meth:`upper` read a
+    packed value back as a bound on the true squared distance.
     """
 
-    values: Tensor
     mask: int
     rel: float  # relative rounding of the value itself
     spread: Tensor | None  # (G, r) for vectors: 3 e |x|^2, e the matmul's error per unit of |x|^2 + |c|^2
     grow: float  # 2 e
 
-    def _floats(self, p: Tensor) -> tuple[Tensor, Tensor]:
-        dtype = torch.float32 if p.dtype == torch.int32 else torch.float64
-        a, b = (p & ~self.mask).view(dtype), (p | self.mask).view(dtype)
-        return torch.minimum(a, b), torch.maximum(a, b)
+    def _dtype(self, p: Tensor) -> torch.dtype:
+        return torch.float32 if p.dtype == torch.int32 else torch.float64
 
     def lower(self, p: Tensor) -> Tensor:
-        low = self._floats(p)[0]
-        low = low - self.rel * low.abs()
+        """A lower bound on the true value: the packed values are >= 0, so clearing the index bits rounds down."""
+        low = (p & ~self.mask).view(self._dtype(p)).mul_(1 - self.rel)
         if self.spread is not None:
-            low = (low - self.spread) / (1 + self.grow)
+            low = low.sub_(self.spread).div_(1 + self.grow)
         return low.clamp_min_(0)
 
     def upper(self, p: Tensor) -> Tensor:
-        high = self._floats(p)[1]
-        high = high + self.rel * high.abs()
+        """An upper bound on the true value: setting the index bits rounds up."""
+        high = (p | self.mask).view(self._dtype(p)).mul_(1 + self.rel)
         if self.spread is not None:
-            high = (high + self.spread) / (1 - self.grow)
-        return high.clamp_min_(0)
+            high = high.add_(self.spread).div_(1 - self.grow)
+        return high
 
 
-def _packed_distances(xt: Tensor, c: Tensor) -> _Packed:
-    """The squared distances from ``xt`` (G, d, r) to ``c``, packed (see :class:`_Packed`).
+def _packed_distances(xt: Tensor, c: Tensor, lhs: Tensor | None = None) -> Tensor:
+    """The squared distances ``(G, k, r)`` from ``xt`` (G, d, r) to ``c``, packed (see :class:`_Packed`).
 
-    Vectors take one matmul, ``|c|^2 - 2 c.x + |x|^2`` over ``[x, |x|^2]``,
-    whose error is below ``e (|x|^2 + |c_j|^2)`` with ``e = (3 d + 6) eps``;
-    as ``|c_j|^2 <= 2 |x - c_j|^2 + 2 |x|^2``, a computed value ``D'`` bounds
-    the true one within ``(D' -+ 3 e |x|^2) / (1 +- 2 e)``, whatever the
-    centroid (an outlying centroid costs the other rows no precision).
-    Scalars take exact differences, within a few ulps.
+    Vectors take one matmul, ``[-2 c, |c|^2, 1] [x; 1; |x|^2]``, whose error is
+    below ``e (|x|^2 + |c_j|^2)`` with ``e = (3 d + 6) eps``; as ``|c_j|^2 <=
+    2 |x - c_j|^2 + 2 |x|^2``, a computed value ``D'`` bounds the true one
+    within ``(D' -+ 3 e |x|^2) / (1 +- 2 e)``, whatever the centroid (an
+    outlying centroid costs the other rows no precision).  Computed values
+    below 0 are raised to 0 (the true value's floor: the bounds still hold), so
+    every packed value is a non-negative integer.  Scalars take exact
+    differences, within a few ulps.  ``lhs``: :func:`_lhs` ``(c)``, if already made.
     """
     g, k, d = c.shape
-    eps = torch.finfo(c.dtype).eps
     if d == 1:
         dist = (c - xt).square_()
-        spread, grow = None, 0.0
     else:
         xx = (xt * xt).sum(1, keepdim=True)  # (G, 1, r)
-        lhs = torch.cat([-2.0 * c, torch.ones_like(c[..., :1])], -1)
-        dist = torch.baddbmm((c * c).sum(-1, keepdim=True), lhs, torch.cat([xt, xx], 1))
-        e = (3 * d + 6) * eps
-        spread, grow = (3 * e) * xx.squeeze(1), 2 * e
+        lhs = _lhs(c) if lhs is None else lhs
+        dist = torch.bmm(lhs, torch.cat([xt, torch.ones_like(xx), xx], 1)).clamp_min_(0)
     mask = (1 << _index_bits(k)) - 1
     packed = dist.view(_INT_OF[c.dtype])
     ids = torch.arange(k, device=c.device, dtype=packed.dtype).view(1, k, 1)
-    packed.bitwise_and_(~mask).bitwise_or_(ids)
-    return _Packed(packed, mask, 8 * eps, spread, grow)
+    return packed.bitwise_and_(~mask).bitwise_or_(ids)
 
 
-def _sort_pair(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    return torch.minimum(a, b), torch.maximum(a, b)
+def _lhs(c: Tensor) -> Tensor:
+    """``(G, k, d + 2)``: ``[-2 c, |c|^2, 1]``, the centroids' side of :func:`_packed_distances`' matmul."""
+    return torch.cat([-2.0 * c, (c * c).sum(-1, keepdim=True), torch.ones_like(c[..., :1])], -1)
 
 
-def _bitonic_sort(lists: list[Tensor]) -> list[Tensor]:
-    """Sort ``len(lists)`` (a power of two) tensors elementwise, ascending."""
-    p = len(lists)
-    lists = list(lists)
-    size = 2
-    while size <= p:
-        stride = size // 2
-        while stride >= 1:
-            for i in range(p):
-                j = i ^ stride
-                if j > i:
-                    lo, hi = _sort_pair(lists[i], lists[j])
-                    lists[i], lists[j] = (hi, lo) if i & size else (lo, hi)
-            stride //= 2
-        size *= 2
-    return lists
+def _bounds(xt: Tensor, k: int) -> _Packed:
+    """How to read the packed distances of the rows ``xt`` (G, d, r) back as bounds (see :func:`_packed_distances`)."""
+    d = xt.shape[1]
+    eps = torch.finfo(xt.dtype).eps
+    mask = (1 << _index_bits(k)) - 1
+    if d == 1:
+        return _Packed(mask, 8 * eps, None, 0.0)
+    e = (3 * d + 6) * eps
+    return _Packed(mask, 8 * eps, (3 * e) * (xt * xt).sum(1), 2 * e)
 
 
-def _bitonic_clean(lists: list[Tensor]) -> list[Tensor]:
-    """Sort a bitonic sequence of ``len(lists)`` (a power of two) tensors, ascending."""
-    p = len(lists)
-    stride = p // 2
-    while stride >= 1:
-        for i in range(p):
-            if not i & stride:
-                lists[i], lists[i + stride] = _sort_pair(lists[i], lists[i + stride])
-        stride //= 2
-    return lists
+def _smallest(packed: Tensor, top: int, out: Tensor | None = None) -> Tensor:
+    """The ``top + 1`` smallest entries along dim 1 of ``(G, k, r)``, ascending: ``(G, top + 1, r)`` (into ``out``).
 
-
-def _smallest(packed: Tensor, top: int) -> tuple[Tensor, Tensor]:
-    """The ``top`` smallest entries along dim 1 of ``(G, k, r)``, ascending, and the ``(top + 1)``-th.
-
-    A tournament of elementwise ``minimum``/``maximum`` over whole rows: ``k / p``
-    blocks of ``p`` (the power of two >= ``top``) are sorted by a bitonic
-    network, then merged pairwise keeping the ``p`` smallest (a bitonic merge
-    cut in half) and the smallest of what was cut.  Falls back to ``topk``
-    when ``k`` is not a power of two or ``p >= k``.
+    The entries are distinct integers in ``[0, 2^(b-1))`` (``b`` bits).  Each
+    order statistic is one ``amin`` along the short centroid axis, after which
+    the entries are rotated: subtracting ``found + 1`` and keeping the low
+    ``b - 1`` bits sends what was found to the top and keeps the order of the
+    rest (a rotation of a rotation is one), so the next ``amin`` finds the
+    next one.  ``packed`` is overwritten.
     """
     g, k, r = packed.shape
-    p = 1 << (top - 1).bit_length()
-    if k & (k - 1) or p >= k:
-        found = torch.topk(packed, top + 1, dim=1, largest=False, sorted=True).values
-        return found[:, :top], found[:, top]
-    blocks = packed.view(g, p, k // p, r)
-    lists = _bitonic_sort([blocks[:, i] for i in range(p)])  # each (G, B, r): the blocks' sorted members
-    rest: Tensor | None = None
-    count = k // p
-    while count > 1:
-        half = count // 2
-        a = [t[:, :half] for t in lists]
-        b = [t[:, half:] for t in lists]
-        lo = [torch.minimum(a[i], b[p - 1 - i]) for i in range(p)]
-        cut = torch.maximum(a[0], b[p - 1])
-        for i in range(1, p):
-            cut = torch.minimum(cut, torch.maximum(a[i], b[p - 1 - i]))
-        if rest is not None:
-            cut = torch.minimum(cut, torch.minimum(rest[:, :half], rest[:, half:]))
-        rest = cut
-        lists = _bitonic_clean(lo)
-        count = half
-    assert rest is not None
-    kept = torch.cat(lists, 1)  # (G, p, r)
-    return kept[:, :top], kept[:, top] if top < p else rest[:, 0]
-
-
-def _first_weights(xt: Tensor, m: Tensor | None) -> Tensor:
-    """``(1 + d, ..., r)``: ``m, m x_a`` for ``xt`` ``(d, ..., r)``, the first terms of :func:`op._gram_weights`."""
-    ones = torch.ones_like(xt[0]) if m is None else m
-    return torch.stack([ones, *(xt if m is None else m * xt)], 0)
-
-
-def _second_weights(xt: Tensor, m: Tensor | None) -> Tensor:
-    """``(d (d + 1) / 2, ..., r)``: ``m x_a x_b (a <= b)``, the last terms of :func:`op._gram_weights`."""
-    d = xt.shape[0]
-    xs = xt if m is None else m * xt
-    return torch.stack([xs[a] * xt[b] for a in range(d) for b in range(a, d)], 0)
+    limit = torch.iinfo(packed.dtype).max
+    found = packed.new_empty(g, top + 1, r) if out is None else out
+    step = packed.amin(1, keepdim=True)
+    found[:, :1] = step
+    for t in range(1, top + 1):  # entries now hold (value - found[t - 1] - 1) mod 2^(b-1)
+        packed.sub_(step.add_(1)).bitwise_and_(limit)
+        step = packed.amin(1, keepdim=True)
+        found[:, t : t + 1] = (step + found[:, t - 1 : t]).add_(1)
+    return found
 
 
 def _gram_weights(xt: Tensor, m: Tensor | None) -> Tensor:
-    """``(P, ..., r)``: the terms of :func:`op._gram_weights`, ``m, m x_a, m x_a x_b (a <= b)``."""
-    return torch.cat([_first_weights(xt, m), _second_weights(xt, m)], 0)
+    """``(P, ..., r)``: the terms of :func:`op._gram_weights`, ``m, m x_a, m x_a x_b (a <= b)``, for ``xt`` ``(d, ..., r)``.
+
+    Written in place into one buffer (``stack``/``cat`` of the terms cost several times more).
+    """
+    d = xt.shape[0]
+    out = xt.new_empty(_gram_terms(d), *xt.shape[1:])
+    if m is None:
+        out[0].fill_(1.0)
+        out[1 : 1 + d].copy_(xt)
+    else:
+        out[0].copy_(m)
+        torch.mul(m, xt, out=out[1 : 1 + d])
+    pos = 1 + d
+    for a in range(d):  # m x_a x_b for b >= a
+        torch.mul(out[1 + a], xt[a:], out=out[pos : pos + d - a])
+        pos += d - a
+    return out
+
+
+def _second_weights(xt: Tensor, m: Tensor | None) -> Tensor:
+    """``(d (d + 1) / 2, ..., r)``: ``m x_a x_b (a <= b)``, the last terms of :func:`_gram_weights`."""
+    return _gram_weights(xt, m)[1 + xt.shape[0] :]
+
+
+def _take(t: Tensor, pos: slice | Tensor) -> Tensor:
+    """``t[..., pos]``: a view for a slice; for an index, a gather through a 2-D view of ``t``.
+
+    (``index_select`` along the last dim of a 3-D tensor, or advanced indexing,
+    is tens of times slower than along dim 1 of a 2-D one.)
+    """
+    if isinstance(pos, slice):
+        return t[..., pos]
+    return t.reshape(-1, t.shape[-1]).index_select(1, pos).view(*t.shape[:-1], -1)
+
+
+def _put(t: Tensor, pos: slice | Tensor, value: Tensor) -> None:
+    """``t[..., pos] = value`` for a contiguous ``t`` (see :func:`_take`)."""
+    if isinstance(pos, slice):
+        t[..., pos] = value
+    else:
+        t.view(-1, t.shape[-1]).index_copy_(1, pos, value.reshape(-1, pos.numel()).to(t.dtype))
 
 
 def _scatter(sums: Tensor, keys: Tensor, src: Tensor) -> None:
@@ -305,23 +353,57 @@ def _scatter(sums: Tensor, keys: Tensor, src: Tensor) -> None:
 
     A scatter-add adds in sequence: in float32, thousands of items on one
     centroid would lose digits (the mean of copies of one value would not
-    be that value to float32 precision).
+    be that value to float32 precision).  The items go in pieces of
+    ``SCATTER_ITEMS``: their float64 copies then stay small (a large
+    temporary costs page faults on every call, more than the scatter itself).
     """
-    cols = sums.shape[0]
-    sums.scatter_add_(1, keys.expand(cols, -1), src.reshape(cols, -1).to(sums.dtype))
+    cols, items = sums.shape[0], keys.numel()
+    src = src.reshape(cols, -1)
+    buffer = sums.new_empty(cols, min(items, SCATTER_ITEMS))  # one float64 piece, reused
+    for start in range(0, items, SCATTER_ITEMS):
+        part = slice(start, start + SCATTER_ITEMS)
+        piece = buffer[:, : min(SCATTER_ITEMS, items - start)]
+        sums.scatter_add_(1, keys[part].long().expand(cols, -1), piece.copy_(src[:, part]))
 
 
-def _hard_part(data: _Data, sel: Selection, pos: slice | Tensor, sign: float) -> None:
-    """Add (``sign`` 1) or remove (-1) the hard rows at positions ``pos`` from ``sel.hard_sums``."""
+def _hard_part(
+    data: _Data,
+    sel: Selection,
+    pos: slice | Tensor,
+    vectors: Tensor,
+    hard: Tensor,
+    near: Tensor,
+    old: tuple[Tensor, Tensor] | None = None,
+) -> None:
+    """Add the hard rows at positions ``pos`` to ``sel.hard_sums`` (and remove them as they were, ``old``).
+
+    Every Gram weight (:func:`_gram_weights`) is summed here, once per
+    selection: the iterations use the first ``1 + d``, the backward all.
+    ``vectors`` (d, G, r) are the rows', ``hard`` / ``near`` (G, r) their
+    flags and nearest centroids, ``old`` the flags and nearest centroids
+    they had.  The soft rows' terms go to a spare bin, dropped.
+    """
     g, k = sel.hard.shape[0], sel.ref.shape[1]
-    hard = sel.hard[:, pos]
-    m = hard.to(data.xf.dtype) if data.m is None else data.m[:, pos] * hard
-    weights = _first_weights(data.xf[:, :, pos], m)  # (1 + d, G, r)
-    keys = sel.index[:, 0, pos].long() + (torch.arange(g, device=hard.device) * k).view(g, 1)
-    _scatter(sel.hard_sums, keys.view(-1), weights if sign > 0 else weights.neg_())
+    weights = _gram_weights(vectors, None if data.m is None else _take(data.m, pos))  # (P, G, r)
+    bins = sel.hard_sums.shape[0], g * k + 1
+    for (flags, nearest), sign in [((hard, near), 1.0)] + ([] if old is None else [(old, -1.0)]):
+        keys = nearest.long()
+        if g > 1:
+            keys = keys + (torch.arange(g, device=keys.device) * k).view(g, 1)
+        sums = torch.zeros(bins, dtype=sel.hard_sums.dtype, device=keys.device)
+        _scatter(sums, keys.masked_fill_(~flags, g * k).view(-1), weights)
+        sel.hard_sums.add_(sums[:, : g * k], alpha=sign)
 
 
-def _choose(data: _Data, sel: Selection, c: Tensor, tau: Tensor, pos: slice | Tensor) -> None:
+def _choose(
+    data: _Data,
+    sel: Selection,
+    c: Tensor,
+    tau: Tensor,
+    pos: slice | Tensor,
+    found: Tensor | None = None,
+    again: bool = False,
+) -> None:
     """Choose the sets of the rows at positions ``pos`` (in every group) at centroids ``c``.
 
     With ``near`` / ``root`` the square roots of an upper bound on the
@@ -331,51 +413,168 @@ def _choose(data: _Data, sel: Selection, c: Tensor, tau: Tensor, pos: slice | Te
     moved by at most ``delta`` lower it to ``((root - delta)^2 - (near +
     delta)^2) / tau - ...``, linear in ``delta``: ``slack`` is the ``delta``
     that brings it down to ``min(-log eps, score - RESELECT)``.
+
+    The nearest two (``found``, the rows' :func:`rank` at ``c`` if already
+    known) decide which rows are hard; only the others are ranked further.
+    ``again``: the rows were chosen before (their hard rows leave the sums).
     """
     k, top = c.shape[1], sel.top
     mask = (1 << _index_bits(k)) - 1
     eps = torch.finfo(c.dtype).eps
-    xt = data.xf[:, :, pos].transpose(0, 1)  # (G, d, r)
-    packed = _packed_distances(xt, c)
-    kept, nxt = _smallest(packed.values, top)
-    low = packed.lower(nxt)
-    second = low if top == 1 else packed.lower(kept[:, 1])
-    nearest = packed.upper(kept[:, 0])
+    vectors = data.at(pos)
+    xt = vectors.transpose(0, 1)  # (G, d, r)
+    old = (_take(sel.hard, pos).clone(), _take(sel.index[:, 0], pos).clone()) if again else None
+    if found is None:
+        found = _rank(xt, c, 1)
+    packed = _bounds(xt, k)
+    second = packed.lower(found[:, 1])
+    nearest = packed.upper(found[:, 0])
     inv_tau = (1.0 / tau).view(-1, 1)
     log_soft, log_hard = math.log(k - top), math.log(k - 1)
+    # every row as if hard (the set its nearest alone, the first centroid left out the second nearest) ...
+    score = (second - nearest).mul_(inv_tau).sub_(log_hard)
     # hard: the mass off the nearest is below eps exp(-HARD_MARGIN)
-    hard = (second - nearest) * inv_tau - log_hard >= HARD_MARGIN - math.log(eps)
-    bound_sq = torch.where(hard, second, low)
-    score = (bound_sq - nearest).mul_(inv_tau).sub_(torch.where(hard, log_hard, log_soft))
-    room = (score + math.log(eps)).clamp_min_(RESELECT)  # score less the floor it may drop to
-    root = bound_sq.sqrt_()
-    slack = torch.minimum(room.div_(inv_tau).div_((root + nearest.sqrt_()).mul_(2.0)), root)
+    hard = score >= HARD_MARGIN - math.log(eps)
+    slack = _slack(score, second, nearest, inv_tau, eps)
+    near = found[:, 0] & mask
+    _put(sel.index[:, 0], pos, near)
+    soft = (~hard).any(0).nonzero().squeeze(1)
+    if soft.numel():  # ... then the rows soft in some group: their top nearest, scored on the (top + 1)-th
+        xs = _take(xt, soft)
+        at = soft + pos.start if isinstance(pos, slice) else _take(pos, soft)
+        full = _take(found, soft)
+        if top > 1:
+            full = _rank(xs, c, top)
+            hard_s, second_s, nearest_s = _take(hard, soft), _take(second, soft), _take(nearest, soft)
+            bound_s = torch.where(hard_s, second_s, _bounds(xs, k).lower(full[:, top]))
+            score_s = (bound_s - nearest_s).mul_(inv_tau).sub_(torch.where(hard_s, log_hard, log_soft))
+            score.index_copy_(1, soft, score_s)
+            slack.index_copy_(1, soft, _slack(score_s, bound_s, nearest_s, inv_tau, eps))
+            for t in range(1, top):  # (the hard rows' other slots are not read)
+                _put(sel.index[:, t], at, full[:, t] & mask)
+        if sel.soft is not None:
+            sel.soft.append(_chosen(data, _take(hard, soft), at, xs, full[:, :top] & mask, k, tau))
     if data.m is not None:
-        pad = data.m[:, pos] <= 0
+        pad = _take(data.m, pos) <= 0
         slack.masked_fill_(pad, math.inf)
         score.masked_fill_(pad, math.inf)
-    sel.index[:, :, pos] = (kept & mask).to(sel.index.dtype)
-    sel.hard[:, pos] = hard
-    sel.slack[:, pos] = slack
+    _put(sel.hard, pos, hard)
+    _put(sel.slack, pos, slack)
     sel.base = torch.maximum(sel.base, _dropped(score))
-    _hard_part(data, sel, pos, 1.0)
+    _hard_part(data, sel, pos, vectors, hard, near, old)
 
 
-def _select(data: _Data, c: Tensor, tau: Tensor, top: int) -> Selection:
+def _chosen(data: _Data, hard: Tensor, at: Tensor, xs: Tensor, slots: Tensor, k: int, tau: Tensor) -> _Soft:
+    """The soft rows among columns ``at`` (hard flags ``hard`` (G, s), vectors ``xs`` (G, d, s), sets ``slots``
+    (G, top, s)) as a :class:`_Soft` chunk: what :func:`_soft_layout` would gather for them."""
+    g, n = data.xf.shape[1], data.xf.shape[2]
+    s = at.numel()
+    pick = (~hard).view(-1).nonzero().squeeze(1)  # flat (group, column) pairs, group-major like the rows
+    group = pick.div(s, rounding_mode="floor") if g > 1 else None
+    col = pick - group * s if group is not None else pick
+    rows = at.index_select(0, col) + (group * n if group is not None else 0)
+    keys = slots.permute(1, 0, 2).reshape(slots.shape[1], g * s).index_select(1, pick).long()
+    if group is not None:
+        keys += group * k
+    xt = xs.permute(1, 0, 2).reshape(xs.shape[1], g * s).index_select(1, pick)
+    m = None if data.m is None else data.m.reshape(-1).index_select(0, rows)
+    inv_tau = 1.0 / tau
+    return _Soft(rows, keys, xt, m, inv_tau if group is None else inv_tau.index_select(0, group))
+
+
+def _drop(soft: list[_Soft], pos: Tensor, g: int, n: int) -> list[_Soft]:
+    """``soft`` without the rows at positions ``pos`` (of any group)."""
+    gone = torch.zeros(n, dtype=torch.bool, device=pos.device)
+    gone[pos] = True
+    kept = []
+    for ch in soft:
+        keep = ~gone.index_select(0, ch.rows % n if g > 1 else ch.rows)
+        if bool(keep.all()):
+            kept.append(ch)
+            continue
+        idx = keep.nonzero().squeeze(1)
+        if idx.numel():
+            kept.append(
+                _Soft(
+                    ch.rows.index_select(0, idx),
+                    ch.keys.index_select(1, idx),
+                    ch.xt.index_select(1, idx),
+                    None if ch.m is None else ch.m.index_select(0, idx),
+                    ch.inv_tau if ch.inv_tau.numel() == 1 else ch.inv_tau.index_select(0, idx),
+                )
+            )
+    return kept
+
+
+def _slack(score: Tensor, bound_sq: Tensor, nearest: Tensor, inv_tau: Tensor, eps: float) -> Tensor:
+    """The move after which a row's score could fall to ``max(-log eps, score - RESELECT)`` (see :func:`_choose`)."""
+    room = (score + math.log(eps)).clamp_min_(RESELECT)  # score less the floor it may drop to
+    root = bound_sq.sqrt()
+    return torch.minimum(room.div_(inv_tau).div_((root + nearest.sqrt()).mul_(2.0)), root)
+
+
+def _rank(xt: Tensor, c: Tensor, top: int) -> Tensor:
+    """``(G, top + 1, r)``: the packed squared distances from ``xt`` (G, d, r) to the ``top + 1`` nearest of ``c``."""
+    g, r = xt.shape[0], xt.shape[2]
+    found = torch.empty(g, top + 1, r, dtype=_INT_OF[c.dtype], device=c.device)
+    lhs = _lhs(c) if c.shape[2] > 1 else None
+    for start in range(0, r, SELECT_ROWS):  # the (k x rows) distances stay in cache
+        part = slice(start, min(start + SELECT_ROWS, r))
+        _smallest(_packed_distances(xt[..., part], c, lhs), top, out=found[..., part])
+    return found
+
+
+@dataclass
+class Ranking:
+    """Each vector's two nearest centroids at ``c`` (``k >= 2``), from :func:`rank`.
+
+    ``found`` (G, 2, n) holds the packed squared distances of
+    :func:`_packed_distances` (the centroid index in the low bits), nearest
+    first; ``xf`` is the vectors' :func:`coordinate_major` copy.  The layer
+    reads the temperature's margins from it (:func:`nearest_two`), and
+    :func:`dkm_sparse` takes it as ``ranked`` instead of ranking the same
+    vectors at the same centroids again.
+    """
+
+    found: Tensor
+    xf: Tensor
+    c: Tensor
+
+
+def rank(x: Tensor, c: Tensor) -> Ranking:
+    """The :class:`Ranking` of the vectors ``x`` (G, n, d) at the centroids ``c`` (G, k >= 2, d)."""
+    xf = coordinate_major(x)
+    with _no_autocast(x.device):
+        return Ranking(_rank(xf.transpose(0, 1), c, 1), xf, c)
+
+
+def nearest_two(ranked: Ranking) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`hard.nearest_two` read from a :class:`Ranking`: ``(index, distance, second distance)``, each ``(G, n)``.
+
+    The distances are the packed ones with the index bits cleared (truncated towards 0).
+    """
+    mask = (1 << _index_bits(ranked.c.shape[1])) - 1
+    found = ranked.found
+    dtype = torch.float32 if found.dtype == torch.int32 else torch.float64
+    first, second = found[:, 0], found[:, 1]
+    return first & mask, (first & ~mask).view(dtype), (second & ~mask).view(dtype)
+
+
+def _select(data: _Data, c: Tensor, tau: Tensor, top: int, ranked: Ranking | None = None) -> Selection:
     d, g, n = data.xf.shape
     k = c.shape[1]
     top = min(top, k)
     index_dtype = torch.uint8 if k <= 256 else torch.int32
-    hard_sums = torch.zeros(1 + d, g * k, dtype=torch.float64, device=c.device)
+    hard_sums = torch.zeros(_gram_terms(d), g * k, dtype=torch.float64, device=c.device)
     hard = torch.zeros(g, n, dtype=torch.bool, device=c.device)
     slack = c.new_full((g, n), math.inf)
     if top >= k:  # every centroid kept: the dense op
         index = torch.arange(k, device=c.device, dtype=index_dtype).view(1, k, 1).expand(g, k, n)
         return Selection(index, hard, slack, c, hard_sums, c.new_zeros(g))
-    index = torch.empty(g, top, n, dtype=index_dtype, device=c.device)
-    sel = Selection(index, hard, slack, c, hard_sums, c.new_zeros(g))
+    index = torch.zeros(g, top, n, dtype=index_dtype, device=c.device)
+    sel = Selection(index, hard, slack, c, hard_sums, c.new_zeros(g), soft=[])
     for s in _chunks(n, data.rows):
-        _choose(data, sel, c, tau, s)
+        _choose(data, sel, c, tau, s, None if ranked is None else ranked.found[..., s])
     return sel
 
 
@@ -404,10 +603,15 @@ def _check(sel: Selection, c: Tensor) -> tuple[Tensor, Tensor | None]:
     if not sel.rebased and not bool(delta.any()):
         return sel.base, None
     stale = delta > sel.slack
-    dropped = (sel.base * math.exp(RESELECT)).clamp_(torch.finfo(c.dtype).eps, 1.0)
+    dropped = _rebased_bound(sel, c)
     if not bool(stale.any()):
         return dropped, None
     return torch.where(stale.any(1), 1.0, dropped), stale  # no bound for groups with stale rows
+
+
+def _rebased_bound(sel: Selection, c: Tensor) -> Tensor:
+    """``(G,)`` the bound of :func:`_check` when no row is stale: ``max(eps, exp(RESELECT) base)``."""
+    return (sel.base * math.exp(RESELECT)).clamp_(torch.finfo(c.dtype).eps, 1.0)
 
 
 def _repair(data: _Data, sel: Selection, c: Tensor, tau: Tensor, stale: Tensor) -> Selection:
@@ -420,9 +624,10 @@ def _repair(data: _Data, sel: Selection, c: Tensor, tau: Tensor, stale: Tensor) 
     sel.slack.sub_(sel.moved(c))
     sel.ref, sel.rebased = c, True
     pos = stale.any(0).nonzero().squeeze(1)
+    if sel.soft is not None:
+        sel.soft = _drop(sel.soft, pos, *sel.hard.shape)
     for s in _chunks(pos.numel(), data.rows):
-        _hard_part(data, sel, pos[s], -1.0)
-        _choose(data, sel, c, tau, pos[s])
+        _choose(data, sel, c, tau, pos[s], again=True)
     return sel
 
 
@@ -432,11 +637,13 @@ def _current(
     """The selection and soft rows to evaluate at ``c`` (stale rows chosen again) and the dropped-mass bound there."""
     dropped, stale = _check(sel, c)
     if stale is not None:
-        sel = _repair(data, sel, c, tau, stale)  # every row is now within its slack
-        dropped = _check(sel, c)[0]
+        # every row is now within its slack: the chosen ones have slack >= 0 at ``ref = c``, the others
+        # kept slack - |c - ref| >= 0 (float subtraction is monotone), so :func:`_check` would find none stale
+        sel = _repair(data, sel, c, tau, stale)
+        dropped = _rebased_bound(sel, c)
         soft = None
     if soft is None:
-        soft = _soft_layout(data, sel.index, sel.hard, c.shape[1], tau)
+        soft = list(sel.soft) if sel.soft is not None else _soft_layout(data, sel.index, sel.hard, c.shape[1], tau)
     return sel, soft, dropped
 
 
@@ -459,25 +666,27 @@ def _keys(rows: Tensor, slots: Tensor, n: int, k: int, groups: int) -> Tensor:
     return slots.long() + (rows // n) * k if groups > 1 else slots.long()
 
 
-def _soft_layout(data: _Data, index: Tensor, hard: Tensor, k: int, tau: Tensor) -> list[_Soft]:
-    """The soft rows, flat over groups, in chunks."""
+def _soft_layout(
+    data: _Data, index: Tensor, hard: Tensor, k: int, tau: Tensor, order: list[Tensor] | None = None
+) -> list[_Soft]:
+    """The soft rows, flat over groups, in chunks (the flat rows of each chunk given as ``order``, or in row order)."""
     d, g, n = data.xf.shape
     top = index.shape[1]
-    rows_all = (~hard).reshape(-1).nonzero().squeeze(1)
     ids = index.transpose(0, 1).reshape(top, g * n)
-    xf = data.xf.view(d, g * n)
     mf = None if data.m is None else data.m.reshape(-1)
     inv_tau = 1.0 / tau
+    if order is None:
+        rows_all = (~hard).reshape(-1).nonzero().squeeze(1)
+        order = [rows_all[s] for s in _chunks(rows_all.numel(), min(data.rows, SOFT_ROWS))]
     soft = []
-    for s in _chunks(rows_all.numel(), data.rows):
-        rows = rows_all[s]
+    for rows in order:
         soft.append(
             _Soft(
                 rows,
-                _keys(rows, ids[:, rows], n, k, g),
-                xf[:, rows],
-                None if mf is None else mf[rows],
-                inv_tau if g == 1 else inv_tau[rows // n],
+                _keys(rows, ids.index_select(1, rows), n, k, g),
+                data.rows_of(rows),
+                None if mf is None else mf.index_select(0, rows),
+                inv_tau if g == 1 else inv_tau.index_select(0, rows // n),
             )
         )
     return soft
@@ -485,25 +694,47 @@ def _soft_layout(data: _Data, index: Tensor, hard: Tensor, k: int, tau: Tensor) 
 
 @dataclass
 class _Layout:
+    """Soft rows in chunks; every row's key for the hard rows' one-hot attention.
+
+    ``hard_keys`` holds, for every flat row, its centroid's flat key ``g * k + j``
+    when the row is hard and the spare key ``G * k`` when it is soft: gathers
+    from a centroid table with one extra (zero) column and scatters into sums
+    with one extra (discarded) bin then treat the hard rows in row order, with
+    no list of them to gather through.
+    """
+
     soft: list[_Soft]
-    hard_rows: Tensor  # (R,) flat rows
-    hard_keys: Tensor  # (R,) flat centroids
-    hard_m: Tensor | None
+    hard_keys: Tensor  # (G n,) int32
+    hard_m: Tensor | None  # (G n,) the multiplicities (every row's)
 
 
-def _layout(data: _Data, index: Tensor, hard: Tensor, k: int, tau: Tensor, soft: list[_Soft] | None = None) -> _Layout:
-    """Soft rows (``soft`` if already laid out) and hard rows."""
+def _layout(
+    data: _Data,
+    index: Tensor,
+    hard: Tensor,
+    k: int,
+    tau: Tensor,
+    soft: list[_Soft] | None = None,
+    order: list[Tensor] | None = None,
+) -> _Layout:
+    """Soft rows (``soft`` if already laid out, else in chunks of ``order``) and hard rows."""
     if soft is None:
-        soft = _soft_layout(data, index, hard, k, tau)
-    return _Layout(soft, *_hard_layout(data, index, hard, k))
+        soft = _soft_layout(data, index, hard, k, tau, order)
+    return _Layout(soft, _hard_keys(index, hard, k), None if data.m is None else data.m.reshape(-1))
 
 
-def _hard_layout(data: _Data, index: Tensor, hard: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor | None]:
-    """The hard rows, flat over groups: ``(rows, their centroid keys, their multiplicities)``."""
+def _hard_keys(index: Tensor, hard: Tensor, k: int) -> Tensor:
+    """``(G n,)``: each hard row's flat centroid key, ``G * k`` for the soft rows (see :class:`_Layout`)."""
     g, n = hard.shape
-    rows = hard.reshape(-1).nonzero().squeeze(1)
-    keys = _keys(rows, index[:, 0].reshape(-1)[rows], n, k, g)
-    return rows, keys, None if data.m is None else data.m.reshape(-1)[rows]
+    keys = index[:, 0].to(torch.int32)  # (int32: half the bytes; :func:`_scatter` widens it a piece at a time)
+    if g > 1:
+        keys = keys + (torch.arange(g, device=hard.device, dtype=torch.int32) * k).view(g, 1)
+    return keys.masked_fill_(~hard, g * k).view(-1)
+
+
+def _spare(table: Tensor) -> Tensor:
+    """``(C, bins + 1)``: ``table`` with a zero column for the spare key of the soft rows."""
+    return torch.cat([table, table.new_zeros(table.shape[0], 1)], 1)
 
 
 # -- the sparse attention -------------------------------------------------------------
@@ -538,7 +769,7 @@ def _attend(ch: _Soft, ct: Tensor, out: Tensor | None = None) -> tuple[Tensor, T
 def _update(soft: list[_Soft], c: Tensor, sel: Selection) -> tuple[Tensor, Tensor]:
     g, k, d = c.shape
     ct = _table(c)
-    sums = sel.hard_sums.clone()  # A~^T m, A~^T m x: the hard rows' part is constant
+    sums = sel.hard_sums[: 1 + d].clone()  # A~^T m, A~^T m x: the hard rows' part is constant
     for ch in soft:
         src = c.new_empty(1 + d, *ch.keys.shape)
         _attend(ch, ct, out=src[0])
@@ -562,10 +793,10 @@ def update(
 
 
 def _iterate(
-    data: _Data, c: Tensor, tau: Tensor, max_iters: int, tol: Tensor, top: int
+    data: _Data, c: Tensor, tau: Tensor, max_iters: int, tol: Tensor, top: int, ranked: Ranking | None = None
 ) -> tuple[Tensor, int, Selection, list[_Soft], Tensor]:
     dropped = c.new_zeros(c.shape[0])
-    sel = _select(data, c, tau, top)
+    sel = _select(data, c, tau, top, ranked)
     soft = None
     for done in range(1, max_iters + 1):
         sel, soft, step_dropped = _current(data, sel, soft, c, tau)
@@ -590,13 +821,12 @@ def iterate(
 def _soft_output(data: _Data, lay: _Layout, c: Tensor) -> Tensor:
     d, g, n = data.xf.shape
     ct = _table(c)
-    out = c.new_empty(d, g * n)
-    out.index_copy_(1, lay.hard_rows, ct.index_select(1, lay.hard_keys))
+    out = _rows(_spare(ct).t(), lay.hard_keys)  # (G n, d); soft rows overwritten below
     for ch in lay.soft:
         a, dcx = _attend(ch, ct)
         # A~ c = x + sum_j A~_ij (c_j - x_i): the rows of A~ sum to 1
-        out.index_copy_(1, ch.rows, (a.unsqueeze(0) * dcx).sum(1).add_(ch.xt))
-    return out.view(d, g, n).permute(1, 2, 0).contiguous()
+        out.index_copy_(0, ch.rows, (a.unsqueeze(0) * dcx).sum(1).add_(ch.xt).t())
+    return out.view(g, n, d)
 
 
 def soft_output(
@@ -650,16 +880,21 @@ def backward(
     p_terms = _gram_terms(d)
     explicit = k * p_terms <= op.EXPLICIT_LIMIT
     ct = _table(c)
-    dx = c.new_zeros(d, g * n)
+    dx_rows = c.new_zeros(g * n, d)
+    dx = dx_rows.t()  # (d, G n), a view: the result needs no transpose
     pairs = _pairs(top) if explicit else []
-    gf = None if grad_w is None else grad_w.permute(2, 0, 1).reshape(d, g * n)
+    grad_rows = None if grad_w is None else grad_w.reshape(g * n, d)
+    gf = None if grad_rows is None else grad_rows.t()
     # per centroid: the P Gram sums, then (with grad_w) A~^T g (d) and sum_i s_ij (c_j - x_i) (d)
     cols = p_terms + (2 * d if gf is not None else 0)
-    sums = torch.zeros(cols, g * k, dtype=torch.float64, device=c.device)
+    spare = torch.zeros(cols, g * k + 1, dtype=torch.float64, device=c.device)  # + the soft rows' spare bin
+    sums = spare[:, : g * k]
     sums[:p_terms] += _hard_sums(data, lay, g * k, hard_sums)
     if gf is not None:
-        _scatter(sums[p_terms : p_terms + d], lay.hard_keys, gf.index_select(1, lay.hard_rows))
+        _scatter(spare[p_terms : p_terms + d], lay.hard_keys, gf)
     pair_sums = torch.zeros(p_terms, g * k * k, dtype=torch.float64, device=c.device) if pairs else None
+    pair_u = torch.tensor([u for u, _ in pairs], dtype=torch.long, device=c.device)
+    pair_v = torch.tensor([v for _, v in pairs], dtype=torch.long, device=c.device)
     kept_bytes = sum(ch.keys.numel() for ch in lay.soft) * (d + 1) * c.element_size()
     kept: list[tuple[Tensor, Tensor]] | None = [] if kept_bytes <= data.budget else None
 
@@ -671,7 +906,7 @@ def backward(
         src = c.new_empty(cols, *a.shape)
         torch.mul(a.unsqueeze(0), weights.unsqueeze(1), out=src[:p_terms])
         if gf is not None:
-            gs = gf[:, ch.rows].unsqueeze(1)  # (d, 1, r)
+            gs = _rows(grad_rows, ch.rows).t().unsqueeze(1)  # (d, 1, r)
             gd = (gs * dcx).sum(0)  # (T, r): g_i . (c_j - x_i)
             sa = a * (gd - (a * gd).sum(0, keepdim=True))  # dL/dlogits
             torch.mul(a.unsqueeze(0), gs, out=src[p_terms : p_terms + d])
@@ -679,10 +914,15 @@ def backward(
             dx.index_add_(1, ch.rows, src[p_terms + d :].sum(1).mul_(2.0 * ch.inv_tau))
         _scatter(sums, ch.keys.view(-1), src)
         if pair_sums is not None:
-            first = torch.stack([ch.keys[u] for u, _ in pairs])  # (Q, r)
-            second = torch.stack([ch.keys[v] for _, v in pairs]) % k
-            prod = torch.stack([a[u] * a[v] for u, v in pairs])
-            _scatter(pair_sums, (first * k + second).view(-1), prod.unsqueeze(0) * weights.unsqueeze(1))
+            first = ch.keys.index_select(0, pair_u)  # (Q, r)
+            second = ch.keys.index_select(0, pair_v)
+            if g > 1:
+                second = second % k
+            prod = a.index_select(0, pair_u).mul_(a.index_select(0, pair_v))
+            # out=: a broadcast product allocated by torch itself gets a layout many times slower to write
+            src = c.new_empty(p_terms, *prod.shape)
+            torch.mul(prod.unsqueeze(0), weights.unsqueeze(1), out=src)
+            _scatter(pair_sums, first.mul_(k).add_(second).view(-1), src)
 
     # the small (G, k, ...) algebra runs in float64: dF~/dc cancels large terms (S_j - D_j c_j c_j^T, ...)
     # and the solve amplifies what is left
@@ -716,35 +956,47 @@ def backward(
             u = next_gc * inv_den
             if float(u.norm()) <= tol * first_norm:
                 break
-    return dx.view(d, g, n).permute(1, 2, 0).contiguous()
+    return dx_rows.view(g, n, d)
 
 
 def _prepare(
-    x: Tensor, m: Tensor | None, index: Tensor, hard: Tensor, k: int, tau: Tensor, rows: int
+    x: Tensor,
+    m: Tensor | None,
+    index: Tensor,
+    hard: Tensor,
+    k: int,
+    tau: Tensor,
+    rows: int,
+    order: list[Tensor] | None = None,
 ) -> tuple[_Data, _Layout]:
     data = _Data.of(x, m, k, rows)
-    return data, _layout(data, index, hard, k, tau)
+    return data, _layout(data, index, hard, k, tau, order=order)
 
 
 def _layout_bytes(data: _Data, lay: _Layout) -> int:
     """What keeping ``data`` and ``lay`` from forward to backward costs, beyond the saved tensors."""
     soft = sum(ch.keys.numel() * 8 + ch.rows.numel() * 8 + ch.xt.numel() * ch.xt.element_size() for ch in lay.soft)
-    return data.xf.numel() * data.xf.element_size() + soft + 16 * lay.hard_rows.numel()
+    return data.xf.numel() * data.xf.element_size() + soft + 4 * lay.hard_keys.numel()
 
 
 def _hard_sums(data: _Data, lay: _Layout, bins: int, first: Tensor | None) -> Tensor:
-    """``(P, bins)`` float64: the hard rows' Gram weights summed per centroid (the first ``1 + d`` given as ``first``)."""
+    """``(P, bins)`` float64: the hard rows' Gram weights summed per centroid.
+
+    ``first``: :attr:`Selection.hard_sums`, all ``P`` of them, or the first ``1 + d``.
+    """
     d = data.xf.shape[0]
-    sums = torch.zeros(_gram_terms(d), bins, dtype=torch.float64, device=data.xf.device)
+    p_terms = _gram_terms(d)
+    if first is not None and first.shape[0] == p_terms:
+        return first.clone()
+    sums = torch.zeros(p_terms, bins + 1, dtype=torch.float64, device=data.xf.device)  # + the spare bin
     if first is not None:
-        sums[: 1 + d] = first
+        sums[: 1 + d, :bins] = first
     part = sums[1 + d :] if first is not None else sums
     weights = _second_weights if first is not None else _gram_weights
-    xf = data.xf.view(d, -1)
-    for s in _chunks(lay.hard_rows.numel(), data.rows):
-        rows = lay.hard_rows[s]
-        _scatter(part, lay.hard_keys[s], weights(xf[:, rows], None if lay.hard_m is None else lay.hard_m[s]))
-    return sums
+    xf = data.xf.reshape(d, -1)  # (the spare bin takes the soft rows' terms)
+    for s in _chunks(lay.hard_keys.numel(), data.rows):
+        _scatter(part, lay.hard_keys[s], weights(xf[:, s], None if lay.hard_m is None else lay.hard_m[s]))
+    return sums[:, :bins]
 
 
 def _grams(sums: Tensor, pair_sums: Tensor | None, k: int) -> Tensor:
@@ -777,8 +1029,8 @@ def _adjoint_pass(
     g, k, d = c.shape
     ct, ut = _table(c), _table(u)
     sums = torch.zeros(d, g * k, dtype=torch.float64, device=c.device) if want_next else None
-    hard = ut.index_select(1, lay.hard_keys)
-    dx.index_add_(1, lay.hard_rows, hard if lay.hard_m is None else hard.mul_(lay.hard_m))
+    hard = _rows(_spare(ut).t(), lay.hard_keys)  # (G n, d), 0 for the soft rows
+    dx.t().add_(hard if lay.hard_m is None else hard.mul_(lay.hard_m.unsqueeze(1)))
     for i, ch in enumerate(lay.soft):
         a, dcx = kept[i] if kept is not None else _attend(ch, ct)
         t, r = ch.keys.shape
@@ -814,17 +1066,20 @@ class SparseDKMFunction(torch.autograd.Function):
     """``(w, c*, dropped) = dkm_sparse(x, m, c0)``; saves ``x, m, c*, tau`` and the sets for backward."""
 
     @staticmethod
-    def forward(ctx, x, m, c0, tau, top, max_iters, tol, rows, grad_tol):  # type: ignore[override]
+    def forward(ctx, x, m, c0, tau, top, max_iters, tol, rows, grad_tol, ranked):  # type: ignore[override]
         k = c0.shape[1]
         with _no_autocast(x.device):
-            data = _Data.of(x, m, k, rows)
-            c, iters, sel, soft, dropped = _iterate(data, c0, tau, max_iters, tol, top)
+            if ranked is not None and not (ranked.c is c0 or torch.equal(ranked.c, c0)):
+                ranked = None  # ranked at other centroids
+            data = _Data.of(x, m, k, rows, None if ranked is None else ranked.xf)
+            c, iters, sel, soft, dropped = _iterate(data, c0, tau, max_iters, tol, top, ranked)
             sel, soft, out_dropped = _current(data, sel, soft, c, tau)
             lay = _layout(data, sel.index, sel.hard, k, tau, soft)
             w = _soft_output(data, lay, c)
         dropped = torch.maximum(dropped, out_dropped)
         # the flat layout is kept for backward when it fits the chunk budget (else rebuilt there)
         ctx.prepared = (data, lay) if _layout_bytes(data, lay) <= data.budget else None
+        ctx.order = None
         ctx.save_for_backward(x, m, c, tau, sel.index, sel.hard, sel.hard_sums)
         ctx.rows, ctx.max_terms, ctx.grad_tol = rows, max(max_iters, 1), grad_tol
         ctx.iters = iters
@@ -836,12 +1091,16 @@ class SparseDKMFunction(torch.autograd.Function):
     def backward(ctx, grad_w, grad_c, _grad_dropped):  # type: ignore[override]
         x, m, c, tau, index, hard, hard_sums = ctx.saved_tensors
         with _no_autocast(x.device):
+            prepared = ctx.prepared
+            if prepared is None:  # (again in the forward's chunks, if known: a second backward gives the same bits)
+                prepared = _prepare(x, m, index, hard, c.shape[1], tau, ctx.rows, ctx.order)
             dx = backward(
                 x, m, c, tau, index, hard, grad_w, grad_c, ctx.rows,
-                max_terms=ctx.max_terms, tol=ctx.grad_tol, hard_sums=hard_sums, prepared=ctx.prepared,
+                max_terms=ctx.max_terms, tol=ctx.grad_tol, hard_sums=hard_sums, prepared=prepared,
             )  # fmt: skip
-        ctx.prepared = None
-        return dx, None, None, None, None, None, None, None, None
+        # the layout is dropped (it is rebuilt if backward runs again); its chunks' rows are small
+        ctx.prepared, ctx.order = None, [ch.rows for ch in prepared[1].soft]
+        return dx, None, None, None, None, None, None, None, None, None
 
 
 def dkm_sparse(
@@ -855,15 +1114,17 @@ def dkm_sparse(
     tol: Tensor,
     rows: int,
     grad_tol: float = 1e-4,
+    ranked: Ranking | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`op.dkm` with each row's attention on its ``top`` nearest centroids.
 
     Returns ``(w, c*, dropped)``: ``dropped`` (G,) bounds the attention mass
     any real row (multiplicity > 0) leaves out, in any evaluation of the call
     (see the module docstring; 0 when ``top >= k``).  ``w`` and ``c*`` are
-    differentiable into ``x``; ``c0`` and ``tau`` are constants.
+    differentiable into ``x``; ``c0`` and ``tau`` are constants.  ``ranked``:
+    :func:`rank` ``(x, c0)``, when the caller has it already (ignored if ranked at other centroids).
     """
     if top < 1:
         raise ValueError(f"top must be >= 1, got {top}")
     top = min(top, c0.shape[1])
-    return SparseDKMFunction.apply(x, m, c0.detach(), tau.detach(), top, max_iters, tol, rows, grad_tol)
+    return SparseDKMFunction.apply(x, m, c0.detach(), tau.detach(), top, max_iters, tol, rows, grad_tol, ranked)

@@ -13,6 +13,12 @@ own share: ``g_i * (2/tau) Var_A(c)`` (the output's own slope, per weight) plus
 ``1/count`` of the distinct value's gradient through the centroids.  The
 16-bit rounding is straight-through: the fp32 weight gets the gradient of its
 rounded value.
+
+Every pass over the weights (count, gather the output, sum the gradients,
+gather each weight's share) runs in pieces of ``PIECE`` weights whose bit
+patterns are read again from the weight in the 16-bit dtype (the weight
+itself, or one 16-bit copy of a wider one): no int32 index is kept between
+forward and backward, and every temporary stays in cache.
 """
 
 from __future__ import annotations
@@ -28,6 +34,10 @@ from .layout import Layout
 #: Above this many groups, ``torch.unique`` replaces the ``bincount`` table.
 MAX_TABLE_GROUPS = 64
 PATTERNS = 1 << 16
+#: Weights per piece of a gather over the weights: the piece's patterns and temporaries stay in cache.
+PIECE = 1 << 17
+#: Weights per piece of a count (``bincount``): larger, as each piece also writes and adds a whole table.
+COUNT_PIECE = 1 << 17
 
 
 @dataclass
@@ -44,10 +54,21 @@ class Distinct:
 
     values: Tensor  # (G, U, 1) in the compute dtype
     counts: Tensor  # (G, U) float; 0 for padding slots
-    index: Tensor  # (numel,) int32/int64: every weight's entry in table space
+    keys: _Keys  # every weight's entry in table space, piece by piece
     slots: Tensor  # (G * U,) int64: every slot's entry in table space (0 for padding)
     table_size: int
     per_group: int
+
+    @property
+    def numel(self) -> int:
+        return self.keys.numel
+
+    @property
+    def index(self) -> Tensor:
+        """``(numel,)``: every weight's entry in table space, all at once."""
+        return (
+            torch.cat([self.keys.of(part) for part in self.keys.pieces()]) if self.numel else self.keys.of(slice(0, 0))
+        )
 
     def to_table(self, per_slot: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         """``(table_size,)`` table holding each slot's value at its entry."""
@@ -59,34 +80,86 @@ class Distinct:
 
     def expand(self, per_slot: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         """Each weight's slot value: ``(numel,)``."""
-        return self.to_table(per_slot, dtype).index_select(0, self.index)
+        table = self.to_table(per_slot, dtype)
+        out = table.new_empty(self.numel)
+        for part in self.keys.pieces():
+            torch.index_select(table, 0, self.keys.of(part), out=out[part])
+        return out
 
-    def sum_per_slot(self, per_weight: Tensor) -> Tensor:
-        """Sum of ``per_weight`` over the weights of each slot: ``(G, U)``."""
-        table = torch.bincount(self.index, weights=per_weight.reshape(-1), minlength=self.table_size)
-        return table[self.slots].view_as(self.counts) * (self.counts > 0)
+    def sum_per_slot(self, per_weight: Tensor, dtype: torch.dtype) -> Tensor:
+        """Sum of ``per_weight`` over the weights of each slot: ``(G, U)`` in ``dtype``.
+
+        Each piece is summed in ``dtype`` (``bincount`` adds in sequence), the pieces in float64.
+        """
+        flat = per_weight.reshape(-1)
+        table = torch.zeros(self.table_size, dtype=torch.float64, device=flat.device)
+        for part in self.keys.pieces(COUNT_PIECE):
+            table += torch.bincount(self.keys.of(part), weights=flat[part].to(dtype), minlength=self.table_size)
+        return (table[self.slots].view_as(self.counts) * (self.counts > 0)).to(dtype)
+
+    def gather_affine(self, shift: Tensor, slope: Tensor, grad: Tensor) -> Tensor:
+        """``shift[slot] + grad * slope[slot]`` for every weight (tables of :meth:`to_table`), in ``grad``'s dtype."""
+        flat = grad.reshape(-1)
+        out = torch.empty_like(flat)
+        for part in self.keys.pieces():
+            keys = self.keys.of(part)
+            torch.addcmul(shift.index_select(0, keys), flat[part], slope.index_select(0, keys), out=out[part])
+        return out
+
+
+@dataclass
+class _Keys:
+    """Every weight's entry in table space, given piece by piece.
+
+    From the weight itself (``source``, flat, in ``dtype``): its 16-bit pattern
+    plus ``PATTERNS`` times its group (``group_numel`` consecutive weights per
+    group); or from a stored index (``stored``, the ``torch.unique`` route).
+    """
+
+    numel: int
+    source: Tensor | None = None
+    dtype: torch.dtype | None = None
+    group_numel: int = 0
+    grouped: bool = False
+    stored: Tensor | None = None
+
+    def pieces(self, size: int = PIECE) -> list[slice]:
+        return [slice(start, min(start + size, self.numel)) for start in range(0, self.numel, size)]
+
+    def of(self, part: slice) -> Tensor:
+        if self.stored is not None:
+            return self.stored[part]
+        assert self.source is not None and self.dtype is not None
+        keys = patterns(self.source[part], self.dtype)
+        if self.grouped:
+            first = torch.arange(part.start, part.stop, device=keys.device, dtype=torch.int32)
+            keys += first.div_(self.group_numel, rounding_mode="floor").mul_(PATTERNS)
+        return keys
 
 
 def patterns(weight: Tensor, dtype: torch.dtype) -> Tensor:
-    """Each value's 16-bit pattern in ``dtype``, as int32 in ``[0, 65536)`` (two passes)."""
+    """Each value's 16-bit pattern in ``dtype``, as int32 in ``[0, 65536)``."""
     return weight.reshape(-1).to(dtype).view(torch.uint16).to(torch.int32)
 
 
 def distinct(weight: Tensor, layout: Layout, dtype: torch.dtype, compute: torch.dtype) -> Distinct:
-    keys = patterns(weight, dtype)
     groups = layout.groups
-    if groups > 1:
+    index: _Keys
+    if groups <= MAX_TABLE_GROUPS:  # (int32 keys: 64 groups x 65,536 patterns)
+        # the 16-bit copy is made once (a weight of another dtype would be converted in every pass)
+        index = _Keys(layout.numel, weight.reshape(-1).to(dtype), dtype, layout.group_numel, groups > 1)
+        table_counts = torch.zeros(groups * PATTERNS, dtype=torch.int64, device=weight.device)
+        for part in index.pieces(COUNT_PIECE):
+            table_counts += torch.bincount(index.of(part), minlength=groups * PATTERNS)
+        present = torch.nonzero(table_counts).flatten()
+        counts = table_counts[present]
+        table_size, per_group = groups * PATTERNS, PATTERNS
+    else:
+        keys = patterns(weight, dtype)
         # int64: group * 65536 overflows int32 beyond 32,768 groups
         group_of_row = torch.arange(layout.out, device=weight.device) // layout.group_size
         keys = (keys.view(layout.out, layout.row_len) + (group_of_row * PATTERNS)[:, None]).reshape(-1)
-    if groups <= MAX_TABLE_GROUPS:
-        keys = keys.to(torch.int32)
-        table_counts = torch.bincount(keys, minlength=groups * PATTERNS)
-        present = torch.nonzero(table_counts).flatten()
-        counts = table_counts[present]
-        index, table_size, per_group = keys, groups * PATTERNS, PATTERNS
-    else:
-        present, index, counts = torch.unique(keys, return_inverse=True, return_counts=True)
+        present, inverse, counts = torch.unique(keys, return_inverse=True, return_counts=True)
         table_size, per_group = 0, 0
     group = present // PATTERNS
     per = torch.bincount(group, minlength=groups)
@@ -102,7 +175,7 @@ def distinct(weight: Tensor, layout: Layout, dtype: torch.dtype, compute: torch.
     if table_size:
         slots[slot] = present
     else:  # torch.unique's inverse numbers the present keys in order: map them to slots
-        index = slot[index]
+        index = _Keys(layout.numel, stored=slot[inverse])
         slots[slot] = slot
         table_size, per_group = groups * width, width
     return Distinct(values.view(groups, width, 1), mass.view(groups, width), index, slots, table_size, per_group)
@@ -117,7 +190,8 @@ class UniqueDKMFunction(torch.autograd.Function):
         c, iters = op.iterate(values, counts, c0, tau, max_iters, tol, rows)
         soft = op.soft_output(values, c, tau, rows)
         out = found.expand(soft, weight.dtype).view(weight.shape)
-        ctx.save_for_backward(c, tau)
+        # the weight is saved so that autograd checks it is unchanged: backward reads its patterns again
+        ctx.save_for_backward(c, tau, weight)
         ctx.found, ctx.shape = found, weight.shape
         ctx.rows, ctx.max_terms, ctx.grad_tol, ctx.iters = rows, max(max_iters, 1), grad_tol, iters
         ctx.set_materialize_grads(False)
@@ -125,10 +199,10 @@ class UniqueDKMFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_c):  # type: ignore[override]
-        c, tau = ctx.saved_tensors
+        c, tau, _ = ctx.saved_tensors
         found: Distinct = ctx.found
         values, counts = found.values, found.counts
-        summed = None if grad_out is None else found.sum_per_slot(grad_out.to(values.dtype)).unsqueeze(-1)
+        summed = None if grad_out is None else found.sum_per_slot(grad_out, values.dtype).unsqueeze(-1)
         shared, jac = op.backward(
             values,
             counts,
@@ -143,10 +217,8 @@ class UniqueDKMFunction(torch.autograd.Function):
             want_jac=grad_out is not None,
         )
         share = torch.where(counts > 0, shared[..., 0] / counts.clamp_min(1), torch.zeros_like(counts))
-        dtype = values.dtype if grad_out is None else grad_out.dtype
-        per_weight = found.expand(share, dtype)
         if grad_out is None:
-            return per_weight.view(ctx.shape), None, None, None, None, None, None, None
-        slope = found.expand(jac, dtype)
-        grad = torch.addcmul(per_weight, grad_out.reshape(-1), slope).view(grad_out.shape)
-        return grad, None, None, None, None, None, None, None
+            return found.expand(share, values.dtype).view(ctx.shape), None, None, None, None, None, None, None
+        dtype = grad_out.dtype
+        grad = found.gather_affine(found.to_table(share, dtype), found.to_table(jac, dtype), grad_out)
+        return grad.view(grad_out.shape), None, None, None, None, None, None, None
