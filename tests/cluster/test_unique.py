@@ -188,6 +188,7 @@ def test_passes_in_pieces_equal_one_piece(monkeypatch, group_size):
     w_one, c_one, g_one = soft_both(weight, "auto", group_size=group_size)[1]
     monkeypatch.setattr(unique_mod, "PIECE", 7)  # pieces that split rows and groups
     monkeypatch.setattr(unique_mod, "COUNT_PIECE", 5)
+    monkeypatch.setattr(unique_mod, "SUM_PIECE", 6)
     w_many, c_many, g_many = soft_both(weight, "auto", group_size=group_size)[1]
     assert torch.equal(w_one, w_many) and torch.equal(c_one, c_many)
     assert_close(g_one, g_many, 1e-6)  # (the gradient sums add in other pieces)

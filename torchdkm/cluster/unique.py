@@ -23,6 +23,7 @@ forward and backward, and every temporary stays in cache.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -36,8 +37,11 @@ MAX_TABLE_GROUPS = 64
 PATTERNS = 1 << 16
 #: Weights per piece of a gather over the weights: the piece's patterns and temporaries stay in cache.
 PIECE = 1 << 17
-#: Weights per piece of a count (``bincount``): larger, as each piece also writes and adds a whole table.
-COUNT_PIECE = 1 << 17
+#: Weights per piece of a count (``bincount``): larger, as each piece also writes and adds a whole table
+#: (2**18 int32 patterns, 1 MiB, still stay in a core's cache).
+COUNT_PIECE = 1 << 18
+#: Weights per piece of a gradient sum: each piece is summed in the compute dtype, the pieces in float64.
+SUM_PIECE = 1 << 17
 
 
 @dataclass
@@ -70,40 +74,55 @@ class Distinct:
             torch.cat([self.keys.of(part) for part in self.keys.pieces()]) if self.numel else self.keys.of(slice(0, 0))
         )
 
+    @functools.cached_property
+    def live(self) -> tuple[Tensor, Tensor]:
+        """The slots holding a value (count > 0), and their entries in table space."""
+        live = torch.nonzero(self.counts.reshape(-1)).flatten()
+        return live, self.slots[live]
+
     def to_table(self, per_slot: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         """``(table_size,)`` table holding each slot's value at its entry."""
         flat = per_slot.reshape(-1)
         table = flat.new_zeros(self.table_size, dtype=dtype or flat.dtype)
-        live = self.counts.reshape(-1) > 0
-        table[self.slots[live]] = flat[live].to(table.dtype)
+        live, entries = self.live
+        table[entries] = flat[live].to(table.dtype)
         return table
 
     def expand(self, per_slot: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         """Each weight's slot value: ``(numel,)``."""
         table = self.to_table(per_slot, dtype)
         out = table.new_empty(self.numel)
+        bits, out_bits = _bits(table), _bits(out)
         for part in self.keys.pieces():
-            torch.index_select(table, 0, self.keys.of(part), out=out[part])
+            torch.index_select(bits, 0, self.keys.of(part), out=out_bits[part])
         return out
 
     def sum_per_slot(self, per_weight: Tensor, dtype: torch.dtype) -> Tensor:
         """Sum of ``per_weight`` over the weights of each slot: ``(G, U)`` in ``dtype``.
 
-        Each piece is summed in ``dtype`` (``bincount`` adds in sequence), the pieces in float64.
+        Each piece is summed in ``dtype`` (``bincount`` adds in sequence), the pieces in float64; only the
+        entries of slots holding a value are carried from piece to piece.
         """
         flat = per_weight.reshape(-1)
-        table = torch.zeros(self.table_size, dtype=torch.float64, device=flat.device)
-        for part in self.keys.pieces(COUNT_PIECE):
-            table += torch.bincount(self.keys.of(part), weights=flat[part].to(dtype), minlength=self.table_size)
-        return (table[self.slots].view_as(self.counts) * (self.counts > 0)).to(dtype)
+        live, entries = self.live
+        total = torch.zeros(live.numel(), dtype=torch.float64, device=flat.device)
+        for part in self.keys.pieces(SUM_PIECE):
+            piece = torch.bincount(self.keys.of(part), weights=flat[part].to(dtype), minlength=self.table_size)
+            total += piece[entries]
+        out = torch.zeros(self.counts.numel(), dtype=dtype, device=flat.device)
+        out[live] = total.to(dtype)
+        return out.view_as(self.counts)
 
     def gather_affine(self, shift: Tensor, slope: Tensor, grad: Tensor) -> Tensor:
         """``shift[slot] + grad * slope[slot]`` for every weight (tables of :meth:`to_table`), in ``grad``'s dtype."""
         flat = grad.reshape(-1)
         out = torch.empty_like(flat)
+        shift_bits, slope_bits = _bits(shift), _bits(slope)
         for part in self.keys.pieces():
             keys = self.keys.of(part)
-            torch.addcmul(shift.index_select(0, keys), flat[part], slope.index_select(0, keys), out=out[part])
+            a = shift_bits.index_select(0, keys).view(shift.dtype)
+            b = slope_bits.index_select(0, keys).view(slope.dtype)
+            torch.addcmul(a, flat[part], b, out=out[part])
         return out
 
 
@@ -123,7 +142,8 @@ class _Keys:
     grouped: bool = False
     stored: Tensor | None = None
 
-    def pieces(self, size: int = PIECE) -> list[slice]:
+    def pieces(self, size: int | None = None) -> list[slice]:
+        size = size or PIECE  # (read at call time: tests make the pieces small)
         return [slice(start, min(start + size, self.numel)) for start in range(0, self.numel, size)]
 
     def of(self, part: slice) -> Tensor:
@@ -135,6 +155,11 @@ class _Keys:
             first = torch.arange(part.start, part.stop, device=keys.device, dtype=torch.int32)
             keys += first.div_(self.group_numel, rounding_mode="floor").mul_(PATTERNS)
         return keys
+
+
+def _bits(table: Tensor) -> Tensor:
+    """A 16-bit float tensor viewed as int16 (``index_select`` copies 16-bit integers faster), others as they are."""
+    return table.view(torch.int16) if table.is_floating_point() and table.element_size() == 2 else table
 
 
 def patterns(weight: Tensor, dtype: torch.dtype) -> Tensor:
