@@ -11,7 +11,8 @@ and the batch order), then compress every Linear and every Embedding at each
 setting of :data:`SETTINGS` by
 - **DKM** (prepare, fine-tune with the task loss, finalize),
 - **k-means** (post-training, no training),
-- **uniform PTQ** (per-channel affine int at the same bits per weight), and
+- **uniform PTQ** (per-channel affine int at the same bits per weight, range by
+  clipping search; see :mod:`experiments.baselines`), and
 - **coremltools DKM** (``DKMPalettizer``, same bits/dim, same loop and budget,
   in a child process under a wall-time cap: on CPU it cannot finish the budget,
   so it gets the steps that fit and the table says how far it got);
@@ -25,7 +26,8 @@ embedding (mean pooling, as sentence-transformers) to the teacher's, and the
 overlap of each sentence's 10 nearest neighbours under the two models.
 
 Outputs: ``results/nlp.json``, ``results/nlp.md``, ``results/nlp_tradeoff.png``,
-``results/nlp_distill_tradeoff.png`` and ``results/nlp_histogram.png``.
+``results/nlp_distill_cosine.png``, ``results/nlp_distill_top10_overlap.png`` and
+``results/nlp_histogram.png`` (one layer's weights before and after DKM).
 """
 
 from __future__ import annotations
