@@ -8,6 +8,7 @@ spread over seeds).  Plots use matplotlib's Agg backend (no display needed).
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import platform
@@ -296,3 +297,25 @@ def pivot_table(rows: list[dict[str, Any]], methods: Sequence[str], settings: Se
             row.append("-" if cell is None else f"{fmt_mean(cell)} ({cell['factor']:.1f}x)")
         lines.append(row)
     return f"{label}\n\n" + markdown_table(head, lines)
+
+
+def experiment_parser(doc: str, tiny_help: str) -> argparse.ArgumentParser:
+    """The options every experiment has: --tiny, --seeds, --out, --no-progress."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help=f"{tiny_help} (what the tests run)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="default 0 1 2")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results directory (default %(default)s)")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def run_from_cli(options: Any, args: argparse.Namespace, run: Callable[[Any], Any], **changes: Any) -> int:
+    """Build the options (``options.tiny`` for --tiny), run, print the wall time."""
+    changes = {"out": args.out, "progress": not args.no_progress, **changes}
+    if args.seeds:
+        changes["seeds"] = tuple(args.seeds)
+    opts = options.tiny(**changes) if args.tiny else options(**changes)
+    start = time.perf_counter()
+    run(opts)
+    print(f"run time: {time.perf_counter() - start:.0f} s")
+    return 0

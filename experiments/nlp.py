@@ -32,7 +32,6 @@ Outputs: ``results/nlp.json``, ``results/nlp.md``, ``results/nlp_tradeoff.png``,
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import multiprocessing
@@ -57,6 +56,7 @@ from experiments.common import (
     Record,
     Results,
     dkm_bits_per_weight,
+    experiment_parser,
     fit,
     fmt_mean,
     human_bytes,
@@ -65,6 +65,7 @@ from experiments.common import (
     minibatches,
     plot_histograms,
     plot_tradeoff,
+    run_from_cli,
 )
 from experiments.fortunes import FORTUNES_DIR, Fortunes, Split, load_fortunes
 from torchdkm.integrations.distill import masked_mse
@@ -812,13 +813,10 @@ def tables(results: Results, opts: Options) -> str:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="a 1-layer, tiny-data smoke run (what the tests run)")
-    parser.add_argument("--seeds", type=int, nargs="+", help="default 0 1 2")
+    parser = experiment_parser(__doc__, "a 1-layer, tiny-data smoke run")
     parser.add_argument("--parts", nargs="+", choices=("classify", "distill"), help="default both")
-    parser.add_argument("--coreml-seconds", type=float, help="coremltools' training budget per run")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="results directory (default %(default)s)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, help="default: all")
+    parser.add_argument("--coreml-seconds", type=float, help="coremltools' training budget per run")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument(
         "--merge",
@@ -826,26 +824,19 @@ def cli(argv: list[str] | None = None) -> int:
         help="an earlier results JSON: its records of other methods are kept (a partial re-run), "
         "and the fp32 models are checked to be reproduced exactly",
     )
-    parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    changes: dict[str, Any] = {"out": args.out, "progress": not args.no_progress, "merge": args.merge}
+    changes: dict[str, Any] = {"merge": args.merge}
     if args.methods:
         if "coremltools DKM" in args.methods and "DKM" not in args.methods:
             parser.error("coremltools DKM is sized from the DKM run of the same setting: add DKM")
         changes["methods"] = tuple(args.methods)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.seeds:
-        changes["seeds"] = tuple(args.seeds)
     if args.parts:
         changes["parts"] = tuple(args.parts)
     if args.coreml_seconds is not None:
         changes["coreml_seconds"] = args.coreml_seconds
-    opts = Options.tiny(**changes) if args.tiny else Options(**changes)
-    start = time.perf_counter()
-    run(opts)
-    print(f"run time: {time.perf_counter() - start:.0f} s")
-    return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return run_from_cli(Options, args, run, **changes)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ and ``results/vision_histogram.png`` (one layer before/after DKM).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 import time
@@ -51,6 +50,7 @@ from experiments.common import (
     Record,
     Results,
     dkm_bits_per_weight,
+    experiment_parser,
     fit,
     fmt_mean,
     human_bytes,
@@ -60,6 +60,7 @@ from experiments.common import (
     pivot_table,
     plot_histograms,
     plot_tradeoff,
+    run_from_cli,
 )
 
 #: 4, 3, 2, 1 bits per weight (scalars; ``@1``: one 2-entry LUT per output channel, the
@@ -466,20 +467,8 @@ def tables(results: Results, opts: Options) -> str:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (what the tests run)")
-    parser.add_argument("--seeds", type=int, nargs="+", help="default 0 1 2")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="results directory (default %(default)s)")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    changes = {"out": args.out, "progress": not args.no_progress}
-    if args.seeds:
-        changes["seeds"] = tuple(args.seeds)
-    opts = Options.tiny(**changes) if args.tiny else Options(**changes)
-    start = time.perf_counter()
-    run(opts)
-    print(f"run time: {time.perf_counter() - start:.0f} s")
-    return 0
+    args = experiment_parser(__doc__, "a seconds-long smoke run").parse_args(argv)
+    return run_from_cli(Options, args, run)
 
 
 if __name__ == "__main__":

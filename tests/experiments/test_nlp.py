@@ -58,3 +58,9 @@ def test_coremltools_past_its_cap_is_reported_not_hidden(tmp_path: Path, fortune
     assert record.method == "coremltools DKM" and record.setting == "distill: fc:2/1" and record.metrics == {}
     assert "killed at the 2 s cap" in record.note and "no model to score" in record.note
     assert record.bytes == size.compressed_bytes
+
+
+def test_cli_refuses_coremltools_without_dkm() -> None:
+    with pytest.raises(SystemExit) as exit_:
+        nlp.cli(["--methods", "coremltools DKM"])
+    assert exit_.value.code == 2

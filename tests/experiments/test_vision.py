@@ -30,3 +30,10 @@ def test_tiny_vision_run_writes_every_method_and_ablation(tmp_path: Path) -> Non
     assert "coremltools DKM" in table and "Ablation: tau" in table
     for png in ("vision-tiny_tradeoff.png", "vision-tiny_histogram.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_tiny_run(tmp_path: Path, capsys) -> None:
+    from experiments.vision import cli
+
+    assert cli(["--tiny", "--no-progress", "--out", str(tmp_path)]) == 0
+    assert "run time:" in capsys.readouterr().out and (tmp_path / "vision-tiny.md").is_file()
