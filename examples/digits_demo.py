@@ -102,10 +102,7 @@ class Run:
     @property
     def bits_per_weight(self) -> float:
         """Index bits per clustered weight, averaged over the clustered weights (32 for fp32)."""
-        layers = self.report.layers
-        if not layers:
-            return 32.0
-        return sum(r.bits_per_weight * r.numel for r in layers) / sum(r.numel for r in layers)
+        return self.report.bits_per_weight
 
 
 @dataclass

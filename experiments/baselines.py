@@ -219,3 +219,9 @@ def unpalettized(model: nn.Module, setting: str, *, min_numel: int = 256) -> lis
         if torch.unique(module.weight.detach()).numel() > groups * 2**layer.bits * layer.dim:
             dense.append((name, module.weight.numel()))
     return dense
+
+
+def size_with_dense(report: torchdkm.Report, dense: list[tuple[str, int]]) -> int:
+    """``report``'s compressed size with the ``dense`` weights (name, numel) counted at fp32 instead."""
+    rows = {r.name: r for r in report.layers}
+    return report.compressed_bytes + sum(4 * numel - rows[f"{name}.weight"].bytes for name, numel in dense)

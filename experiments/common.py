@@ -193,13 +193,6 @@ def minibatches(n: int, batch_size: int) -> Callable[[torch.Generator], Iterator
     return epoch
 
 
-def dkm_bits_per_weight(report: torchdkm.Report) -> float:
-    layers = report.layers
-    if not layers:
-        return 32.0
-    return sum(r.bits_per_weight * r.numel for r in layers) / sum(r.numel for r in layers)
-
-
 def fmt_mean(row: dict[str, Any], scale: float = 100.0, digits: int = 2) -> str:
     if row["n"] == 1:
         return f"{scale * row['mean']:.{digits}f}"

@@ -50,12 +50,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import torchdkm
-from experiments.baselines import CoremlDKM, uniform_quantize_, uniform_size, unpalettized
+from experiments.baselines import CoremlDKM, size_with_dense, uniform_quantize_, uniform_size, unpalettized
 from experiments.common import (
     RESULTS,
     Record,
     Results,
-    dkm_bits_per_weight,
     experiment_parser,
     fit,
     fmt_mean,
@@ -292,7 +291,7 @@ def dkm(task: Task, base: nn.Module, setting: str, seed: int) -> tuple[nn.Module
         metrics,
         report.compressed_bytes,
         report.fp32_bytes,
-        dkm_bits_per_weight(report),
+        report.bits_per_weight,
         steps,
         seconds,
     )
@@ -309,7 +308,7 @@ def kmeans(task: Task, base: nn.Module, setting: str, seed: int) -> Record:
         task.score(model),
         report.compressed_bytes,
         report.fp32_bytes,
-        dkm_bits_per_weight(report),
+        report.bits_per_weight,
         0,
         time.perf_counter() - start,
     )
@@ -422,7 +421,7 @@ def coreml_record(job: CoremlJob, opts: Options, size: torchdkm.Report) -> Recor
         seed=job.seed,
         bytes=size.compressed_bytes,
         fp32_bytes=size.fp32_bytes,
-        bits_per_weight=dkm_bits_per_weight(size),
+        bits_per_weight=size.bits_per_weight,
         seconds=outcome.get("seconds", 0),
     )
     if result is None:
@@ -437,8 +436,7 @@ def coreml_record(job: CoremlJob, opts: Options, size: torchdkm.Report) -> Recor
     if result.get("first_step_seconds") is not None:
         note += f"; prepare + first step {result['first_step_seconds']:.0f} s"
     if result["dense"]:
-        rows = {r.name: r for r in size.layers}
-        base["bytes"] += sum(4 * numel - rows[f"{name}.weight"].bytes for name, numel in result["dense"])
+        base["bytes"] = size_with_dense(size, result["dense"])
         note += f"; left dense by coremltools: {', '.join(n for n, _ in result['dense'])}"
     return Record(metrics=result["metrics"], steps=steps, note=note.lstrip("; "), **base)
 

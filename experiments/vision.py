@@ -40,6 +40,7 @@ import torchdkm
 from examples.digits_demo import Data, DigitsCNN, load_data
 from experiments.baselines import (
     CoremlDKM,
+    size_with_dense,
     uniform_qat_,
     uniform_quantize_,
     uniform_size,
@@ -49,7 +50,6 @@ from experiments.common import (
     RESULTS,
     Record,
     Results,
-    dkm_bits_per_weight,
     experiment_parser,
     fit,
     fmt_mean,
@@ -165,7 +165,7 @@ def dkm(fp32: nn.Module, setting: str, data: Data, seed: int, opts: Options, **f
         metrics,
         report.compressed_bytes,
         report.fp32_bytes,
-        dkm_bits_per_weight(report),
+        report.bits_per_weight,
         steps,
         seconds,
     )
@@ -183,7 +183,7 @@ def kmeans(fp32: nn.Module, setting: str, data: Data, seed: int) -> Record:
         {"accuracy": accuracy(model, data)},
         report.compressed_bytes,
         report.fp32_bytes,
-        dkm_bits_per_weight(report),
+        report.bits_per_weight,
         0,
         time.perf_counter() - start,
     )
@@ -222,7 +222,7 @@ def coreml(
             {},
             size.compressed_bytes,
             size.fp32_bytes,
-            dkm_bits_per_weight(size),
+            size.bits_per_weight,
             0,
             time.perf_counter() - start,
             note,
@@ -234,8 +234,7 @@ def coreml(
     size_bytes = size.compressed_bytes
     dense = unpalettized(model, setting)
     if dense:
-        rows = {r.name: r for r in size.layers}
-        size_bytes += sum(4 * numel - rows[f"{name}.weight"].bytes for name, numel in dense)
+        size_bytes = size_with_dense(size, dense)
         note = f"{note}; left dense by coremltools: {', '.join(n for n, _ in dense)}".lstrip("; ")
     metrics = {"accuracy": accuracy(model, data), "ms_per_step": 1e3 * seconds / max(steps, 1)}
     record = Record(
@@ -245,7 +244,7 @@ def coreml(
         metrics,
         size_bytes,
         size.fp32_bytes,
-        dkm_bits_per_weight(size),
+        size.bits_per_weight,
         steps,
         seconds,
         note,

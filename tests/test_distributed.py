@@ -142,10 +142,22 @@ def _worker(rank: int, store: str, out: str) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("distributed")
-    out = folder / "results.pt"
-    mp.spawn(_worker, args=(str(folder / "store"), str(out)), nprocs=WORLD, join=True)
-    return torch.load(out)
+    """The 2-process runs; started a second time (fresh store) if the first start fails.
+
+    A start failed once in about ten full-suite runs on a 2-core machine and
+    never in isolation (not reproduced in 11 runs, loaded or idle); the first
+    error is printed, and a second failure fails the tests.
+    """
+    for attempt in (1, 2):
+        folder = tmp_path_factory.mktemp("distributed")
+        out = folder / "results.pt"
+        try:
+            mp.spawn(_worker, args=(str(folder / "store"), str(out)), nprocs=WORLD, join=True)
+            return torch.load(out)
+        except Exception as error:  # noqa: BLE001 - reported, then retried once
+            if attempt == 2:
+                raise
+            print(f"distributed start failed, retrying once: {type(error).__name__}: {error}", file=sys.stderr)
 
 
 @pytest.fixture(scope="module")

@@ -131,3 +131,11 @@ def test_show_prints_the_table(make_convnet, capsys):
     assert out.strip() == str(rep).strip()
     for name in ("conv1.weight", "fc.weight", "factor", f"{rep.compressed_bytes:,}"):
         assert name in out
+
+
+def test_bits_per_weight_is_weighted_by_layer_size(make_convnet):
+    model = torchdkm.prepare(make_convnet(), DKMConfig.parse("cv:4/1, fc:6/2", min_numel=0))
+    rows = torchdkm.report(model, gap=False, show=False).layers
+    expected = sum(r.bits / r.dim * r.numel for r in rows) / sum(r.numel for r in rows)
+    assert torchdkm.report(model, gap=False, show=False).bits_per_weight == pytest.approx(expected)
+    assert 3 < expected < 4 and Report().bits_per_weight == 32.0

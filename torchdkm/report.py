@@ -63,6 +63,13 @@ class Report:
     def factor(self) -> float:
         return self.fp32_bytes / max(self.compressed_bytes, 1)
 
+    @property
+    def bits_per_weight(self) -> float:
+        """Index bits per clustered weight, averaged over the clustered weights (32 when none is)."""
+        if not self.layers:
+            return 32.0
+        return sum(r.bits_per_weight * r.numel for r in self.layers) / sum(r.numel for r in self.layers)
+
     def to_dict(self) -> dict:
         return {
             "layers": [
