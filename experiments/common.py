@@ -144,7 +144,6 @@ def fit(
     after_step: Callable[[], None] | None = None,
     max_steps: int | None = None,
     deadline: float | None = None,
-    weight_decay: float = 0.0,
     progress: bool = True,
     train_mode: Callable[[nn.Module], None] | None = None,
 ) -> int:
@@ -158,7 +157,7 @@ def fit(
     """
     budget = epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)  # AdamW defaults to 0.01; no decay here
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(budget, 1))
     generator = torch.Generator().manual_seed(seed)
     step = 0

@@ -310,13 +310,14 @@ def _run(opts: Options) -> Results:
         start = time.perf_counter()
         steps = train(fp32, data, opts.epochs, seed, opts, f"fp32 s{seed}")
         report = torchdkm.report(fp32, show=False)
-        log_line(f"seed {seed}: fp32 {100 * accuracy(fp32, data):.2f} %")
+        fp32_accuracy = accuracy(fp32, data)
+        log_line(f"seed {seed}: fp32 {100 * fp32_accuracy:.2f} %")
         results.add(
             Record(
                 "fp32",
                 "-",
                 seed,
-                {"accuracy": accuracy(fp32, data)},
+                {"accuracy": fp32_accuracy},
                 report.fp32_bytes,
                 report.fp32_bytes,
                 32.0,
