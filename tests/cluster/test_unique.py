@@ -1,15 +1,28 @@
-"""Uniquification: DKM once per distinct 16-bit value must equal DKM on every weight."""
+"""Uniquification: DKM once per distinct 16-bit value must equal DKM on every weight.
+
+Every test runs twice: with the native loops (``torchdkm.cluster.native``) and
+with the torch code they replace.
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from torchdkm.cluster import Layout, WeightClusterer
+from torchdkm.cluster import Layout, WeightClusterer, native
 from torchdkm.cluster import unique as unique_mod
 from torchdkm.config import LayerConfig
 
 F64 = torch.float64
+
+
+@pytest.fixture(autouse=True, params=["native", "torch"])
+def backend(request, monkeypatch):
+    """Run the test on the native loops, then on the torch code."""
+    monkeypatch.setenv("TORCHDKM_NATIVE", "1" if request.param == "native" else "0")
+    if request.param == "native" and native.kernels() is None:
+        pytest.skip("no C compiler here: tests/cluster/test_native.py says whether one was expected")
+    return request.param
 
 
 def rounded(shape, dtype, *, seed=0, scale=1.0):
@@ -182,13 +195,18 @@ def test_unique_equals_exact_with_more_than_32768_groups():
 
 
 @pytest.mark.parametrize("group_size", [None, 4])
-def test_passes_in_pieces_equal_one_piece(monkeypatch, group_size):
-    """Counting, gathering and summing over the weights piece by piece (patterns recomputed) changes nothing."""
+def test_passes_in_pieces_equal_one_piece(monkeypatch, group_size, backend):
+    """Counting, gathering and summing over the weights piece by piece (patterns recomputed) changes nothing.
+
+    (torch code: pieces; native loops: chunks on several threads, and float32 blocks in the sums.)
+    """
     weight = rounded((12, 16), torch.bfloat16, seed=7)
     w_one, c_one, g_one = soft_both(weight, "auto", group_size=group_size)[1]
     monkeypatch.setattr(unique_mod, "PIECE", 7)  # pieces that split rows and groups
     monkeypatch.setattr(unique_mod, "COUNT_PIECE", 5)
     monkeypatch.setattr(unique_mod, "SUM_PIECE", 6)
+    monkeypatch.setattr(native, "MIN_PARALLEL", 1)
+    torch.set_num_threads(3)  # (the conftest fixture restores the thread count)
     w_many, c_many, g_many = soft_both(weight, "auto", group_size=group_size)[1]
     assert torch.equal(w_one, w_many) and torch.equal(c_one, c_many)
     assert_close(g_one, g_many, 1e-6)  # (the gradient sums add in other pieces)

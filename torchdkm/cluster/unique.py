@@ -15,10 +15,11 @@ own share: ``g_i * (2/tau) Var_A(c)`` (the output's own slope, per weight) plus
 rounded value.
 
 Every pass over the weights (count, gather the output, sum the gradients,
-gather each weight's share) runs in pieces of ``PIECE`` weights whose bit
-patterns are read again from the weight in the 16-bit dtype (the weight
-itself, or one 16-bit copy of a wider one): no int32 index is kept between
-forward and backward, and every temporary stays in cache.
+gather each weight's share) reads the bit patterns again from the weight in the
+16-bit dtype (the weight itself, or one 16-bit copy of a wider one): no int32
+index is kept between forward and backward.  On the CPU each pass is one native
+loop (:mod:`.native`); elsewhere, or without a C compiler, torch ops run it in
+pieces of ``PIECE`` weights, so every temporary stays in cache.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import op
+from . import native, op
 from .layout import Layout
 
 #: Above this many groups, ``torch.unique`` replaces the ``bincount`` table.
@@ -91,6 +92,10 @@ class Distinct:
     def expand(self, per_slot: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         """Each weight's slot value: ``(numel,)``."""
         table = self.to_table(per_slot, dtype)
+        fast = self.keys.native(table)
+        out = None if fast is None else native.expand(*fast, table)
+        if out is not None:
+            return out
         out = table.new_empty(self.numel)
         bits, out_bits = _bits(table), _bits(out)
         for part in self.keys.pieces():
@@ -105,17 +110,29 @@ class Distinct:
         """
         flat = per_weight.reshape(-1)
         live, entries = self.live
-        total = torch.zeros(live.numel(), dtype=torch.float64, device=flat.device)
-        for part in self.keys.pieces(SUM_PIECE):
-            piece = torch.bincount(self.keys.of(part), weights=flat[part].to(dtype), minlength=self.table_size)
-            total += piece[entries]
+        fast = self.keys.native(flat)
+        table = None if fast is None else native.sum_per_key(*fast, flat, entries, self.table_size)
+        if table is not None:  # (summed in float64 throughout)
+            total = table[entries]
+        else:
+            total = torch.zeros(live.numel(), dtype=torch.float64, device=flat.device)
+            for part in self.keys.pieces(SUM_PIECE):
+                piece = torch.bincount(self.keys.of(part), weights=flat[part].to(dtype), minlength=self.table_size)
+                total += piece[entries]
         out = torch.zeros(self.counts.numel(), dtype=dtype, device=flat.device)
         out[live] = total.to(dtype)
         return out.view_as(self.counts)
 
-    def gather_affine(self, shift: Tensor, slope: Tensor, grad: Tensor) -> Tensor:
-        """``shift[slot] + grad * slope[slot]`` for every weight (tables of :meth:`to_table`), in ``grad``'s dtype."""
+    def gather_affine(self, shift_per_slot: Tensor, slope_per_slot: Tensor, grad: Tensor) -> Tensor:
+        """``shift[slot] + grad * slope[slot]`` for every weight, in ``grad``'s dtype."""
         flat = grad.reshape(-1)
+        fast = self.keys.native(flat)
+        if fast is not None:  # float32 tables: the loop computes in float32 and rounds once
+            shift, slope = (self.to_table(t, torch.float32) for t in (shift_per_slot, slope_per_slot))
+            out = native.affine(*fast, shift, slope, flat)
+            if out is not None:
+                return out
+        shift, slope = (self.to_table(t, grad.dtype) for t in (shift_per_slot, slope_per_slot))
         out = torch.empty_like(flat)
         shift_bits, slope_bits = _bits(shift), _bits(slope)
         for part in self.keys.pieces():
@@ -146,6 +163,13 @@ class _Keys:
         size = size or PIECE  # (read at call time: tests make the pieces small)
         return [slice(start, min(start + size, self.numel)) for start in range(0, self.numel, size)]
 
+    def native(self, *others: Tensor) -> tuple[Tensor, int] | None:
+        """The 16-bit patterns and the weights per group, for :mod:`.native`; ``None`` where its loops cannot run."""
+        if self.source is None or not self.numel or not native.usable(self.source, *others):
+            return None
+        source = self.source.contiguous().view(torch.uint16)
+        return source, self.group_numel if self.grouped else self.numel
+
     def of(self, part: slice) -> Tensor:
         if self.stored is not None:
             return self.stored[part]
@@ -173,9 +197,13 @@ def distinct(weight: Tensor, layout: Layout, dtype: torch.dtype, compute: torch.
     if groups <= MAX_TABLE_GROUPS:  # (int32 keys: 64 groups x 65,536 patterns)
         # the 16-bit copy is made once (a weight of another dtype would be converted in every pass)
         index = _Keys(layout.numel, weight.reshape(-1).to(dtype), dtype, layout.group_numel, groups > 1)
-        table_counts = torch.zeros(groups * PATTERNS, dtype=torch.int64, device=weight.device)
-        for part in index.pieces(COUNT_PIECE):
-            table_counts += torch.bincount(index.of(part), minlength=groups * PATTERNS)
+        fast = index.native()
+        if fast is not None:
+            table_counts = native.count(*fast, groups * PATTERNS)
+        else:
+            table_counts = torch.zeros(groups * PATTERNS, dtype=torch.int64, device=weight.device)
+            for part in index.pieces(COUNT_PIECE):
+                table_counts += torch.bincount(index.of(part), minlength=groups * PATTERNS)
         present = torch.nonzero(table_counts).flatten()
         counts = table_counts[present]
         table_size, per_group = groups * PATTERNS, PATTERNS
@@ -244,6 +272,5 @@ class UniqueDKMFunction(torch.autograd.Function):
         share = torch.where(counts > 0, shared[..., 0] / counts.clamp_min(1), torch.zeros_like(counts))
         if grad_out is None:
             return found.expand(share, values.dtype).view(ctx.shape), None, None, None, None, None, None, None
-        dtype = grad_out.dtype
-        grad = found.gather_affine(found.to_table(share, dtype), found.to_table(jac, dtype), grad_out)
+        grad = found.gather_affine(share, jac, grad_out)
         return grad.view(grad_out.shape), None, None, None, None, None, None, None

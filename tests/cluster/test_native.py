@@ -1,0 +1,177 @@
+"""The native loops over 16-bit patterns against plain torch, and their fallbacks."""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+
+import pytest
+import torch
+
+from torchdkm.cluster import native
+
+PATTERNS = 1 << 16
+
+
+@pytest.fixture
+def loops(monkeypatch):
+    monkeypatch.setenv("TORCHDKM_NATIVE", "1")
+    if native.kernels() is None:
+        pytest.skip("no native loops here (test_builds_where_a_compiler_exists says whether that is expected)")
+    return native
+
+
+@pytest.fixture(params=[1, 3], ids=["one-chunk", "three-threads"])
+def threads(request, monkeypatch):
+    """One chunk, or three chunks on three threads (boundaries inside groups)."""
+    monkeypatch.setattr(native, "MIN_PARALLEL", 1)
+    torch.set_num_threads(request.param)  # (restored by the conftest fixture)
+    return request.param
+
+
+def test_builds_where_a_compiler_exists(monkeypatch):
+    monkeypatch.setenv("TORCHDKM_NATIVE", "1")
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler on this machine")
+    assert native.kernels() is not None, "a C compiler exists but the native loops did not build"
+
+
+def weights(numel: int, dtype=torch.bfloat16, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(numel, generator=g) * 0.05).to(dtype)
+    w[::7] = w[0]  # repeated patterns
+    return w
+
+
+def keys_of(w: torch.Tensor, group_numel: int) -> torch.Tensor:
+    """Reference: each weight's entry in table space (pattern + 65536 x group)."""
+    patterns = w.view(torch.uint16).to(torch.int64)
+    return patterns + PATTERNS * (torch.arange(w.numel()) // group_numel)
+
+
+CASES = [(1000, 1000), (1000, 300), (999, 111), (64, 1)]  # (numel, weights per group), last group partial
+
+
+@pytest.mark.parametrize(("numel", "group_numel"), CASES)
+def test_count(loops, threads, numel, group_numel):
+    w = weights(numel)
+    groups = -(-numel // group_numel)
+    table = loops.count(w.view(torch.uint16), group_numel, groups * PATTERNS)
+    assert torch.equal(table, torch.bincount(keys_of(w, group_numel), minlength=groups * PATTERNS))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize(("numel", "group_numel"), CASES)
+def test_expand(loops, threads, dtype, numel, group_numel):
+    w = weights(numel)
+    groups = -(-numel // group_numel)
+    table = torch.randn(groups * PATTERNS).to(dtype)
+    table[7] = float("nan")  # bits are copied as they are
+    out = loops.expand(w.view(torch.uint16), group_numel, table)
+    expected = table[keys_of(w, group_numel)]
+    assert out.dtype == dtype and torch.equal(out.view(-1).view(torch.uint8), expected.view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("numel", "group_numel"), CASES)
+def test_sum_per_key(loops, threads, dtype, numel, group_numel):
+    w = weights(numel)
+    groups = -(-numel // group_numel)
+    values = torch.randn(numel).to(dtype)
+    keys = keys_of(w, group_numel)
+    live = torch.unique(keys)
+    table = loops.sum_per_key(w.view(torch.uint16), group_numel, values, live, groups * PATTERNS)
+    expected = torch.zeros(groups * PATTERNS, dtype=torch.float64).index_add_(0, keys, values.double())
+    assert table.dtype == torch.float64
+    torch.testing.assert_close(table, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_sum_blocks_carry_every_live_key(loops, monkeypatch):
+    """More weights than one float32 block (2**17): each block's sums reach the float64 table."""
+    numel = (1 << 17) * 2 + 5
+    w = weights(numel, seed=3)
+    values = torch.full((numel,), 0.25)
+    keys = keys_of(w, numel)
+    table = loops.sum_per_key(w.view(torch.uint16), numel, values, torch.unique(keys), PATTERNS)
+    assert torch.equal(table, torch.bincount(keys, minlength=PATTERNS).double() * 0.25)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("numel", "group_numel"), CASES)
+def test_affine(loops, threads, dtype, numel, group_numel):
+    w = weights(numel)
+    groups = -(-numel // group_numel)
+    shift, slope = torch.randn(groups * PATTERNS), torch.randn(groups * PATTERNS)
+    grad = torch.randn(numel).to(dtype)
+    grad[3] = float("nan")
+    out = loops.affine(w.view(torch.uint16), group_numel, shift, slope, grad)
+    keys = keys_of(w, group_numel)
+    expected = (shift[keys] + grad.float() * slope[keys]).to(dtype)  # float32, rounded once
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)
+
+
+def test_dtypes_without_a_loop_return_none(loops):
+    w = weights(10)
+    p = w.view(torch.uint16)
+    assert loops.sum_per_key(p, 10, torch.ones(10, dtype=torch.float16), torch.arange(3), PATTERNS) is None
+    assert loops.affine(p, 10, torch.zeros(PATTERNS), torch.zeros(PATTERNS), torch.ones(10, dtype=torch.float64)) is None
+    assert loops.expand(p, 10, torch.zeros(PATTERNS, dtype=torch.uint8)) is None
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv("TORCHDKM_NATIVE", "0")
+    assert native.kernels() is None
+    assert not native.usable(torch.zeros(1))
+
+
+def test_a_failed_build_warns_and_falls_back(monkeypatch, tmp_path):
+    """No compiler: one warning naming it, ``kernels()`` is None, and uniquified DKM still runs (torch code)."""
+    monkeypatch.setenv("TORCHDKM_NATIVE", "1")
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("TORCHDKM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(native, "_loaded", None)
+    with pytest.warns(UserWarning, match="no-such-cc"):
+        assert native.kernels() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # tried once per process: no second warning
+        assert native.kernels() is None
+
+    from torchdkm.cluster import WeightClusterer
+    from torchdkm.config import LayerConfig
+
+    weight = weights(64).view(8, 8).requires_grad_(True)
+    clusterer = WeightClusterer("layer", LayerConfig(bits=2, min_numel=0), weight.shape)
+    out = clusterer.soft(weight, clusterer.init(weight)).weight
+    out.float().sum().backward()
+    assert weight.grad is not None and bool(torch.isfinite(weight.grad.float()).all())
+
+
+def test_a_compiler_error_warns_with_its_message(monkeypatch, tmp_path):
+    """A compiler that fails: the warning carries its message, and nothing half-built is left in the cache."""
+    fake = tmp_path / "bad-cc"
+    fake.write_text("#!/bin/sh\necho 'bad-cc: cannot compile' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("TORCHDKM_NATIVE", "1")
+    monkeypatch.setenv("CC", str(fake))
+    monkeypatch.setenv("TORCHDKM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(native, "_loaded", None)
+    with pytest.warns(UserWarning, match="cannot compile"):
+        assert native.kernels() is None
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_build_is_cached(monkeypatch, tmp_path):
+    """The compiled loops go to the cache folder once; a fresh process state loads them from there."""
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler on this machine")
+    monkeypatch.setenv("TORCHDKM_NATIVE", "1")
+    monkeypatch.setenv("TORCHDKM_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "_loaded", None)
+    assert native.kernels() is not None
+    built = list(tmp_path.glob("pattern_kernels-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    monkeypatch.setattr(native, "_loaded", None)
+    assert native.kernels() is not None
+    assert built[0].stat().st_mtime_ns == stamp
