@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 LIB_ORDER = {"none": 0, "torchdkm": 1, "coremltools": 2}
-VARIANT_ORDER = {"default": 0, "exact": 1, "bf16": 2}
-DTYPE_OF_VARIANT = {"bf16": "bfloat16"}
+VARIANT_ORDER = {"default": 0, "exact": 1, "bf16": 2, "bf16-torch": 3}
+DTYPE_OF_VARIANT = {"bf16": "bfloat16", "bf16-torch": "bfloat16"}
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,8 @@ def step_passes(result: dict[str, Any], results: dict, passes: dict[tuple[str, s
 def overhead_passes(result: dict[str, Any], results: dict[tuple, dict[str, Any]], passes: dict) -> Bounded:
     """(step - the plain layer's step) in elementwise passes: what clustering adds to the floor."""
     case = result["case"]
-    plain = results.get(("none", "bf16" if case["variant"] == "bf16" else "default", case["size"], 0, 0))
+    bf16 = DTYPE_OF_VARIANT.get(case["variant"]) == "bfloat16"
+    plain = results.get(("none", "bf16" if bf16 else "default", case["size"], 0, 0))
     step, floor = metric(result, "step_s"), metric(plain, "step_s")
     if step.value is None or floor.value is None or floor.bound or plain is result:
         return Bounded(None)
@@ -124,7 +125,7 @@ def compute_ratios(results: dict[tuple, dict[str, Any]]) -> list[dict[str, Any]]
     for key, mine in sorted(results.items(), key=lambda item: sort_key(item[1])):
         library, variant, size, bits, dim = key
         theirs = results.get(("coremltools", "default", size, bits, dim))
-        if library != "torchdkm" or variant == "bf16" or theirs is None:
+        if library != "torchdkm" or variant in DTYPE_OF_VARIANT or theirs is None:
             continue
         rows.append(
             {
@@ -385,7 +386,7 @@ How each number is measured (details: `bench/_dkm_worker.py`):
 
 def _run_line(run: dict[str, Any]) -> str:
     """One run's command, time, load and the torchdkm code it measured."""
-    code = f"git HEAD {(run.get('git_head') or '?')[:12]} + working tree, torchdkm/*.py sha256 "
+    code = f"git HEAD {(run.get('git_head') or '?')[:12]} + working tree, torchdkm sources sha256 "
     code += str(run.get("torchdkm_source_sha256", "?"))
     load = f"load average {run.get('load_before', 0):.2f} -> {run.get('load_after', 0):.2f}"
     return f"- Command: `{run['command']}` (run {run['id']}, {load}; {code})"

@@ -56,8 +56,11 @@ LIBRARIES = ("torchdkm", "coremltools")
 #: The reference rows: the same training step on the plain layer, no clustering (bits = dim = 0).
 REFERENCE = "none"
 #: torchdkm variants: "default" (fp32 weights, cluster_dtype="auto": uniquified in float16 for dim 1),
-#: "exact" (cluster_dtype="exact") and "bf16" (bfloat16 weights, uniquified losslessly in bfloat16).
-VARIANTS = ("default", "exact", "bf16")
+#: "exact" (cluster_dtype="exact"), "bf16" (bfloat16 weights, uniquified losslessly in bfloat16) and
+#: "bf16-torch" (the same with TORCHDKM_NATIVE=0: the uniquified passes as torch ops, not native loops).
+VARIANTS = ("default", "exact", "bf16", "bf16-torch")
+#: The variants whose layer is in bfloat16.
+BF16_VARIANTS = ("bf16", "bf16-torch")
 
 
 @dataclass(frozen=True)
@@ -84,7 +87,7 @@ class Case:
 
     @property
     def dtype(self) -> torch.dtype:
-        return torch.bfloat16 if self.variant == "bf16" else torch.float32
+        return torch.bfloat16 if self.variant in BF16_VARIANTS else torch.float32
 
     @property
     def numel(self) -> int:
@@ -205,6 +208,8 @@ class TorchdkmPalettizer:
         import torchdkm
 
         self._torchdkm = torchdkm
+        if case.variant == "bf16-torch":
+            os.environ["TORCHDKM_NATIVE"] = "0"  # read at every call: set before the first step
         layer = torchdkm.LayerConfig(
             bits=case.bits,
             dim=case.dim,

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import hashlib
 import importlib.metadata
 import json
 import math
@@ -45,8 +44,9 @@ from typing import Any
 import torch
 
 from bench import _dkm_report as report
-from bench._dkm_worker import LIBRARIES, REFERENCE, VARIANTS, Case, make_weight
+from bench._dkm_worker import BF16_VARIANTS, LIBRARIES, REFERENCE, VARIANTS, Case, make_weight
 from torchdkm import LayerConfig
+from torchdkm._source import source_digest
 from torchdkm.cluster import WeightClusterer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,7 +88,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sizes", nargs="+", default=["256K", "1M", "4M"], help="256K, 1M, 4M, 4K, 64x64...")
     p.add_argument("--bits", nargs="+", default=["2", "4"])
     p.add_argument("--dims", nargs="+", default=["1", "2"])
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), help="torchdkm rows (exact, bf16: dim 1 only)")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), help="torchdkm rows (exact, bf16, bf16-torch: dim 1 only)")
     p.add_argument("--only", choices=LIBRARIES, help="run one library only")
     p.add_argument("--steps", type=int, default=5, help="timed steps after the first (torchdkm, plain)")
     p.add_argument("--cml-steps", type=int, default=3, help="timed steps after the first (coremltools)")
@@ -176,14 +176,6 @@ def _git_head() -> str | None:
     return done.stdout.strip() or None
 
 
-def source_digest(package: Path) -> str:
-    """SHA-256 over the package's ``.py`` files (path + contents): which torchdkm code was measured."""
-    digest = hashlib.sha256()
-    for path in sorted(package.rglob("*.py")):
-        digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
 def _read_lines(path: str) -> list[str]:
     try:
         return Path(path).read_text().splitlines()
@@ -216,7 +208,7 @@ def time_pass(out_features: int, in_features: int, dtype: torch.dtype, reps: int
 
 def measure_passes(args: argparse.Namespace, store: ResultStore, run_id: str) -> None:
     dtypes = ["float32"] + (
-        ["bfloat16"] if "bf16" in args.variants and 1 in args.dims and args.only != "coremltools" else []
+        ["bfloat16"] if wants_bf16(args) and args.only != "coremltools" else []
     )
     for label, out, inp in args.sizes:
         for dtype in dtypes:
@@ -331,14 +323,18 @@ def make_case(args: argparse.Namespace, library: str, variant: str, size: tuple,
     return Case(library, variant, *size, bits=bits, dim=dim, **settings)
 
 
+def wants_bf16(args: argparse.Namespace) -> bool:
+    return bool(set(args.variants) & set(BF16_VARIANTS)) and 1 in args.dims
+
+
 def reference_cases(args: argparse.Namespace, size: tuple[str, int, int]) -> list[Case]:
     """The plain layer's training step (no clustering), in every dtype the torchdkm rows use."""
-    variants = ["default"] + (["bf16"] if "bf16" in args.variants and 1 in args.dims else [])
+    variants = ["default"] + (["bf16"] if wants_bf16(args) else [])
     return [make_case(args, REFERENCE, v, size, 0, 0, iters=0, tau=0.0) for v in variants]
 
 
 def torchdkm_cases(args: argparse.Namespace, size: tuple[str, int, int], bits: int, dim: int) -> list[Case]:
-    """The default row, plus ``exact`` and ``bf16`` at dim 1."""
+    """The default row, plus ``exact`` and the bfloat16 rows at dim 1."""
     variants = [v for v in args.variants if v == "default" or dim == 1]
     return [make_case(args, "torchdkm", v, size, bits, dim) for v in variants]
 
@@ -414,7 +410,7 @@ def measure(args: argparse.Namespace, store: ResultStore) -> None:
         "command": args.command,
         "load_before": os.getloadavg()[0],
         "git_head": _git_head(),
-        "torchdkm_source_sha256": source_digest(ROOT / "torchdkm"),
+        "torchdkm_source_sha256": source_digest(ROOT / "torchdkm")  # (this checkout's sources, whatever is installed),
     }
     measure_passes(args, store, run_id)
     run_grid(args, store, run_id)

@@ -9,7 +9,6 @@ spread over seeds).  Plots use matplotlib's Agg backend (no display needed).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import platform
 import statistics
@@ -26,6 +25,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 import torchdkm
+from torchdkm._source import source_digest
 
 RESULTS = Path("results")
 
@@ -111,12 +111,9 @@ def environment() -> dict[str, Any]:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
         commit = ""
-    source = hashlib.sha256()
-    for path in sorted(Path(torchdkm.__file__).parent.rglob("*.py")):
-        source.update(path.read_bytes())
     return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "torchdkm_source_sha256": source.hexdigest()[:16],
+        "torchdkm_source_sha256": source_digest(),
         "torchdkm_path": str(Path(torchdkm.__file__).parent),
         "torch": torch.__version__,
         "torchdkm": torchdkm.__version__,

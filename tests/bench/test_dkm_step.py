@@ -46,8 +46,11 @@ def tiny_case(worker: ModuleType, library: str = "torchdkm", variant: str = "def
     return worker.Case(library, variant, "64x64", 64, 64, bits=4, dim=dim, steps=1, iters=3, tau=tau)
 
 
-@pytest.mark.parametrize(("variant", "dim"), [("default", 1), ("exact", 1), ("bf16", 1), ("default", 2)])
-def test_torchdkm_case_measures_everything(worker: ModuleType, variant: str, dim: int) -> None:
+@pytest.mark.parametrize(
+    ("variant", "dim"), [("default", 1), ("exact", 1), ("bf16", 1), ("bf16-torch", 1), ("default", 2)]
+)
+def test_torchdkm_case_measures_everything(worker: ModuleType, variant: str, dim: int, monkeypatch) -> None:
+    monkeypatch.setenv("TORCHDKM_NATIVE", "1")  # (bf16-torch sets it to 0 in-process: restored after the test)
     result = worker.measure(tiny_case(worker, variant=variant, dim=dim))
     assert result["status"] == "ok"
     assert len(result["step_times_s"]) == 1
