@@ -175,3 +175,19 @@ def test_build_is_cached(monkeypatch, tmp_path):
     monkeypatch.setattr(native, "_loaded", None)
     assert native.kernels() is not None
     assert built[0].stat().st_mtime_ns == stamp
+
+
+
+def test_a_forked_process_starts_its_own_thread_pool(loops, monkeypatch):
+    """A pool started before a fork has no threads in the child: the child (another pid) starts its own.
+
+    (Simulated by another pid: a real forked child would hang in torch's own OpenMP regions first.)
+    """
+    monkeypatch.setattr(native, "MIN_PARALLEL", 1)
+    torch.set_num_threads(2)
+    p = weights(1000).view(torch.uint16)
+    first = loops.count(p, 1000, PATTERNS)
+    pool = native._pool[0]
+    monkeypatch.setattr(native.os, "getpid", lambda: -1)
+    assert torch.equal(loops.count(p, 1000, PATTERNS), first)
+    assert native._pool[0] is not pool and native._pool[2] == -1

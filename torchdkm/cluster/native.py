@@ -43,7 +43,7 @@ MIN_PARALLEL = 1 << 20
 
 _lock = threading.Lock()
 _loaded: tuple[ctypes.CDLL | None] | None = None  # (library or None,) once a build was tried
-_pool: ThreadPoolExecutor | None = None
+_pool: tuple[ThreadPoolExecutor, int, int] | None = None  # (pool, its size, the process that made it)
 
 
 def enabled() -> bool:
@@ -140,9 +140,10 @@ def _run(jobs: list) -> list:
     global _pool
     if len(jobs) == 1:
         return [jobs[0]()]
-    if _pool is None or _pool._max_workers < len(jobs):  # noqa: SLF001 (grow with torch's thread count)
-        _pool = ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="torchdkm")
-    return list(_pool.map(lambda job: job(), jobs))
+    # a new pool when torch's thread count grew, or in a forked child (the parent's threads are not there)
+    if _pool is None or _pool[1] < len(jobs) or _pool[2] != os.getpid():
+        _pool = (ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="torchdkm"), len(jobs), os.getpid())
+    return list(_pool[0].map(lambda job: job(), jobs))
 
 
 def _ptr(tensor: Tensor, offset: int = 0) -> int:
