@@ -169,7 +169,7 @@ def test_build_is_cached(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCHDKM_CACHE", str(tmp_path))
     monkeypatch.setattr(native, "_loaded", None)
     assert native.kernels() is not None
-    built = list(tmp_path.glob("pattern_kernels-*.so"))
+    built = list(tmp_path.glob("native_loops-*.so"))
     assert len(built) == 1
     stamp = built[0].stat().st_mtime_ns
     monkeypatch.setattr(native, "_loaded", None)
@@ -191,3 +191,30 @@ def test_a_forked_process_starts_its_own_thread_pool(loops, monkeypatch):
     monkeypatch.setattr(native.os, "getpid", lambda: -1)
     assert torch.equal(loops.count(p, 1000, PATTERNS), first)
     assert native._pool[0] is not pool and native._pool[2] == -1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("transposed", [False, True], ids=["contiguous", "strided"])
+def test_scatter_equals_torch_scatter_add(loops, dtype, transposed):
+    g = torch.Generator().manual_seed(1)
+    cols, items, bins = 5, 3000, 17
+    keys = torch.randint(0, bins, (items,), generator=g).to(torch.uint8)  # (any integer dtype)
+    src = torch.randn(items, cols, generator=g).to(dtype).t() if transposed else torch.randn(cols, items).to(dtype)
+    sums = torch.randn(cols, bins, dtype=torch.float64)
+    expected = sums.clone().scatter_add_(1, keys.long().expand(cols, -1), src.double())
+    assert loops.scatter(sums, keys, src) is True
+    torch.testing.assert_close(sums, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_scatter_rejects_a_key_out_of_range_and_adds_nothing(loops):
+    sums = torch.zeros(2, 4, dtype=torch.float64)
+    with pytest.raises(IndexError, match="key 4 at item 2 is outside"):
+        loops.scatter(sums, torch.tensor([0, 1, 4]), torch.ones(2, 3))
+    assert not sums.any()
+
+
+def test_scatter_declines_what_it_does_not_take(loops):
+    keys = torch.zeros(3, dtype=torch.long)
+    assert loops.scatter(torch.zeros(2, 4), keys, torch.ones(2, 3)) is False  # float32 sums
+    assert loops.scatter(torch.zeros(4, 2, dtype=torch.float64).t(), keys, torch.ones(2, 3)) is False  # strided
+    assert loops.scatter(torch.zeros(2, 4, dtype=torch.float64), keys, torch.ones(2, 3).half()) is False

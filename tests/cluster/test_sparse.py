@@ -1,5 +1,6 @@
 """Top-m sparse DKM (``torchdkm.cluster.sparse``): equal to the dense op with every centroid kept, close to it
-with a few, and the dropped-mass bound it reports is a true bound."""
+with a few, and the dropped-mass bound it reports is a true bound.  Every test runs with the native
+scatter-adds and with the torch code."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from torchdkm.cluster.hard import nearest_two
 from torchdkm.config import LayerConfig
 
 F64 = torch.float64
+
+pytestmark = pytest.mark.usefixtures("backend")  # (tests/cluster/conftest.py: native loops, then torch code)
 
 
 def problem(groups, n, d, k, *, seed=0, with_m=False, pad=0, dtype=F64):

@@ -15,14 +15,7 @@ from torchdkm.config import LayerConfig
 
 F64 = torch.float64
 
-
-@pytest.fixture(autouse=True, params=["native", "torch"])
-def backend(request, monkeypatch):
-    """Run the test on the native loops, then on the torch code."""
-    monkeypatch.setenv("TORCHDKM_NATIVE", "1" if request.param == "native" else "0")
-    if request.param == "native" and native.kernels() is None:
-        pytest.skip("no C compiler here: tests/cluster/test_native.py says whether one was expected")
-    return request.param
+pytestmark = pytest.mark.usefixtures("backend")  # (tests/cluster/conftest.py: native loops, then torch code)
 
 
 def rounded(shape, dtype, *, seed=0, scale=1.0):

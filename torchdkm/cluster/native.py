@@ -1,11 +1,13 @@
-"""Native CPU loops for the passes over 16-bit patterns, with the torch code in ``unique`` as the fallback.
+"""Native CPU loops for the hottest passes, with the torch code they replace as the fallback.
 
 Why: uniquified DKM makes four passes over the weights every step (count the
 patterns, gather the soft weight, sum the gradient per pattern, gather each
 weight's gradient).  In torch each is a ``bincount`` or ``index_select`` on the
 patterns widened to int32: 5 to 6 elementwise passes apiece over 4M bf16
 weights (min/max scans, zeroed tables, the widening itself); one C loop per
-pass reads each 16-bit pattern once (``pattern_kernels.c``): 1.4 to 3 passes.
+pass reads each 16-bit pattern once (``native_loops.c``): 1.4 to 3 passes.
+The sparse path's float64 scatter-adds (:func:`scatter`) are one loop too,
+instead of float64 copies of the items in pieces and ``scatter_add_``.
 
 The loops are compiled on first use with the system C compiler (``$CC``, else
 ``cc``) into a cache folder (``$TORCHDKM_CACHE``, else ``~/.cache/torchdkm``)
@@ -35,7 +37,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-SOURCE = Path(__file__).with_name("pattern_kernels.c")
+SOURCE = Path(__file__).with_name("native_loops.c")
 FLAGS = ("-O3", "-std=c99", "-shared", "-fPIC", "-ffp-contract=off")
 PATTERN_BITS = 16
 #: Below this many weights a pass runs on one thread (starting threads costs more than it saves).
@@ -83,7 +85,7 @@ def _load() -> ctypes.CDLL | None:
         return None
     source = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(FLAGS).encode(), platform.machine().encode()]))
-    target = _cache_dir() / f"pattern_kernels-{key.hexdigest()[:16]}.so"
+    target = _cache_dir() / f"native_loops-{key.hexdigest()[:16]}.so"
     try:
         if not target.exists():
             _compile(compiler, target)
@@ -120,6 +122,11 @@ def _declare(library: ctypes.CDLL) -> None:
         function = getattr(library, f"tdkm_{name}")
         function.argtypes = head + [ctypes.c_void_p] * extra
         function.restype = None
+    for name in ("scatter_f32", "scatter_f64"):  # (keys, items, src, cols, col stride, item stride, sums, bins)
+        function = getattr(library, f"tdkm_{name}")
+        function.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 3
+        function.argtypes += [ctypes.c_void_p, ctypes.c_int64]
+        function.restype = ctypes.c_int64
     for name in ("sum_f32", "sum_bf16"):  # (values, live keys, how many, float32 partial table, table)
         function = getattr(library, f"tdkm_{name}")
         function.argtypes = head + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
@@ -238,3 +245,31 @@ def affine(patterns: Tensor, group_numel: int, shift: Tensor, slope: Tensor, gra
 
     _run([lambda c=c: job(*c) for c in _chunks(patterns.numel())])
     return out
+
+
+def scatter(sums: Tensor, keys: Tensor, src: Tensor) -> bool:
+    """``sums[col, keys[i]] += src[col, i]`` added in float64 (``sums`` (C, bins) float64, ``src`` (C, items)).
+
+    Returns ``False`` (nothing done) where the loop does not apply: off the CPU, no native loops, or
+    dtypes or layouts it does not take.  A key outside ``[0, bins)`` raises ``IndexError``.
+    """
+    if not (
+        sums.dtype == torch.float64
+        and sums.dim() == 2
+        and sums.is_contiguous()
+        and src.dim() == 2
+        and src.shape[0] == sums.shape[0]
+        and src.dtype in (torch.float32, torch.float64)
+        and keys.numel() == src.shape[1]
+        and usable(sums, keys, src)
+    ):
+        return False
+    keys = keys.reshape(-1).to(torch.int64).contiguous()
+    function = kernels().tdkm_scatter_f32 if src.dtype == torch.float32 else kernels().tdkm_scatter_f64
+    cols, bins = sums.shape
+    bad = function(
+        keys.data_ptr(), keys.numel(), src.data_ptr(), cols, src.stride(0), src.stride(1), sums.data_ptr(), bins
+    )
+    if bad >= 0:
+        raise IndexError(f"scatter: key {int(keys[bad])} at item {bad} is outside [0, {bins})")
+    return True

@@ -72,7 +72,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import op
+from . import native, op
 from .op import EMPTY_MASS, MAX_AMPLIFICATION, _chunks, _gram_terms, _jacobian
 
 #: An evaluation is redone on new sets when the centroids' moves have raised the dropped-mass
@@ -353,12 +353,15 @@ def _scatter(sums: Tensor, keys: Tensor, src: Tensor) -> None:
 
     A scatter-add adds in sequence: in float32, thousands of items on one
     centroid would lose digits (the mean of copies of one value would not
-    be that value to float32 precision).  The items go in pieces of
+    be that value to float32 precision).  On the CPU one native loop adds
+    them (:func:`.native.scatter`); elsewhere the items go in pieces of
     ``SCATTER_ITEMS``: their float64 copies then stay small (a large
     temporary costs page faults on every call, more than the scatter itself).
     """
     cols, items = sums.shape[0], keys.numel()
     src = src.reshape(cols, -1)
+    if native.scatter(sums, keys, src):  # (one loop, float64 sums, no copies)
+        return
     buffer = sums.new_empty(cols, min(items, SCATTER_ITEMS))  # one float64 piece, reused
     for start in range(0, items, SCATTER_ITEMS):
         part = slice(start, start + SCATTER_ITEMS)

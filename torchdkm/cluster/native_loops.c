@@ -1,13 +1,12 @@
-/* The passes over 16-bit patterns that uniquified DKM makes every step, one loop each.
+/* torchdkm's native CPU loops (built by torchdkm/cluster/native.py; the torch code they replace computes
+ * the same, and the tests compare the two).
  *
- * Every kernel walks `n` weights whose 16-bit patterns are `p[0..n)`; weight i is
- * weight `first + i` of the whole tensor, in group `(first + i) / group_numel`, and
- * its entry in table space is its pattern plus 65536 times its group, counted from
- * the group of weight `first` (so a caller working on a slice passes the table from
- * that group on).  torch's bincount and index_select need the patterns widened to
- * int32 first and make extra passes (min, max, zeroing); here each weight is read
- * once.  Built by torchdkm/cluster/native.py; the torch code in unique.py computes
- * the same (the tests compare them).
+ * Most walk `n` weights whose 16-bit patterns are `p[0..n)` (the uniquified path's passes): weight i is
+ * weight `first + i` of the whole tensor, in group `(first + i) / group_numel`, and its entry in table
+ * space is its pattern plus 65536 times its group, counted from the group of weight `first` (so a
+ * caller working on a slice passes the table from that group on).  torch's bincount and index_select
+ * need the patterns widened to int32 first and make extra passes (min, max, zeroing); here each weight
+ * is read once.  The last, `scatter`, is the sparse path's float64 scatter-add.
  */
 #include <stdint.h>
 #include <string.h>
@@ -153,3 +152,24 @@ void tdkm_affine_bf16(const uint16_t *p, int64_t n, int64_t first, int64_t group
         for (int64_t i = s.start; i < s.stop; i++) out[i] = float_to_bf16(a[p[i]] + bf16_to_float(grad[i]) * b[p[i]]);
     }
 }
+
+/* sums[c * bins + keys[i]] += src[c * col_stride + i * item_stride], added in double, for every
+ * column c < cols and item i < items (the sparse path's per-centroid sums: few bins, many items, where
+ * a float32 sum in sequence would lose digits).  Returns -1, or the first item whose key is outside
+ * [0, bins) (nothing is added then).
+ */
+#define SCATTER(name, type)                                                                                 \
+    int64_t name(const int64_t *keys, int64_t items, const type *src, int64_t cols, int64_t col_stride,     \
+                 int64_t item_stride, double *sums, int64_t bins) {                                          \
+        for (int64_t i = 0; i < items; i++)                                                                  \
+            if ((uint64_t)keys[i] >= (uint64_t)bins) return i;                                               \
+        for (int64_t c = 0; c < cols; c++) {                                                                 \
+            const type *column = src + c * col_stride;                                                       \
+            double *out = sums + c * bins;                                                                   \
+            for (int64_t i = 0; i < items; i++) out[keys[i]] += column[i * item_stride];                     \
+        }                                                                                                    \
+        return -1;                                                                                           \
+    }
+
+SCATTER(tdkm_scatter_f32, float)
+SCATTER(tdkm_scatter_f64, double)
