@@ -58,6 +58,8 @@ class Results:
     config: dict[str, Any]
     records: list[Record] = field(default_factory=list)
     started: float = field(default_factory=time.time)
+    #: captured when the run starts: the code that ran, not what the checkout holds when it ends
+    environment: dict[str, Any] = field(default_factory=lambda: environment())
 
     def add(self, record: Record) -> Record:
         self.records.append(record)
@@ -91,13 +93,20 @@ class Results:
             )
         return rows
 
+    def _environment_at_end(self) -> dict[str, Any]:
+        """The environment at the start, flagging torchdkm sources edited while the run went on."""
+        now = source_digest()
+        if now == self.environment["torchdkm_source_sha256"]:
+            return self.environment
+        return {**self.environment, "torchdkm_source_sha256_at_end": now}
+
     def write(self, directory: Path = RESULTS) -> Path:
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"{self.name}.json"
         payload = {
             "experiment": self.name,
             "config": self.config,
-            "environment": environment(),
+            "environment": self._environment_at_end(),
             "wall_seconds": time.time() - self.started,
             "records": [{**asdict(r), "factor": r.factor} for r in self.records],
         }

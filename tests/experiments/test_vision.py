@@ -37,3 +37,15 @@ def test_cli_tiny_run(tmp_path: Path, capsys) -> None:
 
     assert cli(["--tiny", "--no-progress", "--out", str(tmp_path)]) == 0
     assert "run time:" in capsys.readouterr().out and (tmp_path / "vision-tiny.md").is_file()
+
+
+def test_environment_is_captured_when_the_run_starts(monkeypatch, tmp_path):
+    """Sources edited during a run: the JSON keeps the start's digest and flags the change."""
+    from experiments import common
+
+    results = common.Results("probe", {})
+    started = results.environment["torchdkm_source_sha256"]
+    monkeypatch.setattr(common, "source_digest", lambda: "edited-meanwhile")
+    saved = json.loads(results.write(tmp_path).read_text())
+    assert saved["environment"]["torchdkm_source_sha256"] == started
+    assert saved["environment"]["torchdkm_source_sha256_at_end"] == "edited-meanwhile"
