@@ -218,3 +218,11 @@ def test_scatter_declines_what_it_does_not_take(loops):
     assert loops.scatter(torch.zeros(2, 4), keys, torch.ones(2, 3)) is False  # float32 sums
     assert loops.scatter(torch.zeros(4, 2, dtype=torch.float64).t(), keys, torch.ones(2, 3)) is False  # strided
     assert loops.scatter(torch.zeros(2, 4, dtype=torch.float64), keys, torch.ones(2, 3).half()) is False
+
+
+def test_sum_refuses_to_lose_a_key_missing_from_the_live_ones(loops):
+    w = weights(100)
+    keys = keys_of(w, 100)
+    live = torch.unique(keys)[1:]  # one key that occurs is left out
+    with pytest.raises(ValueError, match="not among the live keys"):
+        loops.sum_per_key(w.view(torch.uint16), 100, torch.ones(100), live, PATTERNS)

@@ -205,6 +205,8 @@ def sum_per_key(patterns: Tensor, group_numel: int, values: Tensor, live: Tensor
         partial = torch.zeros(out.numel(), dtype=torch.float32)
         args = (keys.data_ptr(), keys.numel(), partial.data_ptr(), out.data_ptr())
         function(_ptr(patterns, start), stop - start, start, group_numel, _ptr(values, start), *args)
+        if bool(partial.any()):  # a weight's key missing from ``live``: its sum would be lost
+            raise ValueError("sum_per_key: some weights' keys are not among the live keys given")
 
     return _tabulate(loop, patterns, group_numel, torch.zeros(table_size, dtype=torch.float64))
 

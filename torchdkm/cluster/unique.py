@@ -105,14 +105,15 @@ class Distinct:
     def sum_per_slot(self, per_weight: Tensor, dtype: torch.dtype) -> Tensor:
         """Sum of ``per_weight`` over the weights of each slot: ``(G, U)`` in ``dtype``.
 
-        Each piece is summed in ``dtype`` (``bincount`` adds in sequence), the pieces in float64; only the
-        entries of slots holding a value are carried from piece to piece.
+        No sum runs over more than ~2**17 values in less than float64: the native loop adds blocks in
+        float32 and carries them in float64; the torch code sums each piece in ``dtype`` (``bincount`` adds
+        in sequence) and the pieces in float64.  Only the entries of slots holding a value are carried.
         """
         flat = per_weight.reshape(-1)
         live, entries = self.live
         fast = self.keys.native(flat)
         table = None if fast is None else native.sum_per_key(*fast, flat, entries, self.table_size)
-        if table is not None:  # (summed in float64 throughout)
+        if table is not None:
             total = table[entries]
         else:
             total = torch.zeros(live.numel(), dtype=torch.float64, device=flat.device)
