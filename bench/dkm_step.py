@@ -90,7 +90,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dims", nargs="+", default=["1", "2"])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), help="torchdkm rows (exact, bf16, bf16-torch: dim 1 only)")
     p.add_argument("--only", choices=LIBRARIES, help="run one library only")
-    p.add_argument("--steps", type=int, default=5, help="timed steps after the first (torchdkm, plain)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps after the first (torchdkm, plain)")
     p.add_argument("--cml-steps", type=int, default=3, help="timed steps after the first (coremltools)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per subprocess before it is killed")
     p.add_argument("--iters", type=int, default=CML_DEFAULT_ITERS, help="DKM iteration cap, both libraries")
