@@ -234,14 +234,23 @@ def test_example_under_torchrun(tmp_path):
     args = command.split("#")[0].split()[1:]
     out = tmp_path / "ddp.dkm.safetensors"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", *args, "--steps", "20", "--out", str(out)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+
+    def launch() -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", *args, "--steps", "20", "--out", str(out)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    result = launch()
+    if result.returncode != 0 and "terminate called without an active exception" in result.stderr:
+        # A rank aborted in a C++ destructor (gloo's threads at teardown): seen twice in ~60 loaded runs,
+        # not reproduced alone.  Shown, then run once more; a second failure fails the test.
+        print("first launch aborted; stderr:\n" + result.stderr[-3000:])
+        result = launch()
     assert result.returncode == 0, result.stderr[-3000:]
     assert "DDP x2" in result.stdout
     sys.path.insert(0, str(ROOT / "examples"))
