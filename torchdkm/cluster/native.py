@@ -40,6 +40,8 @@ from torch import Tensor
 SOURCE = Path(__file__).with_name("native_loops.c")
 FLAGS = ("-O3", "-std=c99", "-shared", "-fPIC", "-ffp-contract=off")
 PATTERN_BITS = 16
+#: The gradient dtypes :func:`affine` has a loop for.
+AFFINE_LOOPS = {torch.float32: "affine_f32", torch.bfloat16: "affine_bf16"}
 #: Below this many weights a pass runs on one thread (starting threads costs more than it saves).
 MIN_PARALLEL = 1 << 20
 
@@ -234,7 +236,7 @@ def expand(patterns: Tensor, group_numel: int, table: Tensor) -> Tensor | None:
 
 def affine(patterns: Tensor, group_numel: int, shift: Tensor, slope: Tensor, grad: Tensor) -> Tensor | None:
     """``shift[key] + grad * slope[key]`` (float32 tables) in ``grad``'s dtype; ``None`` for other dtypes."""
-    name = {torch.float32: "affine_f32", torch.bfloat16: "affine_bf16"}.get(grad.dtype)
+    name = AFFINE_LOOPS.get(grad.dtype)
     if name is None or shift.dtype != torch.float32 or slope.dtype != torch.float32:
         return None
     function = getattr(kernels(), f"tdkm_{name}")

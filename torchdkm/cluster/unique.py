@@ -127,7 +127,7 @@ class Distinct:
     def gather_affine(self, shift_per_slot: Tensor, slope_per_slot: Tensor, grad: Tensor) -> Tensor:
         """``shift[slot] + grad * slope[slot]`` for every weight, in ``grad``'s dtype."""
         flat = grad.reshape(-1)
-        fast = self.keys.native(flat)
+        fast = self.keys.native(flat) if flat.dtype in native.AFFINE_LOOPS else None
         if fast is not None:  # float32 tables: the loop computes in float32 and rounds once
             shift, slope = (self.to_table(t, torch.float32) for t in (shift_per_slot, slope_per_slot))
             out = native.affine(*fast, shift, slope, flat)
