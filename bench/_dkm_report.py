@@ -94,7 +94,13 @@ def step_passes(result: dict[str, Any], results: dict, passes: dict[tuple[str, s
 
 
 def overhead_passes(result: dict[str, Any], results: dict[tuple, dict[str, Any]], passes: dict) -> Bounded:
-    """(step - the plain layer's step) in elementwise passes: what clustering adds to the floor."""
+    """(step - the plain layer's step) in elementwise passes: what clustering adds to the floor.
+
+    From the row's paired steps where it has them (both steps and the pass timed in its own process,
+    see ``bench/_dkm_worker.py``); else from its step and the plain row's, two processes apart.
+    """
+    if result.get("paired_overhead_s") is not None and result.get("paired_pass_s"):
+        return Bounded(float(result["paired_overhead_s"]) / float(result["paired_pass_s"]))
     case = result["case"]
     bf16 = DTYPE_OF_VARIANT.get(case["variant"]) == "bfloat16"
     plain = results.get(("none", "bf16" if bf16 else "default", case["size"], 0, 0))
@@ -362,7 +368,12 @@ How each number is measured (details: `bench/_dkm_worker.py`):
   (median of 50), measured in the parent process.  Library `none` rows train the plain layer (no clustering): the
   harness's own floor (Linear forward/backward on the batch + SGD over the weight); their MSE is 0 because their
   output is the target (zero loss, zero gradient), which costs the same arithmetic.
-  **(step-plain)/pass**: what clustering adds to that floor, in passes.
+  **(step-plain)/pass**: what clustering adds to that floor, in passes.  The bf16 rows measure it in their own
+  process (`paired_*` in the JSON): after the steps above, their step and the plain layer's step take turns for as
+  many rounds (two steps a turn, the second timed, so each finds its data as in a run of steady steps; no sampler
+  thread running), and one pass is timed there too; the column shows the median over rounds of
+  (step - plain step) / that pass.  Rows apart, two processes minutes apart on this shared host differed by
+  20-30 % in speed, which moved this number by more than its margin.
 - **peak RSS Δ**: `getrusage(RUSAGE_SELF).ru_maxrss` after the last step minus the RSS just before `prepare`
   (after imports, model, batch and target exist).  Exact high-water mark; includes freed pages the allocator kept.
 - **alloc peak Δ**: largest glibc live-heap size (`mallinfo2()`: `uordblks + hblkhd`, all arenas) seen by a thread

@@ -26,7 +26,16 @@ What one case measures (every time is ``time.perf_counter`` wall time):
   sampled, so allocations that live less than a millisecond can be missed;
   ``alloc_step_peak_bytes`` is the same over the steady steps only;
 * MSE: mean squared difference (float64) between the finalized layer's dense
-  weight and the weight before training.
+  weight and the weight before training;
+* paired steps (``case.paired`` rounds, the bf16 rows): after the peaks are
+  recorded, this case's step and the plain layer's step (same weights, batch
+  and loss, a second model in this process) take turns, the sampler stopped:
+  each turn runs two steps and times the second (so neither finds its data
+  evicted by the other's, as in a run of steady steps); then one elementwise
+  pass ``w * 1.0`` is timed here too.  What clustering adds is the median over
+  rounds of (this step - the plain step): both halves of a round see the same
+  machine, whose speed drifts by 20-30 % between processes minutes apart on a
+  shared host.
 """
 
 from __future__ import annotations
@@ -80,6 +89,7 @@ class Case:
     threads: int | None = None
     batch: int = 8
     seed: int = 0
+    paired: int = 0  # rounds of paired steps (see the module docstring); 0: none
 
     @property
     def key(self) -> tuple[str, str, str, int, int]:
@@ -349,6 +359,27 @@ def make_step(model: nn.Module, x: Tensor, target: Tensor, palettizer: Palettize
     return step
 
 
+#: Paired steps come in turns of PAIRED_WARM untimed steps and PAIRED_TIMED timed ones (their median): a step
+#: reaches its steady speed only after a few in a row over the same tensors.
+PAIRED_WARM = 5
+PAIRED_TIMED = 5
+#: Timed repetitions of the elementwise pass.
+PASS_REPS = 50
+
+
+def time_pass(out_features: int, in_features: int, dtype: torch.dtype, reps: int = PASS_REPS) -> float:
+    """Median time of ``w * 1.0`` (read the weight once, write a new tensor once)."""
+    w = torch.randn(out_features, in_features).to(dtype)
+    for _ in range(5):
+        w * 1.0
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        w * 1.0
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def mse(weight: Tensor, original: Tensor) -> float:
     return float(((weight.double() - original.double()) ** 2).mean())
 
@@ -410,6 +441,32 @@ def _steady_steps(step: Callable[[], None], count: int, sampler: AllocatorSample
     sampler.stop()
 
 
+def _paired_steps(case: Case, step: Callable[[], None], rec: Recorder) -> None:
+    """``case.paired`` rounds of this step then the plain layer's step; then one pass, in this process."""
+    plain_case = Case(REFERENCE, case.variant, case.size, case.out_features, case.in_features, 0, 0, 0, 0, 0.0)
+    model, x, target, _ = build_problem(plain_case)
+    plain_step = make_step(model, x, target, NoPalettizer(plain_case))
+    plain_step()
+    mine: list[float] = []
+    plain: list[float] = []
+    for _ in range(max(1, case.paired // PAIRED_TIMED)):
+        for run, medians in ((step, mine), (plain_step, plain)):
+            for _ in range(PAIRED_WARM):
+                run()
+            times = []
+            for _ in range(PAIRED_TIMED):
+                start = time.perf_counter()
+                run()
+                times.append(time.perf_counter() - start)
+            medians.append(statistics.median(times))
+    rec.update(
+        paired_step_s=statistics.median(mine),
+        paired_plain_s=statistics.median(plain),
+        paired_overhead_s=statistics.median(a - b for a, b in zip(mine, plain)),
+        paired_pass_s=time_pass(case.out_features, case.in_features, case.dtype),
+    )
+
+
 def _record_peaks(sampler: AllocatorSampler, rec: Recorder) -> None:
     baseline = rec.data["baseline_rss_bytes"]
     alloc = sampler.available
@@ -432,6 +489,8 @@ def measure(case: Case, result_path: Path | None = None) -> dict[str, Any]:
     model, step = _first_step(palettizer, model, x, target, sampler, rec)
     _steady_steps(step, case.steps, sampler, rec)
     _record_peaks(sampler, rec)
+    if case.paired:
+        _paired_steps(case, step, rec)
     rec.update(mse=mse(palettizer.finalized_weight(model), original))
     if isinstance(palettizer, TorchdkmPalettizer):
         rec.update(kmeans_mse=palettizer.kmeans_mse(original))

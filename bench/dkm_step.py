@@ -32,7 +32,6 @@ import math
 import os
 import platform
 import shlex
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,7 +43,16 @@ from typing import Any
 import torch
 
 from bench import _dkm_report as report
-from bench._dkm_worker import BF16_VARIANTS, LIBRARIES, REFERENCE, VARIANTS, Case, make_weight
+from bench._dkm_worker import (
+    BF16_VARIANTS,
+    LIBRARIES,
+    PASS_REPS,
+    REFERENCE,
+    VARIANTS,
+    Case,
+    make_weight,
+    time_pass,
+)
 from torchdkm import LayerConfig
 from torchdkm._source import source_digest
 from torchdkm.cluster import WeightClusterer
@@ -56,7 +64,6 @@ SIZE_ALIASES = {"256K": (512, 512), "1M": (1024, 1024), "4M": (2048, 2048)}
 CML_DEFAULT_TAU = 1e-4
 CML_DEFAULT_ITERS = 3
 TORCHDKM_DEFAULT_TAU = LayerConfig().tau
-PASS_REPS = 50
 RSS_POLL_S = 0.05
 
 
@@ -193,19 +200,6 @@ def _version(package: str) -> str | None:
 # -- the elementwise floor -------------------------------------------------------------
 
 
-def time_pass(out_features: int, in_features: int, dtype: torch.dtype, reps: int = PASS_REPS) -> float:
-    """Median time of ``w * 1.0`` (read the weight once, write a new tensor once)."""
-    w = torch.randn(out_features, in_features).to(dtype)
-    for _ in range(5):
-        w * 1.0
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        w * 1.0
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def measure_passes(args: argparse.Namespace, store: ResultStore, run_id: str) -> None:
     dtypes = ["float32"] + (
         ["bfloat16"] if wants_bf16(args) and args.only != "coremltools" else []
@@ -336,7 +330,10 @@ def reference_cases(args: argparse.Namespace, size: tuple[str, int, int]) -> lis
 def torchdkm_cases(args: argparse.Namespace, size: tuple[str, int, int], bits: int, dim: int) -> list[Case]:
     """The default row, plus ``exact`` and the bfloat16 rows at dim 1."""
     variants = [v for v in args.variants if v == "default" or dim == 1]
-    return [make_case(args, "torchdkm", v, size, bits, dim) for v in variants]
+    return [
+        make_case(args, "torchdkm", v, size, bits, dim, paired=args.steps if v in BF16_VARIANTS else 0)
+        for v in variants
+    ]
 
 
 def coremltools_tau(args: argparse.Namespace, store: ResultStore, size: tuple, bits: int, dim: int) -> float:

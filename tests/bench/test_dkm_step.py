@@ -106,3 +106,22 @@ def test_bounds_carry_through_ratios_and_verdicts(report: ModuleType) -> None:
     assert report.verdict(memory, "<=", 0.2) == "pass"
     assert report.verdict(Bounded(0.5), "<=", 0.2) == "FAIL"
     assert report.verdict(Bounded(None), "<=", 0.2) == "unknown"
+
+
+def test_paired_steps_measure_the_overhead_in_one_process(worker: ModuleType, report: ModuleType) -> None:
+    """A bf16 row with paired rounds times its step beside the plain layer's, and the report uses those."""
+    case = tiny_case(worker, variant="bf16")
+    result = worker.measure(worker.Case(**{**case.__dict__, "paired": worker.PAIRED_TIMED}))
+    assert result["status"] == "ok"
+    assert result["paired_step_s"] > 0 and result["paired_plain_s"] > 0 and result["paired_pass_s"] > 0
+    # what the report shows: the paired overhead over the paired pass, whatever the other rows say
+    plain = {"case": {**result["case"], "library": "none"}, "step_s": 123.0}
+    passes = {("64x64", "bfloat16"): {"pass_s": 1e-9}}
+    results = {report.result_key(plain): plain}
+    assert report.overhead_passes(result, results, passes).value == pytest.approx(
+        result["paired_overhead_s"] / result["paired_pass_s"]
+    )
+    unpaired = {k: v for k, v in result.items() if not k.startswith("paired")}
+    plain["case"].update(variant="bf16", bits=0, dim=0)
+    results = {report.result_key(plain): plain}
+    assert report.overhead_passes(unpaired, results, passes).value == pytest.approx((result["step_s"] - 123.0) / 1e-9)

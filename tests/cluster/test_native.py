@@ -13,12 +13,17 @@ from torchdkm.cluster import native
 PATTERNS = 1 << 16
 
 
-@pytest.fixture
-def loops(monkeypatch):
+@pytest.fixture(params=["scalar", "avx512"])
+def loops(request, monkeypatch):
+    """The native loops, with the gathers' AVX-512 versions off, then on (where the CPU has them)."""
     monkeypatch.setenv("TORCHDKM_NATIVE", "1")
     if native.kernels() is None:
         pytest.skip("no native loops here (test_builds_where_a_compiler_exists says whether that is expected)")
-    return native
+    default = native.simd()
+    if native.simd(request.param == "avx512") != (request.param == "avx512"):
+        pytest.skip("this CPU has no AVX-512")
+    yield native
+    native.simd(default)
 
 
 @pytest.fixture(params=[1, 3], ids=["one-chunk", "three-threads"])
@@ -40,6 +45,7 @@ def weights(numel: int, dtype=torch.bfloat16, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     w = (torch.randn(numel, generator=g) * 0.05).to(dtype)
     w[::7] = w[0]  # repeated patterns
+    w.view(torch.uint16)[5::40] = 0xFFFF  # the last pattern of a group's table (a NaN in bfloat16)
     return w
 
 
@@ -49,7 +55,8 @@ def keys_of(w: torch.Tensor, group_numel: int) -> torch.Tensor:
     return patterns + PATTERNS * (torch.arange(w.numel()) // group_numel)
 
 
-CASES = [(1000, 1000), (1000, 300), (999, 111), (64, 1)]  # (numel, weights per group), last group partial
+#: (numel, weights per group), last group partial; groups of 16 and 17 weights cross 16-weight vector steps.
+CASES = [(1000, 1000), (1000, 300), (999, 111), (64, 1), (301, 17), (96, 16)]
 
 
 @pytest.mark.parametrize(("numel", "group_numel"), CASES)
@@ -140,7 +147,7 @@ def test_a_failed_build_warns_and_falls_back(monkeypatch, tmp_path):
     from torchdkm.cluster import WeightClusterer
     from torchdkm.config import LayerConfig
 
-    weight = weights(64).view(8, 8).requires_grad_(True)
+    weight = (torch.randn(8, 8) * 0.05).to(torch.bfloat16).requires_grad_(True)
     clusterer = WeightClusterer("layer", LayerConfig(bits=2, min_numel=0), weight.shape)
     out = clusterer.soft(weight, clusterer.init(weight)).weight
     out.float().sum().backward()

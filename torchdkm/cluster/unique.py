@@ -201,11 +201,12 @@ def distinct(weight: Tensor, layout: Layout, dtype: torch.dtype, compute: torch.
         fast = index.native()
         if fast is not None:
             table_counts = native.count(*fast, groups * PATTERNS)
+            present = native.present(table_counts)
         else:
             table_counts = torch.zeros(groups * PATTERNS, dtype=torch.int64, device=weight.device)
             for part in index.pieces(COUNT_PIECE):
                 table_counts += torch.bincount(index.of(part), minlength=groups * PATTERNS)
-        present = torch.nonzero(table_counts).flatten()
+            present = torch.nonzero(table_counts).flatten()
         counts = table_counts[present]
         table_size, per_group = groups * PATTERNS, PATTERNS
     else:
@@ -215,6 +216,9 @@ def distinct(weight: Tensor, layout: Layout, dtype: torch.dtype, compute: torch.
         keys = (keys.view(layout.out, layout.row_len) + (group_of_row * PATTERNS)[:, None]).reshape(-1)
         present, inverse, counts = torch.unique(keys, return_inverse=True, return_counts=True)
         table_size, per_group = 0, 0
+    if groups == 1 and table_size:  # one group: the slots are the present patterns in order, no padding
+        values = present.to(torch.int32).to(torch.uint16).view(dtype).to(compute)
+        return Distinct(values.view(1, -1, 1), counts.to(compute).view(1, -1), index, present, table_size, per_group)
     group = present // PATTERNS
     per = torch.bincount(group, minlength=groups)
     width = int(per.max())
