@@ -372,8 +372,8 @@ How each number is measured (details: `bench/_dkm_worker.py`):
   process (`paired_*` in the JSON): after the steps above, their step and the plain layer's step take turns for as
   many rounds (two steps a turn, the second timed, so each finds its data as in a run of steady steps; no sampler
   thread running), and one pass is timed there too; the column shows the median over rounds of
-  (step - plain step) / that pass.  Rows apart, two processes minutes apart on this shared host differed by
-  20-30 % in speed, which moved this number by more than its margin.
+  (step - plain step) / that pass.  From two rows instead, two processes minutes apart on this shared host
+  (the same 4M bf16 step took 14.2 ms in one run, 19.5 ms in the next) moved this number by more than its margin.
 - **peak RSS Δ**: `getrusage(RUSAGE_SELF).ru_maxrss` after the last step minus the RSS just before `prepare`
   (after imports, model, batch and target exist).  Exact high-water mark; includes freed pages the allocator kept.
 - **alloc peak Δ**: largest glibc live-heap size (`mallinfo2()`: `uordblks + hblkhd`, all arenas) seen by a thread

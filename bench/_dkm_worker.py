@@ -34,8 +34,8 @@ What one case measures (every time is ``time.perf_counter`` wall time):
   evicted by the other's, as in a run of steady steps); then one elementwise
   pass ``w * 1.0`` is timed here too.  What clustering adds is the median over
   rounds of (this step - the plain step): both halves of a round see the same
-  machine, whose speed drifts by 20-30 % between processes minutes apart on a
-  shared host.
+  machine, whose speed drifts between processes minutes apart on a shared host
+  (the same 4M bf16 step: 14.2 ms in one run, 19.5 ms in the next).
 """
 
 from __future__ import annotations
