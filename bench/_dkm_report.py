@@ -370,9 +370,9 @@ How each number is measured (details: `bench/_dkm_worker.py`):
   output is the target (zero loss, zero gradient), which costs the same arithmetic.
   **(step-plain)/pass**: what clustering adds to that floor, in passes.  The bf16 rows measure it in their own
   process (`paired_*` in the JSON): after the steps above, their step and the plain layer's step take turns for as
-  many rounds (two steps a turn, the second timed, so each finds its data as in a run of steady steps; no sampler
-  thread running), and one pass is timed there too; the column shows the median over rounds of
-  (step - plain step) / that pass.  From two rows instead, two processes minutes apart on this shared host
+  many timed steps (turns of 5 untimed and 5 timed steps, so each finds its data as in a run of steady steps; no
+  sampler thread running), and one pass is timed there too; the column shows the median over turns of
+  (median step - median plain step) / that pass.  From two rows instead, two processes minutes apart on this shared host
   (the same 4M bf16 step took 14.2 ms in one run, 19.5 ms in the next) moved this number by more than its margin.
 - **peak RSS Δ**: `getrusage(RUSAGE_SELF).ru_maxrss` after the last step minus the RSS just before `prepare`
   (after imports, model, batch and target exist).  Exact high-water mark; includes freed pages the allocator kept.

@@ -27,13 +27,15 @@ What one case measures (every time is ``time.perf_counter`` wall time):
   ``alloc_step_peak_bytes`` is the same over the steady steps only;
 * MSE: mean squared difference (float64) between the finalized layer's dense
   weight and the weight before training;
-* paired steps (``case.paired`` rounds, the bf16 rows): after the peaks are
-  recorded, this case's step and the plain layer's step (same weights, batch
-  and loss, a second model in this process) take turns, the sampler stopped:
-  each turn runs two steps and times the second (so neither finds its data
-  evicted by the other's, as in a run of steady steps); then one elementwise
-  pass ``w * 1.0`` is timed here too.  What clustering adds is the median over
-  rounds of (this step - the plain step): both halves of a round see the same
+* paired steps (the bf16 rows, ``case.paired`` timed steps of each kind):
+  after the peaks are recorded, this case's step and the plain layer's step
+  (same weights, batch and loss, a second model in this process) take turns,
+  the sampler stopped: each turn runs ``PAIRED_WARM`` untimed steps, then
+  ``PAIRED_TIMED`` timed ones (so neither finds its data evicted by the
+  other's, as in a run of steady steps); then one elementwise pass
+  ``w * 1.0`` is timed here too.  What clustering adds is the median over
+  rounds of (this step - the plain step), each the median of its turn's timed
+  steps: both halves of a round see the same
   machine, whose speed drifts between processes minutes apart on a shared host
   (the same 4M bf16 step: 14.2 ms in one run, 19.5 ms in the next).
 """
@@ -89,7 +91,7 @@ class Case:
     threads: int | None = None
     batch: int = 8
     seed: int = 0
-    paired: int = 0  # rounds of paired steps (see the module docstring); 0: none
+    paired: int = 0  # timed steps of each kind in the paired phase (see the module docstring); 0: none
 
     @property
     def key(self) -> tuple[str, str, str, int, int]:
@@ -442,11 +444,10 @@ def _steady_steps(step: Callable[[], None], count: int, sampler: AllocatorSample
 
 
 def _paired_steps(case: Case, step: Callable[[], None], rec: Recorder) -> None:
-    """``case.paired`` rounds of this step then the plain layer's step; then one pass, in this process."""
+    """Turns of this step and the plain layer's step (``case.paired`` timed steps of each); then one pass."""
     plain_case = Case(REFERENCE, case.variant, case.size, case.out_features, case.in_features, 0, 0, 0, 0, 0.0)
     model, x, target, _ = build_problem(plain_case)
     plain_step = make_step(model, x, target, NoPalettizer(plain_case))
-    plain_step()
     mine: list[float] = []
     plain: list[float] = []
     for _ in range(max(1, case.paired // PAIRED_TIMED)):

@@ -118,6 +118,13 @@ def test_affine(loops, threads, dtype, numel, group_numel):
     torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("filled", [(), (0,), (3, 65535, 65536, 2 * PATTERNS - 1), tuple(range(2 * PATTERNS))])
+def test_present_equals_nonzero(loops, filled):
+    table = torch.zeros(2 * PATTERNS, dtype=torch.int64)
+    table[list(filled)] = 2
+    assert torch.equal(loops.present(table), torch.nonzero(table).flatten())
+
+
 def test_dtypes_without_a_loop_return_none(loops):
     w = weights(10)
     p = w.view(torch.uint16)
