@@ -9,9 +9,9 @@ sum the gradient per pattern, gather each weight's gradient), the DKM math on th
 timed steps, also given in elementwise passes over the weight (``w * 1.0``).  It prints a table
 and writes ``bench/results/unique_profile.{json,md}``.
 
-The parts are timed by wrapping the functions that do them (``torchdkm.cluster.native`` /
-``op`` / ``WeightClusterer._scale``), so on the torch fallback (``TORCHDKM_NATIVE=0``) the four
-passes show as "other".
+The parts are timed by wrapping the functions that do them (the passes of
+``torchdkm.cluster.unique.Distinct``, the engine's iterations and the dense attention's passes over
+the distinct values, the clusterer's ``margin``), whichever kernels run them.
 """
 
 from __future__ import annotations
@@ -34,18 +34,20 @@ from torch import nn
 from bench._dkm_worker import LEARNING_RATE, Case, build_problem, make_palettizer
 from bench.dkm_step import CML_DEFAULT_ITERS, RESULTS_DIR, TORCHDKM_DEFAULT_TAU, machine_info, parse_size, time_pass
 from torchdkm._source import source_digest
-from torchdkm.cluster import layer, native, op
+from torchdkm.cluster import clusterer, dense, engine, unique
+from torchdkm.kernels import native_available
 
 #: (module, attribute, the part it is counted in).
 PARTS = [
-    (native, "count", "count the patterns"),
-    (native, "expand", "gather the soft weight"),
-    (native, "sum_per_key", "sum the gradient per pattern"),
-    (native, "affine", "gather each weight's gradient"),
-    (op, "iterate", "DKM on the distinct values"),
-    (op, "soft_output", "DKM on the distinct values"),
-    (op, "backward", "DKM on the distinct values"),
-    (layer.WeightClusterer, "_scale", "temperature"),
+    (clusterer, "distinct", "count the patterns"),
+    (unique.Distinct, "expand", "gather the soft weight"),
+    (unique.Distinct, "sum_per_slot", "sum the gradient per pattern"),
+    (unique.Distinct, "gather_affine", "gather each weight's gradient"),
+    (engine, "iterate", "DKM on the distinct values"),
+    (dense.DenseAttention, "output", "DKM on the distinct values"),
+    (dense.DenseAttention, "gram_pass", "DKM on the distinct values"),
+    (dense.DenseAttention, "adjoint_pass", "DKM on the distinct values"),
+    (clusterer, "margin", "temperature"),
 ]
 PHASES = ("forward", "backward", "optimizer step")
 
@@ -195,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         "bits": args.bits,
         "steps": args.steps,
         "threads": args.threads,
-        "native": "yes" if native.kernels() is not None else "no (torch fallback)",
+        "native": "yes" if native_available() else "no (torch fallback)",
         "pass_s": pass_s,
         "plain": plain,
         "torchdkm": dkm,

@@ -32,9 +32,9 @@ def test_profile_writes_a_table_whose_parts_add_up(unique_profile, tmp_path):
 
 
 def test_wrapped_functions_are_restored(unique_profile):
-    from torchdkm.cluster import native, op
+    from torchdkm.cluster import clusterer, engine
 
-    before = (native.count, op.iterate)
+    before = (clusterer.distinct, engine.iterate)
     with unique_profile.timed_parts({}):
-        assert native.count is not before[0]
-    assert (native.count, op.iterate) == before
+        assert clusterer.distinct is not before[0]
+    assert (clusterer.distinct, engine.iterate) == before

@@ -8,6 +8,7 @@ from torch.autograd import gradcheck
 
 from torchdkm import TorchdkmError
 from torchdkm.cluster import Layout, WeightClusterer
+from torchdkm.cluster import clusterer as clusterer_module
 from torchdkm.config import LayerConfig
 
 F64 = torch.float64
@@ -25,15 +26,15 @@ def freeze_temperature(monkeypatch, clusterer):
     constant (no gradient flows through the temperature).  Finite differences
     would see it move with the weight, so the gradient check holds it fixed.
     """
-    real = clusterer._scale
+    real = clusterer_module.margin
     frozen = {}
 
-    def scale(x, m, c, rows):
+    def margin(x, m, c, rows, two=None):
         if "value" not in frozen:
-            frozen["value"] = real(x, m, c, rows)
+            frozen["value"] = real(x, m, c, rows, two)
         return frozen["value"]
 
-    monkeypatch.setattr(clusterer, "_scale", scale)
+    monkeypatch.setattr(clusterer_module, "margin", margin)
 
 
 @pytest.mark.parametrize(
@@ -61,7 +62,7 @@ def test_soft_gradient_matches_finite_differences_with_padding(monkeypatch, shap
 def test_float64_weights_take_the_exact_path_and_gradcheck(monkeypatch):
     clusterer = make((4, 6), bits=1, tau=0.5, max_iters=5000, tol=1e-13)  # cluster_dtype="auto"
     weight = torch.randn(4, 6, generator=torch.Generator().manual_seed(4), dtype=F64)
-    assert clusterer.unique_dtype(weight) is None
+    assert clusterer.plan(weight).cluster_dtype is None
     c0 = clusterer.init(weight)
     freeze_temperature(monkeypatch, clusterer)
     weight.requires_grad_(True)
@@ -84,7 +85,7 @@ def test_chunked_equals_unchunked(shape, fields):
     outs = []
     for chunk_mb in (1e-9, 1024.0):  # one row at a time vs everything at once
         clusterer = make(shape, chunk_mb=chunk_mb, **fields)
-        assert (clusterer.rows(8) == 1) == (chunk_mb < 1)
+        assert (clusterer.plan(weight).rows == 1) == (chunk_mb < 1)
         c0 = clusterer.init(weight)
         w = weight.clone().requires_grad_(True)
         result = clusterer.soft(w, c0)
@@ -292,7 +293,7 @@ def test_scalar_init_is_polished_on_the_exact_weights():
     weight = torch.randn(32, 32, generator=torch.Generator().manual_seed(11)) * 0.05
     assert not torch.equal(weight, weight.half().float())
     clusterer = make(weight.shape, bits=3)
-    assert clusterer.unique_dtype(weight) == torch.float16
+    assert clusterer.plan(weight).cluster_dtype == torch.float16
     c = clusterer.init(weight)[0, :, 0].double()
     w = weight.reshape(-1).double()
     assign = (w[:, None] - c[None, :]).abs().argmin(1)

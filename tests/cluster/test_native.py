@@ -1,4 +1,4 @@
-"""The native loops over 16-bit patterns against plain torch, and their fallbacks."""
+"""The native CPU kernels (``torchdkm.kernels.cpu``) against plain torch, their build, and the registry's choice."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import warnings
 import pytest
 import torch
 
-from torchdkm.cluster import native
+from torchdkm import kernels
+from torchdkm.kernels import build, cpu, default
 
 PATTERNS = 1 << 16
 
@@ -16,29 +17,27 @@ PATTERNS = 1 << 16
 @pytest.fixture(params=["scalar", "avx512"])
 def loops(request, monkeypatch):
     """The native loops, with the gathers' AVX-512 versions off, then on (where the CPU has them)."""
-    monkeypatch.setenv("TORCHDKM_NATIVE", "1")
-    if native.kernels() is None:
+    if build.library() is None:
         pytest.skip("no native loops here (test_builds_where_a_compiler_exists says whether that is expected)")
-    default = native.simd()
-    if native.simd(request.param == "avx512") != (request.param == "avx512"):
+    before = build.simd()
+    if build.simd(request.param == "avx512") != (request.param == "avx512"):
         pytest.skip("this CPU has no AVX-512")
-    yield native
-    native.simd(default)
+    yield cpu
+    build.simd(before)
 
 
 @pytest.fixture(params=[1, 3], ids=["one-chunk", "three-threads"])
 def threads(request, monkeypatch):
     """One chunk, or three chunks on three threads (boundaries inside groups)."""
-    monkeypatch.setattr(native, "MIN_PARALLEL", 1)
+    monkeypatch.setattr(cpu, "MIN_PARALLEL", 1)
     torch.set_num_threads(request.param)  # (restored by the conftest fixture)
     return request.param
 
 
-def test_builds_where_a_compiler_exists(monkeypatch):
-    monkeypatch.setenv("TORCHDKM_NATIVE", "1")
+def test_builds_where_a_compiler_exists():
     if shutil.which("cc") is None:
         pytest.skip("no C compiler on this machine")
-    assert native.kernels() is not None, "a C compiler exists but the native loops did not build"
+    assert build.library() is not None, "a C compiler exists but the native loops did not build"
 
 
 def weights(numel: int, dtype=torch.bfloat16, seed: int = 0) -> torch.Tensor:
@@ -87,8 +86,8 @@ def test_sum_per_key(loops, threads, dtype, numel, group_numel):
     values = torch.randn(numel).to(dtype)
     keys = keys_of(w, group_numel)
     live = torch.unique(keys)
-    table = loops.sum_per_key(w.view(torch.uint16), group_numel, values, live, groups * PATTERNS)
-    expected = torch.zeros(groups * PATTERNS, dtype=torch.float64).index_add_(0, keys, values.double())
+    table = loops.sum_per_key(w.view(torch.uint16), group_numel, values, live, groups * PATTERNS, torch.float32)
+    expected = torch.zeros(groups * PATTERNS, dtype=torch.float64).index_add_(0, keys, values.double())[live]
     assert table.dtype == torch.float64
     torch.testing.assert_close(table, expected, rtol=1e-6, atol=1e-6)
 
@@ -99,8 +98,9 @@ def test_sum_blocks_carry_every_live_key(loops, monkeypatch):
     w = weights(numel, seed=3)
     values = torch.full((numel,), 0.25)
     keys = keys_of(w, numel)
-    table = loops.sum_per_key(w.view(torch.uint16), numel, values, torch.unique(keys), PATTERNS)
-    assert torch.equal(table, torch.bincount(keys, minlength=PATTERNS).double() * 0.25)
+    live = torch.unique(keys)
+    table = loops.sum_per_key(w.view(torch.uint16), numel, values, live, PATTERNS, torch.float32)
+    assert torch.equal(table, (torch.bincount(keys, minlength=PATTERNS).double() * 0.25)[live])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -125,32 +125,51 @@ def test_present_equals_nonzero(loops, filled):
     assert torch.equal(loops.present(table), torch.nonzero(table).flatten())
 
 
-def test_dtypes_without_a_loop_return_none(loops):
-    w = weights(10)
-    p = w.view(torch.uint16)
-    assert loops.sum_per_key(p, 10, torch.ones(10, dtype=torch.float16), torch.arange(3), PATTERNS) is None
-    assert loops.affine(p, 10, torch.zeros(PATTERNS), torch.zeros(PATTERNS), torch.ones(10, dtype=torch.float64)) is None
-    assert loops.expand(p, 10, torch.zeros(PATTERNS, dtype=torch.uint8)) is None
+def test_the_registry_picks_a_native_loop_only_for_dtypes_it_takes(loops):
+    bf16 = kernels.select("cpu", torch.bfloat16, "native")
+    assert bf16.backend == "native" and bf16.count is cpu.count and bf16.affine is cpu.affine
+    assert bf16.affine_table == torch.float32
+    half = kernels.select("cpu", torch.float16, "native")  # no float16 sum or affine loop: the torch kernels
+    assert half.sum_per_key is default.sum_per_key and half.affine is default.affine and half.affine_table is None
+    assert half.expand is cpu.expand
+    fallback = kernels.select("cpu", torch.bfloat16, "torch")
+    assert all(getattr(fallback, name) is getattr(default, name) for name in kernels.NAMES)
+    with pytest.raises(ValueError, match="backend"):
+        kernels.select("cpu", torch.float32, "fast")
+
+
+def test_the_dispatcher_op_equals_the_kernels(loops):
+    p = weights(1000).view(torch.uint16)
+    assert torch.equal(torch.ops.torchdkm.count(p, 300, 4 * PATTERNS), default.count(p, 300, 4 * PATTERNS))
+    sums = torch.zeros(2, 5, dtype=torch.float64)
+    torch.ops.torchdkm.scatter(sums, torch.tensor([0, 4, 4]), torch.ones(2, 3))
+    assert sums[:, 4].tolist() == [2.0, 2.0]
 
 
 def test_disabled_by_environment(monkeypatch):
     monkeypatch.setenv("TORCHDKM_NATIVE", "0")
-    assert native.kernels() is None
-    assert not native.usable(torch.zeros(1))
+    assert not kernels.native_available()
+    assert kernels.select("cpu", torch.bfloat16).backend == "torch"
 
 
 def test_a_failed_build_warns_and_falls_back(monkeypatch, tmp_path):
     """No compiler: one warning naming it, ``kernels()`` is None, and uniquified DKM still runs (torch code)."""
-    monkeypatch.setenv("TORCHDKM_NATIVE", "1")
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("TORCHDKM_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(native, "_loaded", None)
-    with pytest.warns(UserWarning, match="no-such-cc"):
-        assert native.kernels() is None
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # tried once per process: no second warning
-        assert native.kernels() is None
+    build.forget()
+    try:
+        with pytest.warns(UserWarning, match="no-such-cc"):
+            assert build.library() is None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # tried once per process: no second warning
+            assert build.library() is None
+        assert kernels.select("cpu", torch.bfloat16).backend == "torch"
+        _check_unique_step_runs()
+    finally:
+        build.forget()
 
+
+def _check_unique_step_runs():
     from torchdkm.cluster import WeightClusterer
     from torchdkm.config import LayerConfig
 
@@ -166,29 +185,33 @@ def test_a_compiler_error_warns_with_its_message(monkeypatch, tmp_path):
     fake = tmp_path / "bad-cc"
     fake.write_text("#!/bin/sh\necho 'bad-cc: cannot compile' >&2\nexit 1\n")
     fake.chmod(0o755)
-    monkeypatch.setenv("TORCHDKM_NATIVE", "1")
     monkeypatch.setenv("CC", str(fake))
     monkeypatch.setenv("TORCHDKM_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(native, "_loaded", None)
-    with pytest.warns(UserWarning, match="cannot compile"):
-        assert native.kernels() is None
-    assert list((tmp_path / "cache").iterdir()) == []
+    build.forget()
+    try:
+        with pytest.warns(UserWarning, match="cannot compile"):
+            assert build.library() is None
+        assert list((tmp_path / "cache").iterdir()) == []
+    finally:
+        build.forget()
 
 
 def test_build_is_cached(monkeypatch, tmp_path):
     """The compiled loops go to the cache folder once; a fresh process state loads them from there."""
     if shutil.which("cc") is None:
         pytest.skip("no C compiler on this machine")
-    monkeypatch.setenv("TORCHDKM_NATIVE", "1")
     monkeypatch.setenv("TORCHDKM_CACHE", str(tmp_path))
-    monkeypatch.setattr(native, "_loaded", None)
-    assert native.kernels() is not None
-    built = list(tmp_path.glob("native_loops-*.so"))
-    assert len(built) == 1
-    stamp = built[0].stat().st_mtime_ns
-    monkeypatch.setattr(native, "_loaded", None)
-    assert native.kernels() is not None
-    assert built[0].stat().st_mtime_ns == stamp
+    build.forget()
+    try:
+        assert build.library() is not None
+        built = list(tmp_path.glob("native_loops-*.so"))
+        assert len(built) == 1
+        stamp = built[0].stat().st_mtime_ns
+        build.forget()
+        assert build.library() is not None
+        assert built[0].stat().st_mtime_ns == stamp
+    finally:
+        build.forget()
 
 
 
@@ -197,14 +220,14 @@ def test_a_forked_process_starts_its_own_thread_pool(loops, monkeypatch):
 
     (Simulated by another pid: a real forked child would hang in torch's own OpenMP regions first.)
     """
-    monkeypatch.setattr(native, "MIN_PARALLEL", 1)
+    monkeypatch.setattr(cpu, "MIN_PARALLEL", 1)
     torch.set_num_threads(2)
     p = weights(1000).view(torch.uint16)
     first = loops.count(p, 1000, PATTERNS)
-    pool = native._pool[0]
-    monkeypatch.setattr(native.os, "getpid", lambda: -1)
+    pool = cpu._pool[0]
+    monkeypatch.setattr(cpu.os, "getpid", lambda: -1)
     assert torch.equal(loops.count(p, 1000, PATTERNS), first)
-    assert native._pool[0] is not pool and native._pool[2] == -1
+    assert cpu._pool[0] is not pool and cpu._pool[2] == -1
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -215,9 +238,16 @@ def test_scatter_equals_torch_scatter_add(loops, dtype, transposed):
     keys = torch.randint(0, bins, (items,), generator=g).to(torch.uint8)  # (any integer dtype)
     src = torch.randn(items, cols, generator=g).to(dtype).t() if transposed else torch.randn(cols, items).to(dtype)
     sums = torch.randn(cols, bins, dtype=torch.float64)
-    expected = sums.clone().scatter_add_(1, keys.long().expand(cols, -1), src.double())
-    assert loops.scatter(sums, keys, src) is True
-    torch.testing.assert_close(sums, expected, rtol=1e-12, atol=1e-12)
+    expected = sums.clone()
+    default.scatter(expected, keys, src)
+    loops.scatter(sums, keys, src)
+    assert torch.equal(sums, expected)  # float64 adds in item order, bit for bit
+    spare = torch.zeros(cols, bins + 1, dtype=torch.float64)  # rows contiguous, the row stride not bins
+    loops.scatter(spare[:, :bins], keys, src)
+    assert not spare[:, bins].any()
+    reference = torch.zeros(cols, bins, dtype=torch.float64)
+    default.scatter(reference, keys, src)
+    assert torch.equal(spare[:, :bins], reference)
 
 
 def test_scatter_rejects_a_key_out_of_range_and_adds_nothing(loops):
@@ -227,11 +257,13 @@ def test_scatter_rejects_a_key_out_of_range_and_adds_nothing(loops):
     assert not sums.any()
 
 
-def test_scatter_declines_what_it_does_not_take(loops):
+def test_scatter_refuses_what_it_does_not_take(loops):
     keys = torch.zeros(3, dtype=torch.long)
-    assert loops.scatter(torch.zeros(2, 4), keys, torch.ones(2, 3)) is False  # float32 sums
-    assert loops.scatter(torch.zeros(4, 2, dtype=torch.float64).t(), keys, torch.ones(2, 3)) is False  # strided
-    assert loops.scatter(torch.zeros(2, 4, dtype=torch.float64), keys, torch.ones(2, 3).half()) is False
+    with pytest.raises(ValueError, match="float64"):
+        loops.scatter(torch.zeros(2, 4), keys, torch.ones(2, 3))  # float32 sums
+    with pytest.raises(ValueError, match="contiguous rows"):
+        loops.scatter(torch.zeros(4, 2, dtype=torch.float64).t(), keys, torch.ones(2, 3))  # strided rows
+    assert kernels.select("cpu", torch.float16).scatter is cpu.scatter  # (the compute dtype, float32, is taken)
 
 
 def test_sum_refuses_to_lose_a_key_missing_from_the_live_ones(loops):
@@ -239,4 +271,4 @@ def test_sum_refuses_to_lose_a_key_missing_from_the_live_ones(loops):
     keys = keys_of(w, 100)
     live = torch.unique(keys)[1:]  # one key that occurs is left out
     with pytest.raises(ValueError, match="not among the live keys"):
-        loops.sum_per_key(w.view(torch.uint16), 100, torch.ones(100), live, PATTERNS)
+        loops.sum_per_key(w.view(torch.uint16), 100, torch.ones(100), live, PATTERNS, torch.float32)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from engine_api import dkm, dkm_unrolled
+from engine_api import problem as engine_problem
 from torch.autograd import gradcheck
 
-from torchdkm.cluster import DKMFunction, dkm, dkm_unrolled, op
+from torchdkm.cluster import DenseAttention, engine, rows_for
 
 F64 = torch.float64
 
@@ -28,7 +30,7 @@ def backward_mode(request, monkeypatch):
     Neumann series otherwise; ``EXPLICIT_LIMIT = 0`` forces the series on these tiny cases.
     """
     if request.param == "series":
-        monkeypatch.setattr(op, "EXPLICIT_LIMIT", 0, raising=False)
+        monkeypatch.setattr(engine, "EXPLICIT_LIMIT", 0)
     return request.param
 
 
@@ -83,12 +85,20 @@ def test_gradient_matches_finite_differences(groups, n, d, k, with_m, tau, seed,
     assert gradcheck(f, (x,), eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
-def test_dkm_function_apply_is_dkm():
+def test_dense_attention_output_is_dkm():
+    """The attention's own update and output, called by hand, are what the op returns."""
     x, m, c0 = problem(2, 8, 2, 3, with_m=True)
     t, tol = full(2, 0.5), torch.tensor(1e-12, dtype=F64)
-    w1, c1 = DKMFunction.apply(x, m, c0, t, 50, tol, 3, 1e-6)
-    w2, c2 = dkm(x, m, c0, t, max_iters=50, tol=tol, rows=3, grad_tol=1e-6)
-    assert torch.equal(w1, w2) and torch.equal(c1, c2)
+    w1, c1 = dkm(x, m, c0, t, max_iters=50, tol=tol, rows=3, grad_tol=1e-6)
+    attention = DenseAttention(engine_problem(x, m, c0, t, rows=3, max_iters=50, tol=tol))
+    c = c0
+    for _ in range(50):
+        new = attention.update(c)
+        if (new - c).abs().max() <= tol:
+            c = new
+            break
+        c = new
+    assert torch.equal(c, c1) and torch.equal(attention.output(c), w1)
 
 
 @pytest.mark.parametrize("with_m", [False, True])
@@ -100,9 +110,8 @@ def test_forward_reaches_kmeans_fixed_point(d, with_m):
     # F(c*) == c*, with F written out: c_j = sum_i A_ij m_i x_i / sum_i A_ij m_i.
     assert torch.allclose(step(x, m, c, t)[0], c, atol=1e-11, rtol=0)
     # The library's own update agrees, masses included.
-    again, den = op.update(x, m, c, t, 7)
+    again = DenseAttention(engine_problem(x, m, c0, t, rows=7)).update(c)
     assert torch.allclose(again, c, atol=1e-11, rtol=0)
-    assert torch.allclose(den, step(x, m, c, t)[1], atol=1e-11, rtol=0)
     # The output is the attention-weighted centroid of every vector.
     assert torch.allclose(w, attn(x, c, t) @ c, atol=1e-12, rtol=0)
     # ...and it is not trivially the start: the iteration moved the centroids.
@@ -264,12 +273,12 @@ def test_tolerance_stops_the_iterations_early():
 
 @pytest.mark.parametrize(("k", "d"), [(16, 1), (256, 4), (4, 2)])
 def test_rows_per_chunk_grows_with_the_budget(k, d):
-    assert op.rows_per_chunk(2, k, d, 4, 1.0) == 1  # never zero rows
-    small, large = op.rows_per_chunk(2, k, d, 4, 1e5), op.rows_per_chunk(2, k, d, 4, 1e8)
+    assert rows_for(1.0, 2, k, d, 4) == 1  # never zero rows
+    small, large = rows_for(1e5, 2, k, d, 4), rows_for(1e8, 2, k, d, 4)
     assert 1 <= small < large
     # Every row costs at least its k attention entries.
     assert large * 2 * k * 4 <= 1e8
-    assert op.rows_per_chunk(2, 2 * k, d, 4, 1e8) < large
+    assert rows_for(1e8, 2, 2 * k, d, 4) < large
 
 
 def test_scalars_far_from_zero_keep_float32_precision():

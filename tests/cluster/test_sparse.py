@@ -1,22 +1,43 @@
 """Top-m sparse DKM (``torchdkm.cluster.sparse``): equal to the dense op with every centroid kept, close to it
 with a few, and the dropped-mass bound it reports is a true bound.  Every test runs with the native
-scatter-adds and with the torch code."""
+scatter-adds and with the torch kernels, chosen through ``backend``."""
 
 from __future__ import annotations
 
 import math
 
+import engine_api
 import pytest
 import torch
 from torch.autograd import gradcheck
 
-from torchdkm.cluster import op, sparse
+from torchdkm.cluster import selection
 from torchdkm.cluster.hard import nearest_two
+from torchdkm.cluster.ranking import coordinate_major, rank_vectors, smallest
+from torchdkm.cluster.rows import attention_floor, gather_rows, soft_layout
 from torchdkm.config import LayerConfig
 
 F64 = torch.float64
+BACKEND = {"name": None}
 
-pytestmark = pytest.mark.usefixtures("backend")  # (tests/cluster/conftest.py: native loops, then torch code)
+
+@pytest.fixture(autouse=True)
+def chosen_backend(backend, monkeypatch):
+    """Every sparse op of a test scatters with the ``backend`` fixture's kernels."""
+    monkeypatch.setitem(BACKEND, "name", backend)
+    return backend
+
+
+def dkm_sparse(*args, **kwargs):
+    return engine_api.dkm_sparse(*args, backend=BACKEND["name"], **kwargs)
+
+
+def sparse_iterate(*args):
+    return engine_api.sparse_iterate(*args, backend=BACKEND["name"])
+
+
+def select(x, m, c, tau, top, rows):
+    return selection.select(engine_api.data(x, m, c.shape[1], rows, BACKEND["name"]), c, tau, top)
 
 
 def problem(groups, n, d, k, *, seed=0, with_m=False, pad=0, dtype=F64):
@@ -72,13 +93,13 @@ def test_every_centroid_kept_is_the_dense_op(groups, n, d, k, with_m, pad, tau, 
     g = torch.Generator().manual_seed(2)
     gw, gc = torch.randn(x.shape, generator=g, dtype=F64), torch.randn(c0.shape, generator=g, dtype=F64)
     kw = dict(max_iters=30, tol=tol, grad_tol=1e-12)
-    ref = run(op.dkm, x, m, c0, t, rows=rows, gw=gw, gc=gc, **kw)
-    got = run(sparse.dkm_sparse, x, m, c0, t, rows=rows, gw=gw, gc=gc, top=k, **kw)
+    ref = run(engine_api.dkm, x, m, c0, t, rows=rows, gw=gw, gc=gc, **kw)
+    got = run(dkm_sparse, x, m, c0, t, rows=rows, gw=gw, gc=gc, top=k, **kw)
     for a, b in zip(got[:3], ref[:3]):
         assert (a - b).abs().max() <= 1e-10 * max(1.0, float(b.abs().max()))
     assert torch.equal(got[3], torch.zeros(groups, dtype=F64))  # nothing dropped
     # top > k is top = k
-    again = run(sparse.dkm_sparse, x, m, c0, t, rows=rows, gw=gw, gc=gc, top=k + 3, **kw)
+    again = run(dkm_sparse, x, m, c0, t, rows=rows, gw=gw, gc=gc, top=k + 3, **kw)
     assert all(torch.equal(a, b) for a, b in zip(again, got))
 
 
@@ -87,7 +108,7 @@ def test_gradcheck_every_centroid_kept():
     t = torch.full((2,), 0.5, dtype=F64)
 
     def f(x):
-        w, c, _ = sparse.dkm_sparse(
+        w, c, _ = dkm_sparse(
             x, m, c0, t, top=3, max_iters=5000, tol=torch.tensor(1e-13, dtype=F64), rows=4, grad_tol=1e-14
         )
         return w, c
@@ -104,11 +125,11 @@ def test_gradcheck_with_hard_and_soft_rows():
     c0 = centres[None] + 0.05
     t = torch.full((1,), 0.1, dtype=F64)
     tol = torch.tensor(1e-13, dtype=F64)
-    sel = sparse.select(x, None, sparse.iterate(x, None, c0, t, 5000, tol, 5, 2)[0], t, 2, 5)
+    sel = select(x, None, sparse_iterate(x, None, c0, t, 5000, tol, 5, 2)[0], t, 2, 5)
     assert sel.hard.any() and (~sel.hard).any()
 
     def f(x):
-        w, c, _ = sparse.dkm_sparse(x, None, c0, t, top=2, max_iters=5000, tol=tol, rows=5, grad_tol=1e-14)
+        w, c, _ = dkm_sparse(x, None, c0, t, top=2, max_iters=5000, tol=tol, rows=5, grad_tol=1e-14)
         return w, c
 
     assert gradcheck(f, (x.requires_grad_(True),), eps=1e-6, atol=1e-6, rtol=1e-5)
@@ -124,8 +145,8 @@ def test_few_centroids_match_the_dense_op_at_the_default_temperature(d, top, clo
     g = torch.Generator().manual_seed(6)
     gw, gc = torch.randn(x.shape, generator=g, dtype=F64), torch.randn(c0.shape, generator=g, dtype=F64)
     kw = dict(max_iters=5, tol=torch.tensor(0.0, dtype=F64), grad_tol=1e-10)
-    ref = run(op.dkm, x, None, c0, tau, rows=1000, gw=gw, gc=gc, **kw)
-    w, c, grad, dropped = run(sparse.dkm_sparse, x, None, c0, tau, rows=1000, gw=gw, gc=gc, top=top, **kw)
+    ref = run(engine_api.dkm, x, None, c0, tau, rows=1000, gw=gw, gc=gc, **kw)
+    w, c, grad, dropped = run(dkm_sparse, x, None, c0, tau, rows=1000, gw=gw, gc=gc, top=top, **kw)
     if close:
         assert rel(w, ref[0]) < 1e-10 and rel(c, ref[1]) < 1e-10 and rel(grad, ref[2]) < 1e-8
         assert float(dropped.max()) < 1e-12
@@ -141,16 +162,17 @@ def test_reported_dropped_mass_bounds_the_true_one(d, top):
     x, c0, tau = gaussian_layer(n, d, k, seed=7 + d)
     tau = tau * 4  # softer than the default, so that the bound is not trivially tiny
     tol = torch.tensor(0.0, dtype=F64)
-    c, _, sel, dropped = sparse.iterate(x, None, c0, tau, 3, tol, 500, top)
+    c, attention = sparse_iterate(x, None, c0, tau, 3, tol, 500, top)
+    sel = attention.sel
     a = torch.softmax(-torch.cdist(x, c).square() / tau.view(-1, 1, 1), -1)[0]  # (n, k)
     kept = torch.zeros_like(a, dtype=torch.bool)
     kept.scatter_(1, sel.index[0].long().t(), True)
     hard = sel.hard[0]
     kept[hard] = False
     kept[hard, sel.index[0, 0, hard].long()] = True
-    _, out_bound = sparse.soft_output(x, None, c, tau, sel, 500)
+    attention.output(c)  # (the bound at c joins those of the iterations)
     true = (a * ~kept).sum(1).max()
-    assert float(true) <= float(torch.maximum(dropped, out_bound)) + 1e-15
+    assert float(true) <= float(attention.dropped) + 1e-15
 
 
 def test_tournament_finds_the_nearest_and_a_valid_lower_bound():
@@ -158,7 +180,7 @@ def test_tournament_finds_the_nearest_and_a_valid_lower_bound():
     for d, k, top in [(1, 16, 1), (2, 16, 3), (3, 64, 4), (2, 8, 5), (4, 12, 3)]:  # 12: not a power of two
         x = torch.randn(2, 500, d, generator=g)
         c = torch.randn(2, k, d, generator=g)
-        sel = sparse.select(x, None, c, torch.full((2,), 1e9), top, 128)  # huge tau: no row is hard
+        sel = select(x, None, c, torch.full((2,), 1e9), top, 128)  # huge tau: no row is hard
         assert not sel.hard.any()
         dist = torch.cdist(x.double(), c.double()).square()  # (G, n, k)
         want = dist.topk(top, -1, largest=False).indices.sort(-1).values
@@ -174,12 +196,12 @@ def test_tournament_finds_the_nearest_and_a_valid_lower_bound():
 def test_padding_rows_move_nothing_and_do_not_count():
     x, m, c0 = problem(2, 40, 2, 6, with_m=True, seed=9)
     t, tol = torch.full((2,), 0.3, dtype=F64), torch.tensor(1e-12, dtype=F64)
-    _, c_ref, d_ref = sparse.dkm_sparse(x[:, :30], m[:, :30], c0, t, top=2, max_iters=200, tol=tol, rows=7)
+    _, c_ref, d_ref = dkm_sparse(x[:, :30], m[:, :30], c0, t, top=2, max_iters=200, tol=tol, rows=7)
     m0 = m.clone()
     m0[:, 30:] = 0
     x0 = x.clone()
     x0[:, 30:] = 1e3  # far away: with a weight they would drag a centroid (and break any bound)
-    w, c, dropped = sparse.dkm_sparse(x0, m0, c0, t, top=2, max_iters=200, tol=tol, rows=7)
+    w, c, dropped = dkm_sparse(x0, m0, c0, t, top=2, max_iters=200, tol=tol, rows=7)
     assert torch.allclose(c, c_ref, atol=1e-12, rtol=0)
     assert torch.equal(dropped, d_ref)
     assert torch.isfinite(w).all()
@@ -191,19 +213,19 @@ def test_rows_are_chosen_again_as_centroids_move(monkeypatch):
     c0 = c * 0.5 + 0.01  # far from the fixed point
     tol = torch.tensor(0.0, dtype=F64)
     repairs = []
-    original = sparse._repair
-    monkeypatch.setattr(sparse, "_repair", lambda *a: repairs.append(1) or original(*a))
-    c_sparse, _, _, dropped = sparse.iterate(x, None, c0, tau, 40, tol, 500, 4)
+    original = selection.repair
+    monkeypatch.setattr(selection, "repair", lambda *a: repairs.append(1) or original(*a))
+    c_sparse, attention = sparse_iterate(x, None, c0, tau, 40, tol, 500, 4)
     assert len(repairs) > 5
-    c_dense, _ = op.iterate(x, None, c0, tau, 40, tol, 500)
-    assert rel(c_sparse, c_dense) < 1e-12 and float(dropped) < 1e-15
+    c_dense = engine_api.dense_iterate(x, None, c0, tau, 40, tol, 500)
+    assert rel(c_sparse, c_dense) < 1e-12 and float(attention.dropped) < 1e-15
 
 
 def test_float32_agrees_with_float64():
     x, c0, tau = gaussian_layer(4000, 2, 16, seed=11)
     kw = dict(top=3, max_iters=5, rows=1000)
-    w64, c64, _ = sparse.dkm_sparse(x, None, c0, tau, tol=torch.tensor(0.0, dtype=F64), **kw)
-    w32, c32, d32 = sparse.dkm_sparse(x.float(), None, c0.float(), tau.float(), tol=torch.tensor(0.0), **kw)
+    w64, c64, _ = dkm_sparse(x, None, c0, tau, tol=torch.tensor(0.0, dtype=F64), **kw)
+    w32, c32, d32 = dkm_sparse(x.float(), None, c0.float(), tau.float(), tol=torch.tensor(0.0), **kw)
     assert w32.dtype == torch.float32 and d32.dtype == torch.float32
     assert rel(w32.double(), w64) < 1e-5 and rel(c32.double(), c64) < 1e-5
 
@@ -211,12 +233,12 @@ def test_float32_agrees_with_float64():
 def test_top_must_be_positive():
     x, m, c0 = problem(1, 10, 1, 3)
     with pytest.raises(ValueError, match="top"):
-        sparse.dkm_sparse(x, m, c0, torch.ones(1, dtype=F64), top=0, max_iters=3, tol=torch.tensor(0.0), rows=4)
+        dkm_sparse(x, m, c0, torch.ones(1, dtype=F64), top=0, max_iters=3, tol=torch.tensor(0.0), rows=4)
 
 
 def test_log_floor_is_below_float_resolution():
     for dtype in (torch.float32, torch.float64):
-        assert math.exp(sparse._floor(dtype)) < torch.finfo(dtype).eps ** 1.9
+        assert math.exp(attention_floor(dtype)) < torch.finfo(dtype).eps ** 1.9
 
 
 @pytest.mark.parametrize("itype", [torch.int32, torch.int64])
@@ -231,25 +253,25 @@ def test_smallest_by_rotation_equals_a_sort(itype, k, top):
     packed[1, :, 0] = ids[0, :, 0] * 3  # a sorted row
     packed[1, :, 1] = ids[0, :, 0].flip(0)  # a reversed one
     want = packed.sort(1).values[:, : top + 1]
-    assert torch.equal(sparse._smallest(packed.clone(), top), want)
+    assert torch.equal(smallest(packed.clone(), top), want)
 
 
 def test_rank_feeds_the_temperature_and_the_selection():
     """``rank`` reads back as ``hard.nearest_two`` does, and ``dkm_sparse`` given it matches one that ranks itself."""
     x, c0, tau = gaussian_layer(3000, 2, 16, seed=12, dtype=torch.float32)
-    ranked = sparse.rank(x, c0)
-    index, first, second = sparse.nearest_two(ranked)
+    ranked = rank_vectors(x, c0)
+    index, first, second = ranked.nearest_two()
     want = nearest_two(x, c0, 1000)
     assert torch.equal(index.long(), want[0])
     assert torch.equal(first, want[1]) and torch.equal(second, want[2])
     kw = dict(top=4, max_iters=3, tol=torch.tensor(0.0), rows=500)
-    fresh = run(sparse.dkm_sparse, x, None, c0, tau, gw=torch.ones_like(x), gc=torch.zeros_like(c0), **kw)
+    fresh = run(dkm_sparse, x, None, c0, tau, gw=torch.ones_like(x), gc=torch.zeros_like(c0), **kw)
     given = run(
-        sparse.dkm_sparse, x, None, c0, tau, gw=torch.ones_like(x), gc=torch.zeros_like(c0), ranked=ranked, **kw
+        dkm_sparse, x, None, c0, tau, gw=torch.ones_like(x), gc=torch.zeros_like(c0), ranked=ranked, **kw
     )
-    elsewhere = sparse.rank(x, c0 + 0.01)  # ranked at other centroids: ignored
+    elsewhere = rank_vectors(x, c0 + 0.01)  # ranked at other centroids: ignored
     other = run(
-        sparse.dkm_sparse, x, None, c0, tau, gw=torch.ones_like(x), gc=torch.zeros_like(c0), ranked=elsewhere, **kw
+        dkm_sparse, x, None, c0, tau, gw=torch.ones_like(x), gc=torch.zeros_like(c0), ranked=elsewhere, **kw
     )
     for a, b, o in zip(fresh[:3], given[:3], other[:3]):
         assert torch.equal(a, b) and torch.equal(a, o)
@@ -260,11 +282,11 @@ def test_soft_rows_laid_out_as_chosen_match_a_fresh_layout(groups, with_m):
     """After repairs, the soft rows the selection carries are the flags' soft rows, with their sets and vectors."""
     x, m, c0 = problem(groups, 600, 2, 8, seed=13, with_m=with_m)
     tau = torch.full((groups,), 0.05, dtype=F64)
-    data = sparse._Data.of(x, m, 8, 64)
-    c, _, sel, soft, _ = sparse._iterate(data, c0, tau, 4, torch.tensor(0.0, dtype=F64), 3)
-    sel, soft, _ = sparse._current(data, sel, soft, c * 1.05, tau)  # a move that makes rows stale
+    c, attention = sparse_iterate(x, m, c0, tau, 4, torch.tensor(0.0, dtype=F64), 64, 3)
+    data, sel, soft = attention.data, attention.sel, attention.soft
+    sel, soft, _ = selection.current(data, sel, soft, c * 1.05, tau)  # a move that makes rows stale
     assert sel.rebased and sel.soft is not None
-    fresh = sparse._soft_layout(data, sel.index, sel.hard, 8, tau)
+    fresh = soft_layout(data, sel.index, sel.hard, 8, tau)
 
     def table(chunks):
         rows = torch.cat([ch.rows for ch in chunks])
@@ -283,7 +305,7 @@ def test_backward_twice_gives_the_same_bits():
     """The second backward rebuilds the layout in the forward's chunks (the first used the forward's own)."""
     x, c0, tau = gaussian_layer(2000, 2, 16, seed=14)
     xr = x.clone().requires_grad_(True)
-    w, c, _ = sparse.dkm_sparse(xr, None, c0, tau, top=3, max_iters=4, tol=torch.tensor(0.0, dtype=F64), rows=300)
+    w, c, _ = dkm_sparse(xr, None, c0, tau, top=3, max_iters=4, tol=torch.tensor(0.0, dtype=F64), rows=300)
     loss = (w * torch.randn_like(w)).sum() + c.sum()
     (first,) = torch.autograd.grad(loss, xr, retain_graph=True)
     (second,) = torch.autograd.grad(loss, xr)
@@ -292,9 +314,9 @@ def test_backward_twice_gives_the_same_bits():
 
 def test_coordinate_major():
     x = torch.randn(2, 5, 3, dtype=F64)
-    assert torch.equal(sparse.coordinate_major(x), x.permute(2, 0, 1))
+    assert torch.equal(coordinate_major(x), x.permute(2, 0, 1))
     wide = torch.randn(1, 4, 20, dtype=F64)
-    assert torch.equal(sparse.coordinate_major(wide), wide.permute(2, 0, 1))
+    assert torch.equal(coordinate_major(wide), wide.permute(2, 0, 1))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
@@ -302,5 +324,5 @@ def test_coordinate_major():
 def test_rows_gathers_like_indexing(dtype, d):
     table = torch.randn(d, 9, dtype=dtype).t()  # (9, d), not contiguous
     index = torch.tensor([3, 0, 8, 3, 5])
-    got = sparse._rows(table, index)
+    got = gather_rows(table, index)
     assert got.shape == (5, d) and torch.equal(got, table[index])

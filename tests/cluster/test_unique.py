@@ -1,21 +1,39 @@
 """Uniquification: DKM once per distinct 16-bit value must equal DKM on every weight.
 
-Every test runs twice: with the native loops (``torchdkm.cluster.native``) and
-with the torch code they replace.
+Every test runs twice: with the native kernels and with the torch kernels
+(:mod:`torchdkm.kernels`), selected explicitly through the clusterers' ``backend``.
 """
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
-from torchdkm.cluster import Layout, WeightClusterer, native
+import torchdkm.cluster
+import torchdkm.kernels.cpu
+import torchdkm.kernels.default
+from torchdkm.cluster import Layout
 from torchdkm.cluster import unique as unique_mod
 from torchdkm.config import LayerConfig
+from torchdkm.kernels import select
 
 F64 = torch.float64
+WeightClusterer = torchdkm.cluster.WeightClusterer
+BACKEND = {"name": None}
 
-pytestmark = pytest.mark.usefixtures("backend")  # (tests/cluster/conftest.py: native loops, then torch code)
+
+@pytest.fixture(autouse=True)
+def chosen_backend(backend, monkeypatch):
+    """Every clusterer and every distinct table of a test uses the ``backend`` fixture's kernels."""
+    monkeypatch.setitem(BACKEND, "name", backend)
+    monkeypatch.setitem(globals(), "WeightClusterer", functools.partial(torchdkm.cluster.WeightClusterer, backend=backend))
+    return backend
+
+
+def distinct(weight, layout, dtype, compute):
+    return unique_mod.distinct(weight, layout, dtype, compute, select("cpu", weight.dtype, BACKEND["name"]))
 
 
 def rounded(shape, dtype, *, seed=0, scale=1.0):
@@ -47,16 +65,16 @@ def test_distinct_table(dtype, out, group_size):
     weight[:, :3] = 0.5  # repeated values
     weight[0, 3] = -0.0  # a signed zero: its own bit pattern, value 0
     layout = Layout.of(weight.shape, 1, group_size)
-    found = unique_mod.distinct(weight, layout, dtype, torch.float32)
+    found = distinct(weight, layout, dtype, torch.float32)
     check_distinct(weight, layout, dtype, found)
 
 
 def test_distinct_bincount_and_unique_fallback_agree(monkeypatch):
     weight = torch.randn(70, 9)
     layout = Layout.of(weight.shape, 1, 2)  # 35 groups: the bincount table
-    table = unique_mod.distinct(weight, layout, torch.float16, torch.float32)
+    table = distinct(weight, layout, torch.float16, torch.float32)
     monkeypatch.setattr(unique_mod, "MAX_TABLE_GROUPS", 1)  # force the torch.unique route
-    fallback = unique_mod.distinct(weight, layout, torch.float16, torch.float32)
+    fallback = distinct(weight, layout, torch.float16, torch.float32)
     check_distinct(weight, layout, torch.float16, fallback)
     assert torch.equal(table.expand(table.values), fallback.expand(fallback.values))
     for g in range(layout.groups):
@@ -70,8 +88,8 @@ def soft_both(weight, mode, *, bits=3, group_size=None, max_iters=5, tau=0.05, s
     common = dict(bits=bits, group_size=group_size, max_iters=max_iters, tau=tau, tol=0.0, min_numel=0)
     exact = WeightClusterer("layer", LayerConfig(cluster_dtype="exact", **common), weight.shape)
     uniq = WeightClusterer("layer", LayerConfig(cluster_dtype=mode, **common), weight.shape)
-    assert exact.unique_dtype(weight) is None
-    assert uniq.unique_dtype(weight) is not None, "the test must exercise the uniquified path"
+    assert exact.plan(weight).cluster_dtype is None
+    assert uniq.plan(weight).path == "unique", "the test must exercise the uniquified path"
     c0 = exact.init(weight)
     upstream = torch.randn(weight.shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
     results = []
@@ -154,26 +172,26 @@ def test_unique_gradient_is_straight_through_the_rounding():
 def test_auto_picks_the_path():
     cfg = LayerConfig(bits=2, min_numel=0)
     c = WeightClusterer("layer", cfg, (4, 4))
-    assert c.unique_dtype(torch.randn(4, 4)) == torch.float16
+    assert c.plan(torch.randn(4, 4)).cluster_dtype == torch.float16
     big = torch.randn(4, 4) * 1e6  # beyond float16's range: float16 is tried, then bfloat16
-    assert c.unique_dtype(big) == torch.float16
-    assert torch.equal(
-        c._distinct(big, torch.float16).values.flatten().sort().values, big.bfloat16().float().flatten().unique()
-    )
-    assert c.unique_dtype(torch.randn(4, 4).half()) == torch.float16
-    assert c.unique_dtype(torch.randn(4, 4).bfloat16()) == torch.bfloat16
-    assert c.unique_dtype(torch.randn(4, 4, dtype=F64)) is None
-    assert WeightClusterer("v", cfg.replace(dim=2), (4, 4)).unique_dtype(torch.randn(4, 4)) is None
-    assert WeightClusterer("e", cfg.replace(cluster_dtype="exact"), (4, 4)).unique_dtype(torch.randn(4, 4)) is None
+    assert c.plan(big).cluster_dtype == torch.float16
+    soft = c.soft(big, c.init(big))  # the step clusters the bfloat16 values
+    assert torch.isfinite(soft.weight).all() and soft.centroids.abs().max() > 6e4
+    assert c.plan(torch.randn(4, 4).half()).cluster_dtype == torch.float16
+    assert c.plan(torch.randn(4, 4).bfloat16()).cluster_dtype == torch.bfloat16
+    assert c.plan(torch.randn(4, 4, dtype=F64)).cluster_dtype is None
+    assert WeightClusterer("v", cfg.replace(dim=2), (4, 4)).plan(torch.randn(4, 4)).cluster_dtype is None
+    exact = WeightClusterer("e", cfg.replace(cluster_dtype="exact"), (4, 4))
+    assert exact.plan(torch.randn(4, 4)).cluster_dtype is None
     bf = WeightClusterer("b", cfg.replace(cluster_dtype="bfloat16"), (4, 4))
-    assert bf.unique_dtype(torch.randn(4, 4).half()) == torch.bfloat16
+    assert bf.plan(torch.randn(4, 4).half()).cluster_dtype == torch.bfloat16
 
 
 def test_distinct_with_more_than_32768_groups():
     """group * 65536 must not overflow (keys are int64)."""
     weight = torch.randn(32769, 2, generator=torch.Generator().manual_seed(13))
     layout = Layout.of(weight.shape, 1, 1)  # one LUT per row: 32769 groups
-    found = unique_mod.distinct(weight, layout, torch.float16, torch.float32)
+    found = distinct(weight, layout, torch.float16, torch.float32)
     assert torch.equal(found.expand(found.values), weight.reshape(-1).half().float())
     assert torch.equal(found.counts.sum(1), torch.full((32769,), 2.0))
     assert torch.equal(found.index // found.per_group, torch.arange(32769).repeat_interleave(2))
@@ -195,16 +213,16 @@ def test_passes_in_pieces_equal_one_piece(monkeypatch, group_size, backend):
     """
     weight = rounded((12, 16), torch.bfloat16, seed=7)
     w_one, c_one, g_one = soft_both(weight, "auto", group_size=group_size)[1]
-    monkeypatch.setattr(unique_mod, "PIECE", 7)  # pieces that split rows and groups
-    monkeypatch.setattr(unique_mod, "COUNT_PIECE", 5)
-    monkeypatch.setattr(unique_mod, "SUM_PIECE", 6)
-    monkeypatch.setattr(native, "MIN_PARALLEL", 1)
+    monkeypatch.setattr(torchdkm.kernels.default, "PIECE", 7)  # pieces that split rows and groups
+    monkeypatch.setattr(torchdkm.kernels.default, "COUNT_PIECE", 5)
+    monkeypatch.setattr(torchdkm.kernels.default, "SUM_PIECE", 6)
+    monkeypatch.setattr(torchdkm.kernels.cpu, "MIN_PARALLEL", 1)
     torch.set_num_threads(3)  # (the conftest fixture restores the thread count)
     w_many, c_many, g_many = soft_both(weight, "auto", group_size=group_size)[1]
     assert torch.equal(w_one, w_many) and torch.equal(c_one, c_many)
     assert_close(g_one, g_many, 1e-6)  # (the gradient sums add in other pieces)
     layout = Layout.of(weight.shape, 1, group_size)
-    found = unique_mod.distinct(weight, layout, torch.bfloat16, torch.float32)
+    found = distinct(weight, layout, torch.bfloat16, torch.float32)
     check_distinct(weight, layout, torch.bfloat16, found)
 
 

@@ -1,7 +1,7 @@
 """Hard (nearest-centroid) k-means pieces: assignment, distortion, Lloyd, re-seeding.
 
 All functions take the batched ``(G, n, d)`` vectors, ``(G, n)`` multiplicities
-(``None``: all 1) and ``(G, k, d)`` centroids of :mod:`torchdkm.cluster.op`, and
+(``None``: all 1) and ``(G, k, d)`` centroids of :mod:`.problem`, and
 work chunk by chunk so memory stays bounded.
 """
 
@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .op import _chunks
+from .problem import row_chunks
+from .ranking import INT_OF, rank, unpack
 
 
 def nearest(x: Tensor, c: Tensor, rows: int) -> tuple[Tensor, Tensor]:
@@ -22,62 +23,21 @@ def nearest(x: Tensor, c: Tensor, rows: int) -> tuple[Tensor, Tensor]:
 def nearest_two(x: Tensor, c: Tensor, rows: int) -> tuple[Tensor, Tensor, Tensor]:
     """Like :func:`nearest`, plus the squared distance to the second-nearest centroid.
 
-    In float32/float64 the distances are ranked as integers (their float bits,
-    the centroid index in the lowest ``ceil(log2 k)`` bits): the nearest is one
-    ``amin``, the second one more after a rotation of the integers (see
-    :func:`_two_smallest`), both reductions along the short centroid axis,
-    several times faster than ``max`` with indices.  Near-ties (within
-    ``2^-(mantissa - log2 k)`` relative) go to the lower index, and the
-    distances lose those low bits (truncated towards 0; an exact 0 stays 0).
+    In float32/float64 the distances are ranked as integers (:mod:`.ranking`):
+    near-ties go to the lower index, and the distances lose their lowest
+    ``ceil(log2 k)`` bits (truncated towards 0).
     """
-    if x.dtype in _INT_OF and c.shape[1] > 1:
-        return _nearest_two_packed(x, c, rows)
+    k = c.shape[1]
+    if x.dtype in INT_OF and k > 1:
+        found = rank(x.transpose(1, 2), c, 1, block=min(rows, CACHE_ROWS))
+        index, first = unpack(found[:, 0], k)
+        return index.long(), first, unpack(found[:, 1], k)[1]
     index, dist, second = _nearest(x, c, rows, True)
     return index, dist, second
 
 
-_INT_OF = {torch.float32: torch.int32, torch.float64: torch.int64}
 #: Rows per chunk of :func:`nearest_two`: the ``k x rows`` distances then stay in cache.
 CACHE_ROWS = 32768
-
-
-def _two_smallest(packed: Tensor) -> tuple[Tensor, Tensor]:
-    """The smallest and second smallest of ``packed`` (G, k, r) along dim 1, for distinct values in ``[0, 2^(b-1))``.
-
-    Subtracting ``first + 1`` and keeping the low ``b - 1`` bits rotates the
-    values: the smallest wraps to the top, every other keeps its order.  In place.
-    """
-    top = torch.iinfo(packed.dtype).max
-    first = packed.amin(1, keepdim=True)
-    packed.sub_(first + 1).bitwise_and_(top)
-    second = packed.amin(1).add_(first.squeeze(1)).add_(1)
-    return first.squeeze(1), second
-
-
-def _nearest_two_packed(x: Tensor, c: Tensor, rows: int) -> tuple[Tensor, Tensor, Tensor]:
-    g, n, d = x.shape
-    k = c.shape[1]
-    mask = (1 << max(1, (k - 1).bit_length())) - 1
-    itype = _INT_OF[x.dtype]
-    ids = torch.arange(k, device=x.device, dtype=itype).view(1, k, 1)
-    index = torch.empty(g, n, dtype=torch.long, device=x.device)
-    dist = torch.empty(g, n, dtype=x.dtype, device=x.device)
-    second = torch.empty(g, n, dtype=x.dtype, device=x.device)
-    # vectors: one matmul [-2 c, |c|^2, 1] [x; 1; |x|^2], clamped at 0 (the true value's floor)
-    lhs = torch.cat([-2.0 * c, (c * c).sum(-1, keepdim=True), torch.ones_like(c[..., :1])], -1) if d > 1 else None
-    for s in _chunks(n, min(rows, CACHE_ROWS)):
-        xs = x[:, s].transpose(1, 2)  # (G, d, r)
-        if lhs is None:  # exact differences for scalars
-            sq = (c - xs).square_()
-        else:
-            rhs = torch.cat([xs, torch.ones_like(xs[:, :1]), (xs * xs).sum(1, keepdim=True)], 1)
-            sq = torch.bmm(lhs, rhs).clamp_min_(0)
-        packed = sq.view(itype).bitwise_and_(~mask).bitwise_or_(ids)
-        first, last = _two_smallest(packed)
-        index[:, s] = first & mask
-        dist[:, s] = (first & ~mask).view(x.dtype)
-        second[:, s] = (last & ~mask).view(x.dtype)
-    return index, dist, second
 
 
 def _nearest(x: Tensor, c: Tensor, rows: int, two: bool) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -86,7 +46,7 @@ def _nearest(x: Tensor, c: Tensor, rows: int, two: bool) -> tuple[Tensor, Tensor
     dist = torch.empty(g, n, dtype=x.dtype, device=x.device)
     second = torch.empty(g, n, dtype=x.dtype, device=x.device) if two and c.shape[1] > 1 else None
     cc = (c * c).sum(-1, keepdim=True)
-    for s in _chunks(n, rows):
+    for s in row_chunks(n, rows):
         xs = x[:, s]
         if x.shape[-1] == 1:  # exact differences for scalars
             score = (c - xs.transpose(1, 2)).square_().neg_()  # (G, k, r): -|x - c|^2

@@ -1,4 +1,4 @@
-/* torchdkm's native CPU loops (built by torchdkm/cluster/native.py; the torch code they replace computes
+/* torchdkm's native CPU loops (built by torchdkm/kernels/build.py; the torch code they replace computes
  * the same, and the tests compare the two).
  *
  * Most walk `n` weights whose 16-bit patterns are `p[0..n)` (the uniquified path's passes): weight i is
@@ -303,12 +303,12 @@ void tdkm_affine_bf16(const uint16_t *p, int64_t n, int64_t first, int64_t group
  */
 #define SCATTER(name, type)                                                                                 \
     int64_t name(const int64_t *keys, int64_t items, const type *src, int64_t cols, int64_t col_stride,     \
-                 int64_t item_stride, double *sums, int64_t bins) {                                          \
+                 int64_t item_stride, double *sums, int64_t bins, int64_t row_stride) {                      \
         for (int64_t i = 0; i < items; i++)                                                                  \
             if ((uint64_t)keys[i] >= (uint64_t)bins) return i;                                               \
         for (int64_t c = 0; c < cols; c++) {                                                                 \
             const type *column = src + c * col_stride;                                                       \
-            double *out = sums + c * bins;                                                                   \
+            double *out = sums + c * row_stride;                                                             \
             for (int64_t i = 0; i < items; i++) out[keys[i]] += column[i * item_stride];                     \
         }                                                                                                    \
         return -1;                                                                                           \

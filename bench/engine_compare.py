@@ -1,0 +1,100 @@
+"""The engine before and after a change, side by side: one DKM training step on the 1M/4M rows of ``bench.dkm_step``.
+
+    git worktree add --detach /tmp/old <commit>      # the checkout to compare against
+    python -m bench.engine_compare --old /tmp/old
+
+Each (case, checkout) runs in a fresh subprocess whose working directory is that checkout (so it
+imports that checkout's ``torchdkm``), at one torch thread: ``prepare`` one ``nn.Linear``, a few
+untimed steps, then the median of ``--steps`` timed steps (forward, MSE loss, backward, SGD).  The
+checkouts take turns, ``--turns`` times, and each case's ratio is new / old of the medians of the
+turns.  Writes ``bench/results/engine_compare.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+#: (name, out, in, bits, dim, dtype): the 1M and 4M torchdkm rows of bench.dkm_step.
+CASES = [
+    ("1M 4-bit dim 1 fp32", 1024, 1024, 4, 1, "float32"),
+    ("1M 4-bit dim 2 fp32", 1024, 1024, 4, 2, "float32"),
+    ("4M 4-bit dim 1 bf16", 2048, 2048, 4, 1, "bfloat16"),
+]
+STEP = """
+import json, statistics, sys, time, torch, torchdkm
+from torch import nn
+torch.set_num_threads(1)
+out, inp, bits, dim, dtype, steps = json.loads(sys.argv[1])
+dtype = getattr(torch, dtype)
+g = torch.Generator().manual_seed(0)
+layer = nn.Linear(inp, out, bias=False, dtype=dtype)
+with torch.no_grad():
+    layer.weight.copy_(torch.randn(out, inp, generator=g) * 0.02)
+model = nn.Sequential(layer)
+x = torch.randn(32, inp, generator=g).to(dtype)
+target = model(x).detach()
+torchdkm.prepare(model, torchdkm.DKMConfig.parse(f"fc:{bits}/{dim}", min_numel=0))
+opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+times = []
+for i in range(3 + steps):
+    start = time.perf_counter()
+    loss = nn.functional.mse_loss(model(x).float(), target.float())
+    opt.zero_grad(); loss.backward(); opt.step()
+    if i >= 3:
+        times.append(time.perf_counter() - start)
+print(json.dumps(statistics.median(times)))
+"""
+
+
+def time_step(checkout: Path, case: tuple, steps: int) -> float:
+    args = json.dumps([case[1], case[2], case[3], case[4], case[5], steps])
+    done = subprocess.run([sys.executable, "-c", STEP, args], cwd=checkout, capture_output=True, text=True, check=True)
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def git_head(checkout: Path) -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=checkout, capture_output=True, text=True).stdout.strip()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--old", type=Path, required=True, help="a checkout of the commit to compare against")
+    parser.add_argument("--turns", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    rows = []
+    for case in CASES:
+        times: dict[str, list[float]] = {"old": [], "new": []}
+        for _ in range(args.turns):
+            for which, checkout in (("old", args.old), ("new", ROOT)):
+                times[which].append(time_step(checkout, case, args.steps))
+        old, new = statistics.median(times["old"]), statistics.median(times["new"])
+        rows.append({"case": case[0], "old_ms": old * 1e3, "new_ms": new * 1e3, "ratio": new / old, "turns": times})
+        print(f"{case[0]:24s} old {old * 1e3:8.2f} ms  new {new * 1e3:8.2f} ms  new/old {new / old:5.3f}", flush=True)
+    report = {"old": git_head(args.old), "new": git_head(ROOT), "steps": args.steps, "turns": args.turns, "rows": rows}
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "engine_compare.json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = [
+        f"# Engine before ({report['old']}) and after ({report['new']}): one DKM step, 1 thread",
+        "",
+        f"`python -m bench.engine_compare --old <checkout of {report['old']}>`: median of {args.turns} turns, "
+        f"each the median of {args.steps} steps; the checkouts alternate.",
+        "",
+        "| case | old ms | new ms | new / old |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += [f"| {r['case']} | {r['old_ms']:.2f} | {r['new_ms']:.2f} | {r['ratio']:.3f} |" for r in rows]
+    (args.out_dir / "engine_compare.md").write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

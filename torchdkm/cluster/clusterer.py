@@ -1,0 +1,202 @@
+"""DKM for one weight tensor: the thin front of the engine (init, soft, assign, snap).
+
+:class:`WeightClusterer` is what the training parametrization, the post-training
+k-means baseline, ``finalize`` and ``report`` all call, so they agree on every
+detail (layout, padding, temperature, nearest-centroid rule).  It holds the
+layer's :class:`.Plan` (made once per weight dtype and device), turns the weight
+into a :class:`.Problem` and runs the plan's attention variant through
+:func:`.engine.run`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..config import LayerConfig
+from ..errors import TorchdkmError
+from .dense import DenseAttention, Shard, ShardedAttention
+from .engine import Attention, run
+from .hard import nearest
+from .init import init_centroids
+from .layout import Layout
+from .plan import Plan, make_plan
+from .problem import Problem
+from .ranking import rank_vectors
+from .sparse import SparseAttention
+from .temperature import margin
+from .unique import Distinct, UniqueAttention, distinct
+
+_FP16_MAX = 65504.0
+#: Weights may reach this fraction of the square root of the compute dtype's largest value
+#: (1.8e15 in float32): squared distances and their sums over many vectors stay finite.
+MAGNITUDE_MARGIN = 1e-4
+#: Up to this many scalars the 1-D optimum is found on the exact values; above, on
+#: their distinct 16-bit roundings (then polished by Lloyd on the exact values).
+DP_EXACT_LIMIT = 65536
+
+
+@dataclass
+class SoftResult:
+    weight: Tensor  # soft-clustered weight, same shape and dtype as the input
+    centroids: Tensor  # converged centroids (G, k, d), detached
+
+
+class WeightClusterer:
+    """Everything needed to cluster one named weight with one :class:`LayerConfig`.
+
+    ``backend``: the kernels (``"native"``, ``"torch"``, or ``None`` for the native
+    loops where they are available; see :func:`torchdkm.kernels.select`).
+    """
+
+    def __init__(
+        self, name: str, config: LayerConfig, shape: torch.Size | tuple[int, ...], backend: str | None = None
+    ):
+        self.name = name
+        self.config = config
+        self.backend = backend
+        self.layout = Layout.of(shape, config.dim, config.group_size)
+        if min(self.layout.real_counts()) < config.dim:
+            raise TorchdkmError(
+                f"layer {name!r}: a group holds {min(self.layout.real_counts())} weights, "
+                f"fewer than dim={config.dim}; use a larger group_size or a smaller dim"
+            )
+        self._plans: dict[tuple, Plan] = {}
+
+    def plan(self, weight: Tensor) -> Plan:
+        """The step plan for this weight's dtype and device (made once for each)."""
+        shard = Shard.current() if self.config.shard_attention else None
+        key = (weight.dtype, weight.device, shard)
+        found = self._plans.get(key)
+        if found is None:
+            found = self._plans[key] = make_plan(self.config, self.layout, weight.dtype, weight.device, shard, self.backend)
+        return found
+
+    # -- checks ---------------------------------------------------------------
+    def check_finite(self, weight: Tensor, plan: Plan) -> None:
+        """Finite, and small enough that squared distances stay finite in the compute dtype (one pass)."""
+        low, high = (float(v) for v in torch.aminmax(weight.detach())) if weight.numel() else (0.0, 0.0)
+        if not (math.isfinite(low) and math.isfinite(high)):
+            bad = int((~torch.isfinite(weight)).sum())
+            raise TorchdkmError(f"layer {self.name!r}: weight has {bad} NaN/Inf values; DKM needs finite weights")
+        self.check_magnitude(max(-low, high), plan.compute)
+
+    def check_magnitude(self, peak: float, dtype: torch.dtype) -> None:
+        limit = math.sqrt(torch.finfo(dtype).max) * MAGNITUDE_MARGIN
+        if peak > limit:
+            raise TorchdkmError(
+                f"layer {self.name!r}: weight magnitude {peak:.3g} exceeds {limit:.3g}, beyond which squared "
+                f"distances overflow {dtype}; rescale the layer or train it in float64"
+            )
+
+    def _distinct(self, weight: Tensor, dtype: torch.dtype, plan: Plan) -> Distinct:
+        found = distinct(weight.detach(), self.layout, dtype, plan.compute, plan.kernels)
+        if not bool(torch.isfinite(found.values).all()):
+            overflow = dtype == torch.float16 and weight.dtype not in (torch.float16, torch.bfloat16)
+            if overflow and self.config.cluster_dtype == "auto" and bool(torch.isfinite(weight).all()):
+                return self._distinct(weight, torch.bfloat16, plan)  # beyond float16's range: bfloat16's is float32's
+            raise TorchdkmError(
+                f"layer {self.name!r}: weight has NaN/Inf values, or values beyond the range of "
+                f"cluster_dtype {dtype}; use finite weights or cluster_dtype='bfloat16'/'exact'"
+            )
+        if found.values.numel():
+            self.check_magnitude(float(found.values.abs().amax()), found.values.dtype)
+        return found
+
+    def _vectors(self, weight: Tensor, plan: Plan) -> tuple[Tensor, Tensor | None]:
+        x = self.layout.to_vectors(weight.to(plan.compute))
+        return x, self.layout.multiplicity(x.dtype, x.device)
+
+    def _problem(self, x: Tensor, m: Tensor | None, scale: Tensor, plan: Plan) -> Problem:
+        cfg = self.config
+        tau, tol = cfg.tau * scale, cfg.tol * scale.sqrt()
+        return Problem(x, m, cfg.k, tau, tol, cfg.max_iters, cfg.tol, plan.budget)
+
+    def temperature(self, weight: Tensor, centroids: Tensor) -> Tensor:
+        """The absolute softmax temperature per group, ``tau x margin``, for these centroids."""
+        plan = self.plan(weight)
+        x, m = self._vectors(weight.detach(), plan)
+        _, scale = margin(x, m, centroids.to(x.dtype), plan.rows)
+        return self.config.tau * scale
+
+    # -- the operations -------------------------------------------------------
+    def init(self, weight: Tensor) -> Tensor:
+        """k-means initial centroids ``(G, k, dim)`` in the compute dtype."""
+        weight = weight.detach()
+        plan = self.plan(weight)
+        self.check_finite(weight, plan)
+        x, m = self._vectors(weight, plan)
+        pair = None
+        if self.config.dim == 1:
+            dtype = plan.cluster_dtype
+            if dtype is None and self.layout.numel > DP_EXACT_LIMIT:
+                dtype = torch.float16 if float(weight.abs().max()) <= _FP16_MAX else torch.bfloat16
+            if dtype is not None:
+                found = self._distinct(weight, dtype, plan)
+                pair = (found.values[..., 0], found.counts)
+        return init_centroids(x, m, self.config.k, plan.rows, distinct=pair)
+
+    def soft(self, weight: Tensor, centroids: Tensor) -> SoftResult:
+        """One DKM step: the soft-clustered weight (differentiable) and the new centroids."""
+        plan = self.plan(weight)
+        c0 = centroids.detach().to(plan.compute)
+        if plan.path == "unique":
+            assert plan.cluster_dtype is not None
+            found = self._distinct(weight, plan.cluster_dtype, plan)
+            c0, scale = margin(found.values, found.counts, c0, plan.rows)
+            problem = self._problem(found.values, found.counts, scale, plan)
+            out, c = run(weight, UniqueAttention(problem, found, weight.shape, weight.dtype), c0)
+            return SoftResult(out, c.detach())
+        self.check_finite(weight, plan)
+        x, m = self._vectors(weight, plan)
+        attention: Attention
+        if plan.path == "sparse":  # the sparse attention ranks the centroids for every vector: the margin reads it too
+            assert plan.top is not None
+            ranked = rank_vectors(x.detach(), c0)
+            c0, scale = margin(x, m, c0, plan.rows, ranked.nearest_two())
+            # (re-seeded centroids: the sparse attention ranks the vectors again)
+            attention = SparseAttention(self._problem(x, m, scale, plan), plan.top, plan.kernels.scatter, ranked)
+        else:
+            c0, scale = margin(x, m, c0, plan.rows)
+            problem = self._problem(x, m, scale, plan)
+            attention = DenseAttention(problem) if plan.shard is None else ShardedAttention(problem, plan.shard)
+        w, c = run(x, attention, c0)
+        partial = self.layout.partial_mask(x.device)
+        if partial is not None:
+            groups, index, mask = partial
+            tau = attention.problem.tau
+            weights = torch.softmax(-self._masked_dist(x[groups, index], c[groups], mask) / tau[groups, None], -1)
+            w = w.index_put((groups, index), torch.bmm(weights.unsqueeze(1), c[groups]).squeeze(1))
+        return SoftResult(self.layout.from_vectors(w).to(weight.dtype), c.detach())
+
+    def assign(self, weight: Tensor, centroids: Tensor) -> Tensor:
+        """Nearest-centroid index ``(G, n)`` of every vector (padding vectors get 0)."""
+        weight = weight.detach()
+        plan = self.plan(weight)
+        self.check_finite(weight, plan)
+        x, _ = self._vectors(weight, plan)
+        c = centroids.to(x.dtype)
+        index, _ = nearest(x, c, plan.rows)
+        partial = self.layout.partial_mask(x.device)
+        if partial is not None:
+            groups, where, mask = partial
+            index[groups, where] = self._masked_dist(x[groups, where], c[groups], mask).argmin(-1)
+        if self.layout.padded:
+            real = self.layout.multiplicity(x.dtype, x.device)
+            if partial is not None:
+                real[partial[0], partial[1]] = 1
+            index = torch.where(real > 0, index, torch.zeros_like(index))
+        return index
+
+    def snap(self, weight: Tensor, centroids: Tensor) -> Tensor:
+        """The hard-clustered weight: every vector replaced by its nearest centroid."""
+        lut = centroids.to(weight.dtype)
+        return self.layout.decode(self.assign(weight, centroids), lut)
+
+    @staticmethod
+    def _masked_dist(x: Tensor, c: Tensor, mask: Tensor) -> Tensor:
+        """Squared distance over the real (unpadded) values: x (P, d), c (P, k, d)."""
+        return (((x.unsqueeze(1) - c) ** 2) * mask.unsqueeze(1)).sum(-1)

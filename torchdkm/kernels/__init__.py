@@ -1,0 +1,111 @@
+"""Kernels: each declared once, implemented per backend, chosen when a layer is prepared.
+
+A kernel is a named pass over tensors (``count``, ``present``, ``expand``,
+``sum_per_key``, ``affine``, ``scatter``: the uniquified and sparse paths'
+passes over the weights).  Each has a torch implementation
+(:mod:`.default`, any device, any dtype) and, on the CPU, a native one
+(:mod:`.cpu`, C loops built on first use, for the dtypes :data:`.cpu.DTYPES`
+lists).  Each is also declared once as a PyTorch custom op,
+``torch.ops.torchdkm.<name>``, whose default kernel is the torch one and whose
+CPU kernel is the native one where it was built: that is the form
+``torch.compile`` and ``torch.export`` see, and where a CUDA kernel will register.
+
+:func:`select` is called once per layer plan (:mod:`torchdkm.cluster.plan`) and
+returns a :class:`Kernels` holding the implementation of each kernel to call
+directly (a dispatcher call costs ~15 us; a small layer's step makes dozens),
+so no call asks again which backend runs.  Users switch the native loops off
+with ``TORCHDKM_NATIVE=0``; tests pass ``backend="native"`` or ``"torch"``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from . import build, cpu, default
+
+BACKENDS = ("native", "torch")
+NAMES = ("count", "present", "expand", "sum_per_key", "affine", "scatter")
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """The implementation of every kernel for one layer's device and dtype (see :func:`select`)."""
+
+    backend: str  # "native" where the native loops run (those that take the dtype), else "torch"
+    count: Callable
+    present: Callable
+    expand: Callable
+    sum_per_key: Callable
+    affine: Callable
+    scatter: Callable
+    affine_table: torch.dtype | None  # the dtype of ``affine``'s tables (None: the gradient's)
+
+
+def native_available() -> bool:
+    """Whether the native loops are built (or can be) on this machine and not switched off."""
+    return os.environ.get("TORCHDKM_NATIVE", "1") != "0" and build.library() is not None
+
+
+def select(device: torch.device | str, dtype: torch.dtype, backend: str | None = None) -> Kernels:
+    """The kernels for a weight of ``dtype`` on ``device`` (its gradients come in the same dtype).
+
+    ``backend``: ``"native"`` (raises if the loops cannot be had here), ``"torch"``, or ``None``
+    for the native loops on the CPU where they are available.  A kernel whose native loop does not
+    take ``dtype`` (or the compute dtype) is the torch one either way.
+    """
+    if backend not in (None, *BACKENDS):
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    on_cpu = torch.device(device).type == "cpu"
+    if backend == "native" and not (on_cpu and build.library() is not None):
+        raise RuntimeError(f"the native loops cannot run here (device {device}, built: {build.library() is not None})")
+    native = backend == "native" or (backend is None and on_cpu and native_available())
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    checked = {"sum_per_key": dtype, "affine": dtype, "scatter": compute}
+    chosen = {name: _implementation(name, native, checked.get(name)) for name in NAMES}
+    table = cpu.TABLE_DTYPE if chosen["affine"] is cpu.affine else None
+    return Kernels("native" if native else "torch", affine_table=table, **chosen)
+
+
+def _implementation(name: str, native: bool, dtype: torch.dtype | None) -> Callable:
+    takes = cpu.DTYPES[name]
+    if native and (takes is None or dtype in takes):
+        return getattr(cpu, name)
+    return getattr(default, name)
+
+
+# -- the same kernels as PyTorch custom ops (the dispatcher picks the backend by device) ------------------
+
+
+def _cpu_kernel(name: str, dtype_of: Callable | None = None) -> Callable:
+    def run(*args):
+        dtype = dtype_of(*args) if dtype_of is not None else None
+        return _implementation(name, native_available(), dtype)(*args)
+
+    return run
+
+
+_lib = torch.library.Library("torchdkm", "DEF")
+_SCHEMAS = {
+    "count": ("(Tensor patterns, int group_numel, int table_size) -> Tensor", None),
+    "present": ("(Tensor table) -> Tensor", None),
+    "expand": ("(Tensor patterns, int group_numel, Tensor table) -> Tensor", None),
+    "sum_per_key": (
+        "(Tensor patterns, int group_numel, Tensor values, Tensor live, int table_size, ScalarType dtype) -> Tensor",
+        lambda patterns, group_numel, values, *rest: values.dtype,
+    ),
+    "affine": (
+        "(Tensor patterns, int group_numel, Tensor shift, Tensor slope, Tensor grad) -> Tensor",
+        lambda patterns, group_numel, shift, slope, grad: grad.dtype if shift.dtype == cpu.TABLE_DTYPE else None,
+    ),
+    "scatter": ("(Tensor(a!) sums, Tensor keys, Tensor src) -> ()", lambda sums, keys, src: src.dtype),
+}
+for _name, (_schema, _dtype_of) in _SCHEMAS.items():
+    _lib.define(_name + _schema)
+    _lib.impl(_name, getattr(default, _name), "CompositeExplicitAutograd")
+    _lib.impl(_name, _cpu_kernel(_name, _dtype_of), "CPU")
+
+__all__ = ["BACKENDS", "Kernels", "native_available", "select"]

@@ -1,0 +1,133 @@
+"""Building and loading the native CPU loops (``loops.c``): compiled on first use, cached per machine.
+
+Why native loops: uniquified DKM makes four passes over the weights every step
+(count the patterns, gather the soft weight, sum the gradient per pattern,
+gather each weight's gradient).  In torch each is a ``bincount`` or
+``index_select`` on the patterns widened to int32: 5 to 6 elementwise passes
+apiece over 4M bf16 weights; one C loop per pass reads each 16-bit pattern
+once: 1.4 to 3 passes.  The sparse path's float64 scatter-adds are one loop too.
+
+The loops are compiled with the system C compiler (``$CC``, else ``cc``) into a
+cache folder (``$TORCHDKM_CACHE``, else ``~/.cache/torchdkm``) and loaded with
+``ctypes``, which releases the GIL (so :mod:`.cpu` can split a pass over
+threads).  No compiler or a failed build: :func:`library` returns ``None``
+(one warning says why) and :mod:`torchdkm.kernels` selects the torch kernels.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("loops.c")
+FLAGS = ("-O3", "-std=c99", "-shared", "-fPIC", "-ffp-contract=off")
+
+_lock = threading.Lock()
+_loaded: tuple[ctypes.CDLL | None] | None = None  # (library or None,) once a build was tried
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled loops, building them on first use; ``None`` where they cannot be had."""
+    global _loaded
+    if _loaded is None:
+        with _lock:
+            if _loaded is None:
+                _loaded = (_load(),)
+    return _loaded[0]
+
+
+def forget() -> None:
+    """Drop the loaded library, so the next :func:`library` builds or loads it again (tests of the build)."""
+    global _loaded
+    with _lock:
+        _loaded = None
+
+
+def simd(enabled: bool | None = None) -> bool:
+    """Whether the gathers run their AVX-512 versions (identical results, 1.2-1.5x faster); ``enabled`` sets it.
+
+    On by default where the CPU and the OS support AVX-512; the tests run every loop both ways.
+    """
+    loops = library()
+    if loops is None:
+        return False
+    return bool(loops.tdkm_simd(-1 if enabled is None else int(enabled)))
+
+
+def _cache_dir() -> Path:
+    if os.environ.get("TORCHDKM_CACHE"):
+        return Path(os.environ["TORCHDKM_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "torchdkm"
+
+
+def _load() -> ctypes.CDLL | None:
+    if sys.platform == "win32":
+        return None
+    compiler = os.environ.get("CC", "cc")
+    if shutil.which(compiler) is None:
+        warnings.warn(f"torchdkm: no C compiler {compiler!r}: uniquified DKM uses the slower torch loops", stacklevel=3)
+        return None
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(FLAGS).encode(), platform.machine().encode()]))
+    target = _cache_dir() / f"native_loops-{key.hexdigest()[:16]}.so"
+    try:
+        if not target.exists():
+            _compile(compiler, target)
+        library = ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError) as error:
+        warnings.warn(f"torchdkm: could not build the native loops ({error}); using the torch loops", stacklevel=3)
+        return None
+    _declare(library)
+    return library
+
+
+def _compile(compiler: str, target: Path) -> None:
+    """Compile next to the target and rename into place, so concurrent processes never load half a file."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(handle)
+    try:
+        done = subprocess.run(
+            [compiler, *FLAGS, str(SOURCE), "-o", partial], capture_output=True, text=True, timeout=120
+        )
+        if done.returncode != 0:
+            raise subprocess.SubprocessError(done.stderr.strip()[-2000:] or f"{compiler} exited {done.returncode}")
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+
+
+def _declare(library: ctypes.CDLL) -> None:
+    head = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
+    pointers = {"count": 1, "expand16": 2, "expand32": 2, "expand64": 2}
+    pointers |= {"affine_f32": 4, "affine_bf16": 4}
+    for name, extra in pointers.items():
+        function = getattr(library, f"tdkm_{name}")
+        function.argtypes = head + [ctypes.c_void_p] * extra
+        function.restype = None
+    for name in ("scatter_f32", "scatter_f64"):  # (keys, items, src, cols, col stride, item stride, sums, bins,
+        function = getattr(library, f"tdkm_{name}")  # sums row stride)
+        function.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 3
+        function.argtypes += [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
+        function.restype = ctypes.c_int64
+    library.tdkm_simd.argtypes, library.tdkm_simd.restype = [ctypes.c_int], ctypes.c_int
+    library.tdkm_simd(-1)  # decided once here, under the load lock, before any thread runs a loop
+    library.tdkm_present.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    library.tdkm_present.restype = ctypes.c_int64
+    for name in ("sum_f32", "sum_bf16"):  # (values, live keys, how many, float32 partial table, table)
+        function = getattr(library, f"tdkm_{name}")
+        function.argtypes = head + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+        function.restype = None
+
+

@@ -1,0 +1,184 @@
+"""The native CPU kernels: thin wrappers that hand tensors to the C loops of ``loops.c``.
+
+Each takes CPU tensors of the dtypes :data:`DTYPES` lists for it (the registry in
+:mod:`torchdkm.kernels` checks that when a layer's kernels are chosen) and
+computes what the torch kernel of the same name in :mod:`.default` computes:
+the tests compare the two.  A large pass is split across
+``torch.get_num_threads()`` threads (``ctypes`` releases the GIL), each counting
+or summing into its own table.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from torch import Tensor
+
+from .build import library
+
+PATTERN_BITS = 16
+#: The dtypes each kernel has a loop for (of the tensor named): ``None`` means any.
+DTYPES: dict[str, tuple[torch.dtype, ...] | None] = {
+    "count": None,
+    "present": None,
+    "expand": None,  # (16-, 32- and 64-bit tables: every float dtype torchdkm clusters in)
+    "sum_per_key": (torch.float32, torch.bfloat16),  # values
+    "affine": (torch.float32, torch.bfloat16),  # grad (tables: float32)
+    "scatter": (torch.float32, torch.float64),  # src
+}
+#: The dtype of :func:`affine`'s tables, whatever the gradient's.
+TABLE_DTYPE = torch.float32
+#: Below this many weights a pass runs on one thread (starting threads costs more than it saves).
+MIN_PARALLEL = 1 << 20
+
+_pool: tuple[ThreadPoolExecutor, int, int] | None = None  # (pool, its size, the process that made it)
+
+
+def _loops() -> ctypes.CDLL:
+    loops = library()
+    if loops is None:
+        raise RuntimeError("torchdkm: the native loops are not built here; select the torch kernels")
+    return loops
+
+
+def _chunks(numel: int) -> list[tuple[int, int]]:
+    threads = torch.get_num_threads()
+    if numel < MIN_PARALLEL or threads < 2:
+        return [(0, numel)]
+    step = -(-numel // threads)
+    return [(start, min(start + step, numel)) for start in range(0, numel, step)]
+
+
+def _run(jobs: list) -> list:
+    """Run ``jobs`` (callables), on the thread pool when there are several."""
+    global _pool
+    if len(jobs) == 1:
+        return [jobs[0]()]
+    # a new pool when torch's thread count grew, or in a forked child (the parent's threads are not there)
+    if _pool is None or _pool[1] < len(jobs) or _pool[2] != os.getpid():
+        _pool = (ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="torchdkm"), len(jobs), os.getpid())
+    return list(_pool[0].map(lambda job: job(), jobs))
+
+
+def _ptr(tensor: Tensor, offset: int = 0) -> int:
+    return tensor.data_ptr() + offset * tensor.element_size()
+
+
+def _tabulate(loop: Callable[[int, int, int, int, Tensor], None], patterns: Tensor, group_numel: int, table: Tensor):
+    """Run ``loop(start, stop, low, high, out)`` over the weights, adding into ``table``, chunk by chunk.
+
+    ``out`` holds the entries of groups ``[low, high)``, the groups of weights ``[start, stop)``.  One chunk
+    adds into ``table`` itself; several each add into a zeroed table of their own, added into ``table`` after.
+    """
+    chunks = _chunks(patterns.numel())
+    groups = table.numel() >> PATTERN_BITS
+    if len(chunks) == 1:
+        loop(0, patterns.numel(), 0, groups, table)
+        return table
+    spans = [(start // group_numel, (stop - 1) // group_numel + 1) for start, stop in chunks]
+    privates = [table.new_zeros((high - low) << PATTERN_BITS) for low, high in spans]
+    _run([lambda c=c, s=s, p=p: loop(*c, *s, p) for c, s, p in zip(chunks, spans, privates)])
+    for (low, high), private in zip(spans, privates):
+        table[low << PATTERN_BITS : high << PATTERN_BITS] += private
+    return table
+
+
+def count(patterns: Tensor, group_numel: int, table_size: int) -> Tensor:
+    """``(table_size,)`` int64: how many weights have each key."""
+    function = _loops().tdkm_count
+
+    def loop(start: int, stop: int, low: int, high: int, out: Tensor) -> None:
+        function(_ptr(patterns, start), stop - start, start, group_numel, out.data_ptr())
+
+    return _tabulate(loop, patterns, group_numel, torch.zeros(table_size, dtype=torch.int64))
+
+
+def present(table: Tensor) -> Tensor:
+    """The keys whose count in ``table`` (int64, from :func:`count`) is not zero, ascending: ``nonzero`` in one loop."""
+    keys = torch.empty(table.numel(), dtype=torch.int64)
+    found = _loops().tdkm_present(table.data_ptr(), table.numel(), keys.data_ptr())
+    return keys[:found].clone()
+
+
+def sum_per_key(
+    patterns: Tensor, group_numel: int, values: Tensor, live: Tensor, table_size: int, dtype: torch.dtype
+) -> Tensor:
+    """float64 sums of ``values`` (float32 or bfloat16) at the keys ``live`` (every key that occurs, ascending).
+
+    The loop sums blocks of weights in float32 and adds each block's sums at these keys into a float64
+    table (``dtype``, the torch kernel's piece dtype, is not needed here).
+    """
+    function = getattr(_loops(), "tdkm_sum_f32" if values.dtype == torch.float32 else "tdkm_sum_bf16")
+    values = values.contiguous()
+
+    def loop(start: int, stop: int, low: int, high: int, out: Tensor) -> None:
+        bounds = torch.tensor([low << PATTERN_BITS, high << PATTERN_BITS], dtype=live.dtype)
+        first, last = torch.searchsorted(live, bounds).tolist()
+        keys = live[first:last] - (low << PATTERN_BITS) if low else live[first:last]
+        partial = torch.zeros(out.numel(), dtype=torch.float32)
+        args = (keys.data_ptr(), keys.numel(), partial.data_ptr(), out.data_ptr())
+        function(_ptr(patterns, start), stop - start, start, group_numel, _ptr(values, start), *args)
+        if bool(partial.any()):  # a weight's key missing from ``live``: its sum would be lost
+            raise ValueError("sum_per_key: some weights' keys are not among the live keys given")
+
+    return _tabulate(loop, patterns, group_numel, torch.zeros(table_size, dtype=torch.float64))[live]
+
+
+def _table_at(table: Tensor, start: int, group_numel: int) -> int:
+    """Address of the entries of the group of weight ``start``: the loops count groups from there."""
+    return _ptr(table, (start // group_numel) << PATTERN_BITS)
+
+
+def expand(patterns: Tensor, group_numel: int, table: Tensor) -> Tensor:
+    """``table[key]`` for every weight, bit for bit (16-, 32- or 64-bit tables)."""
+    function = getattr(_loops(), f"tdkm_expand{table.element_size() * 8}")
+    out = table.new_empty(patterns.numel())
+
+    def job(start: int, stop: int) -> None:
+        table_at = _table_at(table, start, group_numel)
+        function(_ptr(patterns, start), stop - start, start, group_numel, table_at, _ptr(out, start))
+
+    _run([lambda c=c: job(*c) for c in _chunks(patterns.numel())])
+    return out
+
+
+def affine(patterns: Tensor, group_numel: int, shift: Tensor, slope: Tensor, grad: Tensor) -> Tensor:
+    """``shift[key] + grad * slope[key]`` in ``grad``'s dtype (float32 or bfloat16), from float32 tables.
+
+    The loop computes in float32 and rounds once, so its tables are float32 whatever ``grad``'s dtype
+    (:data:`TABLE_DTYPE`).
+    """
+    if shift.dtype != torch.float32 or slope.dtype != torch.float32:
+        raise ValueError(f"affine: the native loop takes float32 tables, got {shift.dtype} and {slope.dtype}")
+    function = getattr(_loops(), "tdkm_affine_f32" if grad.dtype == torch.float32 else "tdkm_affine_bf16")
+    grad = grad.contiguous().reshape(-1)
+    out = torch.empty_like(grad)
+
+    def job(start: int, stop: int) -> None:
+        tables = (_table_at(shift, start, group_numel), _table_at(slope, start, group_numel))
+        function(_ptr(patterns, start), stop - start, start, group_numel, *tables, _ptr(grad, start), _ptr(out, start))
+
+    _run([lambda c=c: job(*c) for c in _chunks(patterns.numel())])
+    return out
+
+
+def scatter(sums: Tensor, keys: Tensor, src: Tensor) -> None:
+    """``sums[col, keys[i]] += src[col, i]`` added in float64, in item order (``sums`` (C, bins) float64,
+    its rows contiguous).  A key outside ``[0, bins)`` raises ``IndexError`` (nothing is added then).
+    """
+    src = src.reshape(sums.shape[0], -1)
+    if not (sums.dtype == torch.float64 and sums.dim() == 2 and sums.stride(1) == 1 and keys.numel() == src.shape[1]):
+        raise ValueError(f"scatter: float64 (C, bins) sums with contiguous rows and (C, {keys.numel()}) items expected")
+    keys = keys.reshape(-1).to(torch.int64).contiguous()
+    function = _loops().tdkm_scatter_f32 if src.dtype == torch.float32 else _loops().tdkm_scatter_f64
+    cols, bins = sums.shape
+    bad = function(
+        keys.data_ptr(), keys.numel(), src.data_ptr(), cols, src.stride(0), src.stride(1), sums.data_ptr(), bins,
+        sums.stride(0),
+    )
+    if bad >= 0:
+        raise IndexError(f"scatter: key {int(keys[bad])} at item {bad} is outside [0, {bins})")

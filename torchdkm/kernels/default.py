@@ -1,0 +1,109 @@
+"""The torch kernels: every kernel in plain torch ops, for any device and dtype.
+
+They are the reference the native loops (:mod:`.cpu`) are tested against, the
+kernels of a machine without a C compiler, and the kernels on CUDA.  Passes over
+the weights go in pieces of a few hundred thousand weights, so that every
+temporary (the patterns widened to int32, a piece's gathered values) stays in
+cache; every sum that could run over more than a piece is carried in float64.
+
+Keys: weight ``i`` (of ``patterns``, the weights' 16-bit patterns) is in group
+``i // group_numel``; its entry in table space is its pattern plus 65,536 times
+its group.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+PATTERNS = 1 << 16
+#: Weights per piece of a gather over the weights: the piece's patterns and temporaries stay in cache.
+PIECE = 1 << 17
+#: Weights per piece of a count (``bincount``): larger, as each piece also writes and adds a whole table
+#: (2**18 int32 patterns, 1 MiB, still stay in a core's cache).
+COUNT_PIECE = 1 << 18
+#: Weights per piece of a gradient sum: each piece is summed in the given dtype, the pieces in float64.
+SUM_PIECE = 1 << 17
+#: Items per piece of a float64 scatter-add: the float64 copies stay small (a large temporary costs page
+#: faults on every call, more than the scatter itself).
+SCATTER_ITEMS = 8192
+
+
+def pieces(numel: int, size: int) -> list[slice]:
+    return [slice(start, min(start + size, numel)) for start in range(0, numel, size)]
+
+
+def keys_of(patterns: Tensor, group_numel: int, part: slice) -> Tensor:
+    """int32 entries in table space of the weights ``part``."""
+    keys = patterns[part].to(torch.int32)
+    if group_numel < patterns.numel():
+        first = torch.arange(part.start, part.stop, device=keys.device, dtype=torch.int32)
+        keys += first.div_(group_numel, rounding_mode="floor").mul_(PATTERNS)
+    return keys
+
+
+def bits(table: Tensor) -> Tensor:
+    """A 16-bit float tensor viewed as int16 (``index_select`` copies 16-bit integers faster), others as they are."""
+    return table.view(torch.int16) if table.is_floating_point() and table.element_size() == 2 else table
+
+
+def count(patterns: Tensor, group_numel: int, table_size: int) -> Tensor:
+    """``(table_size,)`` int64: how many weights have each key."""
+    table = torch.zeros(table_size, dtype=torch.int64, device=patterns.device)
+    for part in pieces(patterns.numel(), COUNT_PIECE):
+        table += torch.bincount(keys_of(patterns, group_numel, part), minlength=table_size)
+    return table
+
+
+def present(table: Tensor) -> Tensor:
+    """The keys whose count is not zero, ascending."""
+    return torch.nonzero(table).flatten()
+
+
+def expand(patterns: Tensor, group_numel: int, table: Tensor) -> Tensor:
+    """``table[key]`` for every weight, bit for bit."""
+    out = table.new_empty(patterns.numel())
+    source, target = bits(table), bits(out)
+    for part in pieces(patterns.numel(), PIECE):
+        torch.index_select(source, 0, keys_of(patterns, group_numel, part), out=target[part])
+    return out
+
+
+def sum_per_key(
+    patterns: Tensor, group_numel: int, values: Tensor, live: Tensor, table_size: int, dtype: torch.dtype
+) -> Tensor:
+    """float64 sums of ``values`` at the keys ``live`` (every key that occurs, ascending).
+
+    Each piece is summed in ``dtype`` (``bincount`` adds in sequence), the pieces in float64.
+    """
+    total = torch.zeros(live.numel(), dtype=torch.float64, device=values.device)
+    for part in pieces(patterns.numel(), SUM_PIECE):
+        keys = keys_of(patterns, group_numel, part)
+        total += torch.bincount(keys, weights=values[part].to(dtype), minlength=table_size)[live]
+    return total
+
+
+def affine(patterns: Tensor, group_numel: int, shift: Tensor, slope: Tensor, grad: Tensor) -> Tensor:
+    """``shift[key] + grad * slope[key]`` for every weight (tables in ``grad``'s dtype)."""
+    out = torch.empty_like(grad)
+    shift_bits, slope_bits = bits(shift), bits(slope)
+    for part in pieces(patterns.numel(), PIECE):
+        keys = keys_of(patterns, group_numel, part)
+        a = shift_bits.index_select(0, keys).view(shift.dtype)
+        b = slope_bits.index_select(0, keys).view(slope.dtype)
+        torch.addcmul(a, grad[part], b, out=out[part])
+    return out
+
+
+def scatter(sums: Tensor, keys: Tensor, src: Tensor) -> None:
+    """``sums[col, keys[i]] += src[col, i]`` for every column of ``sums`` (C, bins) float64.
+
+    In float32, thousands of items on one centroid would lose digits, so the
+    items are widened to float64 a piece at a time (one reused buffer).
+    """
+    cols, items = sums.shape[0], keys.numel()
+    src = src.reshape(cols, -1)
+    buffer = sums.new_empty(cols, min(items, SCATTER_ITEMS))
+    for part in pieces(items, SCATTER_ITEMS):
+        piece = buffer[:, : part.stop - part.start]
+        sums.scatter_add_(1, keys[part].long().expand(cols, -1), piece.copy_(src[:, part]))
