@@ -440,8 +440,9 @@ def ms(seconds: float | None, spec: str = ".1f") -> str:
 def result_cells(r: dict[str, Any]) -> list[str]:
     low, high = r["overhead_range_s"] or (None, None)
     spread = "-" if low is None else f"{ms(low)} .. {ms(high)}"
+    method = r["library"] + (" (coremltools' layers)" if r["library"] == "torchdkm" and r["skipped"] else "")
     return [
-        r["library"],
+        method,
         r["setting"],
         f"{r['layers_clustered']}/8" if r["library"] != "plain" else "-",
         ms(r["step_s"]),
