@@ -1,6 +1,6 @@
 """Per-step DKM overhead on a small CNN: torchdkm vs coremltools 9.0 ``DKMPalettizer``, side by side in one process.
 
-    python -m bench.small_cnn                     # the full run (about 2 minutes on 2 cores)
+    python -m bench.small_cnn                     # the full run (about 2.5 minutes on 2 cores)
     python -m bench.small_cnn --quick             # a tiny run (seconds): batch 32, 2 rounds of 1 + 1 steps
     python -m bench.small_cnn --only torchdkm     # leave coremltools out
     python -m bench.small_cnn --profile 2/1       # where torchdkm's per-step overhead goes, at one setting

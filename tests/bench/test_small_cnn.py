@@ -103,3 +103,18 @@ def test_profile_mode(small_cnn: ModuleType, tmp_path: Path) -> None:
     assert len(found["top_dispatching_functions"]) == 3
     assert all(e["function"].startswith("torchdkm/") for e in found["python"]["torchdkm"]["top_torchdkm_cumulative"])
     assert "where the per-step overhead goes" in (tmp_path / "small_cnn_profile_2_1.md").read_text()
+
+
+def test_readme_quotes_the_stored_results(small_cnn: ModuleType) -> None:
+    """README's small-CNN table shows the overheads and ratios of ``bench/results/small_cnn.json``."""
+    report = json.loads((ROOT / "bench" / "results" / "small_cnn.json").read_text())
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Benchmark: DKM overhead per step on a small CNN") :]
+    section = section[: section.index("<!-- section:")]
+    plain = report["results"][0]
+    assert f"plain step {plain['step_s'] * 1e3:.1f} ms" in section
+    assert report["environment"]["git_head"][:7] in section
+    for c in report["comparisons"]:
+        mine, theirs = (f"{c[k] * 1e3:.1f} ms" for k in ("torchdkm_overhead_s", "coremltools_overhead_s"))
+        verdict = "-" if c["passes"] is None else ("pass" if c["passes"] else "fail")
+        assert f"| {mine} | {theirs} | {c['ratio']:.2f} | {verdict} |" in section
