@@ -84,8 +84,13 @@ class WeightClusterer:
             raise TorchdkmError(f"layer {self.name!r}: weight has {bad} NaN/Inf values; DKM needs finite weights")
         self.check_magnitude(max(-low, high), plan.compute)
 
+    @staticmethod
+    def magnitude_limit(dtype: torch.dtype) -> float:
+        """The largest weight magnitude whose squared distances stay finite in ``dtype``."""
+        return math.sqrt(torch.finfo(dtype).max) * MAGNITUDE_MARGIN
+
     def check_magnitude(self, peak: float, dtype: torch.dtype) -> None:
-        limit = math.sqrt(torch.finfo(dtype).max) * MAGNITUDE_MARGIN
+        limit = self.magnitude_limit(dtype)
         if peak > limit:
             raise TorchdkmError(
                 f"layer {self.name!r}: weight magnitude {peak:.3g} exceeds {limit:.3g}, beyond which squared "
@@ -164,13 +169,16 @@ class WeightClusterer:
             problem = self._problem(x, m, scale, plan)
             attention = DenseAttention(problem) if plan.shard is None else ShardedAttention(problem, plan.shard)
         w, c = run(x, attention, c0)
+        return SoftResult(self.finish(x, w, c, attention.problem.tau, weight), c.detach())
+
+    def finish(self, x: Tensor, w: Tensor, c: Tensor, tau: Tensor, weight: Tensor) -> Tensor:
+        """The soft weight from the op's output vectors ``w``: partial vectors attend on their real values only."""
         partial = self.layout.partial_mask(x.device)
         if partial is not None:
             groups, index, mask = partial
-            tau = attention.problem.tau
             weights = torch.softmax(-self._masked_dist(x[groups, index], c[groups], mask) / tau[groups, None], -1)
             w = w.index_put((groups, index), torch.bmm(weights.unsqueeze(1), c[groups]).squeeze(1))
-        return SoftResult(self.layout.from_vectors(w).to(weight.dtype), c.detach())
+        return self.layout.from_vectors(w).to(weight.dtype)
 
     def assign(self, weight: Tensor, centroids: Tensor) -> Tensor:
         """Nearest-centroid index ``(G, n)`` of every vector (padding vectors get 0)."""

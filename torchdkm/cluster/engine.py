@@ -39,6 +39,7 @@ the centroids under the row's attention.
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -152,14 +153,18 @@ def backward(attention: Attention, c: Tensor, grad_w: Tensor | None, grad_c: Ten
 
 def second_moments(packed: Tensor, d: int) -> Tensor:
     """``(..., d, d)`` symmetric matrices from the packed ``x_a x_b (a <= b)`` terms after ``1 + d`` others."""
-    out = packed.new_empty(*packed.shape[:-1], d, d)
-    pos = 1 + d
+    return packed[..., _moment_index(d, packed.device)].view(*packed.shape[:-1], d, d)
+
+
+@functools.lru_cache(maxsize=32)
+def _moment_index(d: int, device: torch.device) -> Tensor:
+    """Where entry ``(a, b)`` of a second-moment matrix sits among the packed terms (one gather, no loop)."""
+    pos, where = 1 + d, {}
     for a in range(d):
         for b in range(a, d):
-            out[..., a, b] = packed[..., pos]
-            out[..., b, a] = packed[..., pos]
+            where[a, b] = where[b, a] = pos
             pos += 1
-    return out
+    return torch.tensor([where[a, b] for a in range(d) for b in range(d)], device=device)
 
 
 def jacobian(grams: Tensor, sums: Tensor, c: Tensor, two_over_tau: Tensor) -> Tensor:

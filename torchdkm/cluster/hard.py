@@ -101,10 +101,14 @@ MARGIN_CLIP = 100.0
 MEDIAN_SAMPLE = 4096
 
 
-def clipped_mean(values: Tensor, m: Tensor | None) -> Tensor:
-    """Per-group mean of ``values`` (G, n) clipped at ``MARGIN_CLIP`` times their (sampled) median."""
+def clipped_mean(values: Tensor, m: Tensor | None, groups: int | None = None) -> Tensor:
+    """Per-row mean of ``values`` (R, n) clipped at ``MARGIN_CLIP`` times their (sampled) median.
+
+    ``groups``: the groups the sample is shared among (default: the rows; rows that stack several
+    quantities of the same groups give the groups, so each row is sampled as it would be alone).
+    """
     g, n = values.shape
-    per_group = max(16, MEDIAN_SAMPLE // max(g, 1))
+    per_group = max(16, MEDIAN_SAMPLE // max(groups or g, 1))
     pick = torch.linspace(0, n - 1, per_group, device=values.device).long() if n > per_group else None
     sample = values if pick is None else values[:, pick]
     if m is not None:

@@ -35,6 +35,8 @@ def margin(
         if reseeded is not c:
             c = reseeded
             _, first, second = nearest_two(x, c, rows)
-        mean_sq = clipped_mean(squared_norms(x), m)
-        scale = clipped_mean(second - first, m).clamp_min(MARGIN_FLOOR * mean_sq + 1e-30)
+        g = x.shape[0]  # (both clipped means in one call: every op works row by row)
+        both = clipped_mean(torch.cat([squared_norms(x), second - first]), None if m is None else m.repeat(2, 1), g)
+        mean_sq, gap = both[:g], both[g:]
+        scale = gap.clamp_min(MARGIN_FLOOR * mean_sq + 1e-30)
     return c, scale
