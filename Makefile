@@ -26,9 +26,9 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m examples.digits_demo
 
-test: $(STAMP) fortunes
+test: $(STAMP)
 	$(BIN)/ruff check torchdkm tests examples bench experiments
-	$(BIN)/python -m pytest -q -x tests; rc=$$?; \
+	$(BIN)/python -m pytest -q -x -rs tests; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 bench: $(STAMP)

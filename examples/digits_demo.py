@@ -18,7 +18,12 @@ Run from the repository root with ``make demo`` or ``python -m examples.digits_d
 
 It exits non-zero when a check fails: reload mismatch, a DKM gap >= 1 %, or
 fp32 accuracy below 95 %.  Everything is seeded and runs on one thread, so
-two runs print the same numbers.
+two runs on one machine print the same numbers.  Across machines the float
+rounding of torch's CPU kernels depends on the instruction set they pick
+(AVX2 or AVX-512: on one machine the DKM rows moved by up to 0.67 points), so
+the command line pins torch's, MKL's and oneDNN's kernels to AVX2
+(:data:`PINNED_ISA`, re-running itself once with them set unless they are
+already set), which every x86-64 CPU of the last decade runs.
 
 The train/export gap (soft training weight vs the snapped weight ``finalize``
 exports) stays under 1 % with the library's default ``tau``.  The learning
@@ -31,6 +36,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -58,6 +64,8 @@ ACCURACY_TOLERANCE = 0.01
 SETTINGS = ("cv:4/1, fc:4/1", "cv:2/1, fc:2/1", "cv:4/4, fc:4/4", "cv:4/8, fc:4/8")
 QUICK_SETTINGS = ("cv:2/1, fc:2/1", "cv:4/4, fc:4/4")
 OUT = Path("out/digits_dkm.safetensors")
+#: Read when torch, MKL and oneDNN first run a kernel, so set before the process starts (see :func:`cli`).
+PINNED_ISA = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
 @dataclass(frozen=True)
@@ -321,7 +329,22 @@ def main(epochs: int | None = None, dkm_epochs: int | None = None, *, quick: boo
     return run(Options.quick(**changes) if quick else Options(**changes))
 
 
+def pin_instruction_set(argv: Sequence[str]) -> None:
+    """Re-run this command in a fresh process with :data:`PINNED_ISA` set, unless the caller set any of them.
+
+    torch is already imported here and the libraries read these variables once,
+    so setting them now would not take; ``--no-pin`` keeps each machine's choice.
+    """
+    if "--no-pin" in argv or any(key in os.environ for key in PINNED_ISA):
+        return
+    os.environ.update(PINNED_ISA)
+    sys.stdout.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "examples.digits_demo", *argv])
+
+
 def cli(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pin_instruction_set(argv)
     defaults = Options()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few-seconds smoke run, without the strict checks")
@@ -330,7 +353,10 @@ def cli(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tau", type=float, default=defaults.tau, help="DKM temperature (default %(default)s)")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="default %(default)s")
     parser.add_argument("--out", type=Path, default=defaults.out, help="best DKM model's file (default %(default)s)")
+    parser.add_argument("--no-pin", action="store_true", help="let torch pick its instruction set (see PINNED_ISA)")
     args = parser.parse_args(argv)
+    pins = ", ".join(f"{key}={os.environ[key]}" for key in PINNED_ISA if key in os.environ) or "none (--no-pin)"
+    print(f"instruction set: {pins}; torch {torch.__version__}, 1 thread")
     start = time.perf_counter()
     result = main(args.epochs, args.dkm_epochs, quick=args.quick, tau=args.tau, seed=args.seed, out=args.out)
     print(f"run time: {time.perf_counter() - start:.1f} s")

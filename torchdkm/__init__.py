@@ -10,10 +10,13 @@ from .api import finalize, kmeans_compress, prepare
 from .config import DKMConfig, LayerConfig
 from .errors import TorchdkmError
 from .integrations.hf import load_pretrained, save_pretrained
+from .integrations.hf_quantizer import register_when_transformers_loads
 from .io import load, save
 from .report import Report, report
 
 __version__ = "0.1.0"
+
+register_when_transformers_loads()  # AutoModel.from_pretrained reads torchdkm directories
 
 __all__ = [
     "DKMConfig",

@@ -7,73 +7,55 @@ centroids by k-means) then finalize.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+from tqdm import tqdm
 
-from .config import SUPPORTED_TYPES, DKMConfig
-from .distributed import is_dtensor
+from .config import DKMConfig
 from .errors import TorchdkmError
-from .nn.palettized import PaletteSpec, palettize_module, set_submodule
-from .nn.parametrization import DKMParametrization, dkm_parametrizations, original
+from .nn.palettized import PaletteSpec, palettize_module, palettized_modules, set_submodule
+from .nn.parametrization import (
+    DKMParametrization,
+    cache_while_forward,
+    dkm_parametrizations,
+    original,
+    stop_caching,
+)
 from .pack import pack
+from .select import few, select, skip_warning
 
 
-def prepare(model: nn.Module, config: DKMConfig | str) -> nn.Module:
+def prepare(model: nn.Module, config: DKMConfig | str, *, progress: bool = False) -> nn.Module:
     """Attach DKM to the weights ``config`` selects, in place; returns ``model``.
 
     ``config`` may be a :class:`DKMConfig` or its shorthand (``"cv:6/6, fc:6/4"``).
-    Each chosen weight's centroids are initialised by k-means here.  Train the
-    model afterwards with your own loop and loss; nothing else changes.
+    Each chosen weight's centroids are initialised by k-means here (``progress``
+    shows a bar over the layers: minutes for a large model).  Weight matrices a
+    rule covers but that stay dense (below ``min_numel``, an unsupported module
+    type, tied to another module) are listed in one ``UserWarning``, so nothing
+    is skipped silently.  Train the model afterwards with your own loop and
+    loss; nothing else changes.
     """
     if isinstance(config, str):
         config = DKMConfig.parse(config)
     if not isinstance(config, DKMConfig):
         raise TorchdkmError(f"prepare: config must be a DKMConfig or a string, got {type(config).__name__}")
-    modules = dict(model.named_modules())
-    unknown = config.name_patterns_matching_nothing(list(modules))
-    if unknown:
-        raise TorchdkmError(f"prepare: name rule(s) {unknown} match no module of {type(model).__name__}")
-    seen: dict[int, str] = {}
-    chosen = []
-    for name, module in modules.items():
-        if isinstance(module, (DKMParametrization, parametrize.ParametrizationList)):
-            continue
-        layer = config.resolve(name, module)
-        if layer is None:
-            continue
-        if not any(t.__name__ in SUPPORTED_TYPES for t in type(module).__mro__):
-            if name in config.by_name:
-                raise TorchdkmError(
-                    f"prepare: module {name!r} is a {type(module).__name__}; torchdkm clusters {list(SUPPORTED_TYPES)}"
-                )
-            continue
-        if parametrize.is_parametrized(module, layer.param):
-            raise TorchdkmError(f"prepare: {name or 'model'}.{layer.param} is already prepared for DKM")
-        tensor = getattr(module, layer.param, None)
-        if not isinstance(tensor, nn.Parameter):
-            raise TorchdkmError(f"prepare: module {name!r} has no parameter {layer.param!r}")
-        if is_dtensor(tensor):
-            raise TorchdkmError(
-                f"prepare: {name or 'model'}.{layer.param} is a sharded DTensor (fully_shard applied?); "
-                "call torchdkm.prepare before fully_shard"
-            )
-        if tensor.numel() < layer.min_numel:
-            continue
-        if id(tensor) in seen:
-            raise TorchdkmError(
-                f"prepare: {name!r}.{layer.param} is the same tensor as {seen[id(tensor)]!r} (tied weights); "
-                "exclude one of them with a name rule set to None"
-            )
-        seen[id(tensor)] = name
-        chosen.append((name, module, layer))
-    if not chosen:
-        raise TorchdkmError("prepare: the config selects no weight of this model (check rules and min_numel)")
-    for name, module, layer in chosen:
-        weight = getattr(module, layer.param)
-        parametrize.register_parametrization(
-            module, layer.param, DKMParametrization(name, layer, weight.detach()), unsafe=True
+    selection = select(model, config)
+    if selection.skipped:
+        warnings.warn(skip_warning(selection.skipped), UserWarning, stacklevel=2)
+    if not selection.chosen:
+        raise TorchdkmError(
+            "prepare: the config selects no weight of this model (check rules and min_numel)"
+            + (f"; left dense: {', '.join(s.key for s in selection.skipped[:5])}" if selection.skipped else "")
         )
+    chosen = tqdm(selection.chosen, desc="k-means init", unit="layer", disable=not progress, leave=False)
+    for name, module, param, layer in chosen:
+        weight = getattr(module, param)
+        parametrize.register_parametrization(module, param, DKMParametrization(name, layer, weight.detach()), unsafe=True)
+        cache_while_forward(module)
     return model
 
 
@@ -85,12 +67,19 @@ def finalize(model: nn.Module) -> nn.Module:
     """
     found = dkm_parametrizations(model)
     if not found:
+        palettized = [name or "model" for name, _ in palettized_modules(model)]
+        if palettized:
+            raise TorchdkmError(
+                f"finalize: the model is already finalized (palettized: {few(palettized)}); "
+                "finalize once, on a prepared model"
+            )
         raise TorchdkmError("finalize: the model has no DKM layer; call torchdkm.prepare first")
     by_module: dict[str, list] = {}
     for name, module, param, p in found:
         by_module.setdefault(name, []).append((module, param, p))
     for name, entries in by_module.items():
         module = entries[0][0]
+        stop_caching(module)
         tensors = {}
         for _, param, p in entries:
             weight = original(module, param)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from . import __version__
 from .errors import TorchdkmError
+from .io.format import weights_path
 
 if TYPE_CHECKING:
     from .report import Report
@@ -38,20 +39,6 @@ CONFIG_HELP = (
     "a class name, * for every supported layer, or a module-name pattern "
     '(e.g. "fc:4/2" = every Linear, 4-bit indices over 2-value vectors: 2 bits per weight)'
 )
-
-
-def weights_path(path: str | os.PathLike) -> Path:
-    """A torchdkm file, given itself or the pretrained directory that holds it."""
-    from .integrations.hf import WEIGHTS
-
-    path = Path(path)
-    if path.is_dir():
-        if not (path / WEIGHTS).is_file():
-            raise TorchdkmError(f"{path}: directory has no {WEIGHTS}")
-        return path / WEIGHTS
-    if not path.exists():
-        raise TorchdkmError(f"{path}: no such file or directory")
-    return path
 
 
 def quiet_libraries() -> None:
@@ -75,6 +62,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     sentences = distill.read_sentences(args.data)
     if not (Path(args.model) / "config.json").is_file():
         raise TorchdkmError(f"{args.model}: not a Hugging Face model directory (no config.json)")
+    if not args.quiet:  # importing transformers alone takes seconds: say so at once
+        print("torchdkm compress: importing transformers ...", file=sys.stderr, flush=True)
     quiet_libraries()
     import torch
 
@@ -308,11 +297,24 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
+def closed_pipe() -> int:
+    """Exit quietly, as ``cat`` does, when stdout's reader went away.
+
+    stdout is pointed at /dev/null so the interpreter's final flush does not
+    raise (and print) the same error again; 141 is the shell's status for SIGPIPE.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 141
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     args = parser().parse_args(argv)
     try:
         return args.func(args)
+    except BrokenPipeError:  # `torchdkm inspect --json | head`: the reader has all it wanted
+        return closed_pipe()
     except (TorchdkmError, OSError) as err:
         print(f"torchdkm {args.command}: error: {err}", file=sys.stderr)
         return 1

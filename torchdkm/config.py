@@ -30,15 +30,24 @@ from .errors import TorchdkmError
 CONFIG_VERSION = 1
 
 #: Shorthand keys of the paper's notation and the module classes they cover.
+_CONVS = ("Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d")
 TYPE_GROUPS: dict[str, tuple[str, ...]] = {
     "fc": ("Linear",),
     "linear": ("Linear",),
-    "cv": ("Conv1d", "Conv2d", "Conv3d"),
-    "conv": ("Conv1d", "Conv2d", "Conv3d"),
+    "cv": _CONVS,
+    "conv": _CONVS,
     "emb": ("Embedding",),
 }
 #: Module classes whose weights torchdkm can cluster and palettize.
-SUPPORTED_TYPES: tuple[str, ...] = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Embedding")
+SUPPORTED_TYPES: tuple[str, ...] = ("Linear", *_CONVS, "Embedding", "MultiheadAttention")
+#: The tensor a rule's default ``param="weight"`` means in classes that name their weight otherwise.
+WEIGHT_PARAMS: dict[str, str] = {"MultiheadAttention": "in_proj_weight"}
+#: Module classes holding weight matrices that torchdkm leaves dense, and why (shown by ``prepare``).
+UNSUPPORTED_WHY: dict[str, str] = {
+    name: "recurrent layers are not supported: RNN modules cache their weights (_flat_weights) and read "
+    "each several times per forward, which would run several DKM steps per training step"
+    for name in ("RNNBase", "RNN", "LSTM", "GRU")
+}
 CLUSTER_DTYPES = ("auto", "exact", "float16", "bfloat16")
 
 
@@ -67,8 +76,12 @@ class LayerConfig:
         ``tol * sqrt(margin)``.
     group_size: output channels that share one LUT (``None``: one LUT for the
         whole tensor).  A last group with fewer channels is allowed.
-    param: name of the parameter to cluster.
-    min_numel: weights with fewer values stay uncompressed.
+    param: name of the parameter to cluster (``"weight"`` means ``in_proj_weight``
+        for ``MultiheadAttention``).  A ConvTranspose weight is
+        ``(in_channels, out_channels / groups, *kernel)``: its first axis, the
+        one ``group_size`` counts, holds input channels.
+    min_numel: weights with fewer values stay uncompressed (``prepare`` lists
+        them in its warning), unless a rule names their module exactly.
     cluster_dtype: ``"float16"`` / ``"bfloat16"`` clusters the scalar weights
         (``dim == 1``) rounded to that 16-bit dtype, uniquified: the attention
         is computed once per distinct 16-bit value (at most 65,536), so a step
@@ -222,8 +235,12 @@ class DKMConfig:
         if not isinstance(text, str) or not text.strip():
             raise TorchdkmError(f"DKMConfig.parse: empty config string {text!r}")
         config = cls()
-        for part in text.split(","):
+        for position, part in enumerate(text.split(","), 1):
             part = part.strip()
+            if not part:
+                raise TorchdkmError(
+                    f"DKMConfig.parse: rule {position} of {text!r} is empty (a trailing or doubled comma?)"
+                )
             skip = _SKIP_RE.fullmatch(part)
             if skip is not None:
                 config._add(skip.group(1), None)
@@ -287,10 +304,14 @@ class DKMConfig:
         return cls.from_dict(data)
 
     # -- resolution -------------------------------------------------------
-    def resolve(self, name: str, module: nn.Module) -> LayerConfig | None:
-        """The config for one module, or ``None`` if it stays uncompressed."""
+    def resolve(self, name: str, module: nn.Module, *, any_type: bool = False) -> LayerConfig | None:
+        """The config for one module, or ``None`` if it stays uncompressed.
+
+        The global rule covers supported classes only; ``any_type=True`` applies
+        it to every module, so ``prepare`` can name the weights it leaves dense.
+        """
         type_names = [t.__name__ for t in type(module).__mro__]
-        supported = any(t in SUPPORTED_TYPES for t in type_names)
+        supported = any_type or any(t in SUPPORTED_TYPES for t in type_names)
         layers: list[Rule] = []
         matched = False
         if supported and self.default is not None:

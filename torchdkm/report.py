@@ -20,6 +20,9 @@ from .nn.palettized import PaletteSpec, PalettizedMixin
 from .nn.parametrization import dkm_parametrizations, original
 from .pack import packed_size
 
+#: ``str(report)`` names this many uncompressed tensors (the largest); ``Report.uncompressed`` has all.
+UNCOMPRESSED_SHOWN = 12
+
 
 @dataclass
 class LayerRow:
@@ -102,7 +105,7 @@ class Report:
         line = lambda cells: "  ".join(
             str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths))
         )  # noqa: E731
-        out = [line(head), line(["-" * w for w in widths]), *map(line, rows)]
+        out = [line(head), line(["-" * w for w in widths]), *map(line, rows), *self.uncompressed_lines()]
         other = sum(b for _, _, b in self.uncompressed)
         out.append(
             f"uncompressed tensors: {len(self.uncompressed)} ({other:,} B)   "
@@ -110,6 +113,28 @@ class Report:
             f"factor: {self.factor:.2f}x"
         )
         return "\n".join(out)
+
+    def uncompressed_lines(self, limit: int = UNCOMPRESSED_SHOWN) -> list[str]:
+        """The dense tensors by name, largest first: where the bytes a config leaves behind are."""
+        if not self.uncompressed:
+            return []
+        ranked = sorted(self.uncompressed, key=lambda t: -t[2])
+        shown = ranked if len(ranked) <= limit + 1 else ranked[:limit]
+        width = max(len(name) for name, _, _ in shown)
+        out = [f"uncompressed, largest first ({self.percent_dense():.1f} % of the compressed size):"]
+        out += [
+            f"  {name.ljust(width)}  {'x'.join(map(str, shape)) or 'scalar':>12}  {size:>12,} B"
+            for name, shape, size in shown
+        ]
+        if len(shown) < len(ranked):
+            rest = ranked[len(shown) :]
+            out.append(
+                f"  ... {len(rest)} smaller tensors, {sum(t[2] for t in rest):,} B (Report.uncompressed lists all)"
+            )
+        return out
+
+    def percent_dense(self) -> float:
+        return 100 * sum(b for _, _, b in self.uncompressed) / max(self.compressed_bytes, 1)
 
 
 def layer_row(name: str, spec: PaletteSpec, lut_itemsize: int, gap: float | None = None) -> LayerRow:

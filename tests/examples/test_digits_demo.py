@@ -110,8 +110,30 @@ def test_cli_exit_code_follows_failures(demo: ModuleType, monkeypatch, capsys) -
         return demo.Result([], failures=["reloaded accuracy differs"] if len(calls) > 1 else [])
 
     monkeypatch.setattr(demo, "main", fake_main)
-    assert demo.cli(["--quick"]) == 0
-    assert demo.cli(["--epochs", "3", "--tau", "0.02"]) == 1
+    assert demo.cli(["--quick", "--no-pin"]) == 0
+    assert demo.cli(["--epochs", "3", "--tau", "0.02", "--no-pin"]) == 1
     assert "FAILED: reloaded accuracy differs" in capsys.readouterr().err
     assert calls[0][1]["quick"] is True
     assert calls[1][0][0] == 3 and calls[1][1]["tau"] == 0.02
+
+
+def test_cli_reruns_itself_with_the_instruction_set_pinned(demo: ModuleType, monkeypatch) -> None:
+    """torch reads ATEN_CPU_CAPABILITY once, so the demo re-executes itself with the pins set."""
+    for key in demo.PINNED_ISA:
+        monkeypatch.delenv(key, raising=False)
+    execs = []
+    monkeypatch.setattr(demo.os, "execv", lambda exe, args: execs.append(args))
+    monkeypatch.setattr(demo.os, "environ", dict(demo.os.environ))
+    demo.pin_instruction_set(["--quick"])
+    assert execs and execs[0][1:] == ["-m", "examples.digits_demo", "--quick"]
+    assert all(demo.os.environ[k] == v for k, v in demo.PINNED_ISA.items())
+    execs.clear()
+    demo.pin_instruction_set(["--quick"])  # already pinned: runs here
+    assert not execs
+
+
+def test_cli_prints_what_it_pinned(demo: ModuleType, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(demo, "main", lambda *a, **k: demo.Result([]))
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    assert demo.cli(["--quick"]) == 0
+    assert "instruction set: ATEN_CPU_CAPABILITY=avx2;" in capsys.readouterr().out

@@ -145,8 +145,8 @@ def test_metadata(saved):
 def test_missing_file(make_convnet, tmp_path):
     with pytest.raises(TorchdkmError, match="no such file"):
         torchdkm.load(tmp_path / "nope.safetensors", make_convnet())
-    with pytest.raises(TorchdkmError, match="no such file"):
-        torchdkm.load(tmp_path, make_convnet())  # a directory is not a file
+    with pytest.raises(TorchdkmError, match="a directory without model.safetensors"):
+        torchdkm.load(tmp_path, make_convnet())  # a directory, but not one written by compress
 
 
 @pytest.mark.parametrize("keep", [0, 5, 8, 100, 0.5, -1])

@@ -1,8 +1,10 @@
 """Hugging Face transformers: compress a model, save it, rebuild it without writing model code.
 
 A torchdkm pretrained directory holds ``config.json`` (the transformers config,
-whose ``architectures`` names the model class), ``model.dkm.safetensors`` (the
-torchdkm file) and, for convenience, the tokenizer files.  :func:`load_pretrained`
+whose ``architectures`` names the model class and whose ``quantization_config``
+lets transformers' own ``from_pretrained`` read the directory, see
+:mod:`torchdkm.integrations.hf_quantizer`), ``model.safetensors`` (the torchdkm
+file) and, for convenience, the tokenizer files.  :func:`load_pretrained`
 builds the architecture from the config (random weights, no download) and
 fills it from the torchdkm file, which is all the model code a user needs.
 Everything works offline: directories are local, nothing touches the Hub.
@@ -14,6 +16,7 @@ import copy
 import inspect
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +27,10 @@ from ..api import finalize, prepare
 from ..config import DKMConfig
 from ..errors import TorchdkmError
 from ..io import load, save
+from ..io.format import WEIGHTS, weights_path
 from .distill import distill, read_sentences
+from .hf_quantizer import quantization_config_dict
 
-WEIGHTS = "model.dkm.safetensors"
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -86,6 +90,7 @@ def save_pretrained(
     directory.mkdir(parents=True, exist_ok=True)
     config = copy.deepcopy(model.config)
     config.architectures = [type(model).__name__]
+    config.quantization_config = quantization_config_dict()  # AutoModel.from_pretrained: hf_quantizer.py
     config.save_pretrained(directory)
     save(model, directory / WEIGHTS)
     if tokenizer is not None:
@@ -104,13 +109,14 @@ def load_pretrained(directory: str | os.PathLike, *, model_class: Any = None) ->
     """
     transformers = _transformers()
     directory = Path(directory)
-    for name in ("config.json", WEIGHTS):
-        if not (directory / name).is_file():
-            raise TorchdkmError(f"{directory}: not a torchdkm pretrained directory (no {name})")
+    if not (directory / "config.json").is_file():
+        raise TorchdkmError(f"{directory}: not a torchdkm pretrained directory (no config.json)")
+    weights = weights_path(directory)
     config = transformers.AutoConfig.from_pretrained(directory)
+    config.quantization_config = None  # built dense here, then filled by torchdkm.load
     cls = model_class or _model_class(config)
     model = cls(config) if cls is not None else transformers.AutoModel.from_config(config)
-    return load(directory / WEIGHTS, model).eval()
+    return load(weights, model).eval()
 
 
 @torch.no_grad()
@@ -144,8 +150,11 @@ def compress(
 
     ``sentences`` default to the built-in sample.  The compressed model is finalized (packed indices + LUTs).
     """
+    say = print if progress else (lambda *args, **kwargs: None)
+    say(f"loading {directory} ...", file=sys.stderr, flush=True)
     teacher, tokenizer = load_hf(directory)
-    student = prepare(copy.deepcopy(teacher), config)
+    say(f"loaded {type(teacher).__name__}; initialising the centroids by k-means ...", file=sys.stderr, flush=True)
+    student = prepare(copy.deepcopy(teacher), config, progress=progress)
     distill(
         student,
         teacher,

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from ..errors import TorchdkmError
 from ..nn.palettized import PaletteSpec, PalettizedMixin
 from ..nn.parametrization import dkm_parametrizations
-from .format import read
+from .format import honour_umask, read
 
 
 def palettes(meta: dict[str, Any]) -> dict[str, PaletteSpec]:
@@ -86,6 +86,7 @@ def export_dense(source: nn.Module | str | os.PathLike, path: str | os.PathLike)
         seen.add(storage)
     path = Path(path)
     save_file(copies, str(path), metadata={"format": "pt"})
+    honour_umask(path)
     return path
 
 

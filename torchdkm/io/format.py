@@ -45,6 +45,41 @@ from ..pack import packed_size
 
 FORMAT = "torchdkm"
 FORMAT_VERSION = 1
+#: The torchdkm file inside a pretrained directory (``save_pretrained``, ``torchdkm compress``): the name
+#: transformers' ``from_pretrained`` reads.  Directories written before it was chosen hold ``LEGACY_WEIGHTS``.
+WEIGHTS = "model.safetensors"
+LEGACY_WEIGHTS = "model.dkm.safetensors"
+
+
+def weights_path(path: str | os.PathLike) -> Path:
+    """A torchdkm file, given itself or a pretrained directory that holds it."""
+    path = Path(path)
+    if path.is_dir():
+        for name in (WEIGHTS, LEGACY_WEIGHTS):
+            if (path / name).is_file():
+                return path / name
+        raise TorchdkmError(f"{path}: a directory without {WEIGHTS} (not written by torchdkm compress?)")
+    if not path.exists():
+        raise TorchdkmError(f"{path}: no such file or directory")
+    return path
+
+
+def user_umask() -> int:
+    """The process umask: from /proc on Linux, else by setting it and putting it back (racy across threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: Path) -> None:
+    """Give a file we wrote the mode ``open()`` would have: safetensors creates its files ``0600``."""
+    os.chmod(path, 0o666 & ~user_umask())
 
 
 def checksum(tensors: dict[str, Tensor]) -> str:
@@ -95,14 +130,15 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     meta["meta_checksum"] = meta_checksum(meta)
     path = Path(path)
     save_file(tensors, str(path), metadata={FORMAT: json.dumps(meta)})
+    honour_umask(path)
     return path
 
 
 def read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """Metadata and tensors of a torchdkm file, verified (checksum, structure)."""
-    path = Path(path)
+    """Metadata and tensors of a torchdkm file (or a pretrained directory's), verified (checksum, structure)."""
+    path = weights_path(path)
     if not path.is_file():
-        raise TorchdkmError(f"{path}: no such file")
+        raise TorchdkmError(f"{path}: not a file")
     try:
         with safe_open(str(path), framework="pt") as handle:
             header = handle.metadata() or {}
@@ -144,38 +180,78 @@ def _check_meta(path: Path, meta: Any) -> None:
 
 
 def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
-    """Fill a freshly built model of the same architecture from ``path``; returns it."""
-    path = Path(path)
+    """Fill a freshly built model of the same architecture from ``path``; returns it in eval mode.
+
+    ``path`` is a torchdkm file or a directory written by ``save_pretrained`` /
+    ``torchdkm compress``.  Eval mode because a palettized model is for
+    inference: its weights are decoded from buffers and cannot be trained
+    (``model.train()`` turns dropout back on if you need it).
+    """
+    path = weights_path(path)
     meta, tensors = read(path)
+    model = palettize_from_meta(path, model, meta, tensors)
+    _fill(path, model, meta, tensors)
+    return model.eval()
+
+
+def palettize_from_meta(
+    path: str | os.PathLike, model: nn.Module, meta: dict[str, Any], tensors: dict[str, Tensor] | None = None
+) -> nn.Module:
+    """Swap every layer the file lists for its palettized class; returns the model.
+
+    ``tensors=None`` (transformers' loader fills the buffers afterwards, see
+    :mod:`torchdkm.integrations.hf_quantizer`): empty buffers of the shapes the
+    metadata gives, on the device of the weight they replace.
+    """
+    path = Path(path)
+    _check_meta(path, meta)
     for name, entry in meta["layers"].items():
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise TorchdkmError(
-                f"{path}: the model has no module {name!r} (file made for another architecture?)"
-            ) from None
-        if not isinstance(entry, dict) or not isinstance(entry.get("params"), dict):
-            raise TorchdkmError(f"{path}: metadata for layer {name!r} is malformed")
-        if is_palettized(module):
-            raise TorchdkmError(
-                f"{path}: layer {name!r} of the model is already palettized; load into a freshly built model"
-            )
-        expected = entry.get("class")
-        if not isinstance(expected, str) or expected not in [t.__name__ for t in type(module).__mro__]:
-            expected = expected if isinstance(expected, str) else _short(expected)
-            raise TorchdkmError(
-                f"{path}: layer {name!r} is a {expected} in the file but a {type(module).__name__} in the model"
-            )
-        palettes = {}
-        if not entry["params"]:
-            raise TorchdkmError(f"{path}: metadata for layer {name!r} is malformed (no parameter)")
-        for param, raw in entry["params"].items():
-            palettes[param] = _palette(path, name, module, param, raw, tensors)
+        module = _layer(path, model, name, entry)
+        palettes = {param: _palette(path, name, module, param, raw, tensors) for param, raw in entry["params"].items()}
         new = palettize_module(module, palettes)
         if name == "":
             model = new
         else:
             set_submodule(model, name, new)
+    return model
+
+
+def load_into_palettized(path: str | os.PathLike, model: nn.Module) -> None:
+    """Read ``path`` (verified) into a model :func:`palettize_from_meta` prepared without tensors."""
+    path = Path(path)
+    meta, tensors = read(path)
+    for name, entry in meta["layers"].items():
+        module = _layer(path, model, name, entry, palettized=True)
+        for param, raw in entry["params"].items():
+            _palette(path, name, module, param, raw, tensors)
+    _fill(path, model, meta, tensors)
+
+
+def _layer(path: Path, model: nn.Module, name: str, entry: Any, palettized: bool = False) -> nn.Module:
+    """The model's module for one layer of the file, checked against the file's description of it."""
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        raise TorchdkmError(f"{path}: the model has no module {name!r} (file made for another architecture?)") from None
+    if not isinstance(entry, dict) or not isinstance(entry.get("params"), dict):
+        raise TorchdkmError(f"{path}: metadata for layer {name!r} is malformed")
+    if is_palettized(module) != palettized:
+        raise TorchdkmError(
+            f"{path}: layer {name!r} of the model is already palettized; load into a freshly built model"
+        )
+    expected = entry.get("class")
+    if not isinstance(expected, str) or expected not in [t.__name__ for t in type(module).__mro__]:
+        expected = expected if isinstance(expected, str) else _short(expected)
+        raise TorchdkmError(
+            f"{path}: layer {name!r} is a {expected} in the file but a {type(module).__name__} in the model"
+        )
+    if not entry["params"]:
+        raise TorchdkmError(f"{path}: metadata for layer {name!r} is malformed (no parameter)")
+    return module
+
+
+def _fill(path: Path, model: nn.Module, meta: dict[str, Any], tensors: dict[str, Tensor]) -> None:
+    """Every tensor of the file into the (palettized) model, strictly; then the metadata checksum."""
     wanted = model.state_dict()
     for key, tensor in tensors.items():
         if key in wanted and tensor.dtype != wanted[key].dtype:
@@ -188,10 +264,9 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
         raise TorchdkmError(f"{path}: file does not match the model: {err}") from None
     if meta_checksum(meta) != meta["meta_checksum"]:
         raise TorchdkmError(f"{path}: metadata checksum mismatch: the layer metadata is corrupted")
-    return model
 
 
-def _palette(path: Path, name: str, module: nn.Module, param: str, raw: Any, tensors: dict[str, Tensor]):
+def _palette(path: Path, name: str, module: nn.Module, param: str, raw: Any, tensors: dict[str, Tensor] | None):
     where = f"{path}: layer {name!r} parameter {param!r}"
     spec = _spec(where, raw)
     layout = spec.layout
@@ -203,6 +278,13 @@ def _palette(path: Path, name: str, module: nn.Module, param: str, raw: Any, ten
         raise TorchdkmError(f"{where}: shape {list(spec.shape)} in the file, {list(current.shape)} in the model")
     if not 1 <= spec.bits <= 8 or spec.dim < 1 or not 1 <= spec.group_size <= layout.out:
         raise TorchdkmError(f"{where}: invalid bits/dim/group_size {spec.bits}/{spec.dim}/{spec.group_size}")
+    if tensors is None:  # placeholders, filled by transformers' loader
+        device = current.device
+        return (
+            spec,
+            torch.empty(packed_size(spec.index_count, spec.bits), dtype=torch.uint8, device=device),
+            (torch.empty(layout.groups, 2**spec.bits, spec.dim, dtype=current.dtype, device=device)),
+        )
     prefix = f"{name}." if name else ""
     packed = tensors.get(f"{prefix}{param}_indices")
     lut = tensors.get(f"{prefix}{param}_lut")

@@ -5,9 +5,13 @@ from .palettized import (
     PalettizedConv1d,
     PalettizedConv2d,
     PalettizedConv3d,
+    PalettizedConvTranspose1d,
+    PalettizedConvTranspose2d,
+    PalettizedConvTranspose3d,
     PalettizedEmbedding,
     PalettizedLinear,
     PalettizedMixin,
+    PalettizedMultiheadAttention,
     palettized_class,
 )
 from .parametrization import DKMParametrization
@@ -18,8 +22,12 @@ __all__ = [
     "PalettizedConv1d",
     "PalettizedConv2d",
     "PalettizedConv3d",
+    "PalettizedConvTranspose1d",
+    "PalettizedConvTranspose2d",
+    "PalettizedConvTranspose3d",
     "PalettizedEmbedding",
     "PalettizedLinear",
     "PalettizedMixin",
+    "PalettizedMultiheadAttention",
     "palettized_class",
 ]

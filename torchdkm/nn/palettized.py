@@ -5,8 +5,8 @@ and hyper-parameters are the original's) whose ``weight`` is a read-only
 property decoded from two buffers, ``weight_indices`` (bit-packed uint8) and
 ``weight_lut`` (``(groups, k, dim)``).  The decoded weight is bit-identical to
 the snapped weight, so outputs equal the snapped dense model exactly.  The same
-mechanism serves every supported class (Conv1d/2d/3d, Embedding) and any
-subclass of them: :func:`palettized_class` builds the palettized class once per
+mechanism serves every supported class (Conv1d/2d/3d, ConvTranspose1d/2d/3d,
+Embedding, MultiheadAttention's ``in_proj_weight``) and any subclass of them: :func:`palettized_class` builds the palettized class once per
 base class.
 """
 
@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ..cluster import Layout
+from ..config import WEIGHT_PARAMS
 from ..pack import unpack
 
 
@@ -82,7 +83,8 @@ def palettized_class(base: type, params: tuple[str, ...] = ("weight",)) -> type:
         props = {
             p: property(lambda self, p=p: self.decode(p), doc=f"{p}, decoded from indices and LUT") for p in params
         }
-        suffix = "" if key[1] == ("weight",) else "_" + "_".join(key[1])
+        own = next((WEIGHT_PARAMS[t.__name__] for t in base.__mro__ if t.__name__ in WEIGHT_PARAMS), "weight")
+        suffix = "" if key[1] == (own,) else "_" + "_".join(key[1])
         _CLASSES[key] = type(
             f"Palettized{base.__name__}{suffix}",
             (PalettizedMixin, base),
@@ -96,6 +98,10 @@ PalettizedConv1d = palettized_class(nn.Conv1d)
 PalettizedConv2d = palettized_class(nn.Conv2d)
 PalettizedConv3d = palettized_class(nn.Conv3d)
 PalettizedEmbedding = palettized_class(nn.Embedding)
+PalettizedConvTranspose1d = palettized_class(nn.ConvTranspose1d)
+PalettizedConvTranspose2d = palettized_class(nn.ConvTranspose2d)
+PalettizedConvTranspose3d = palettized_class(nn.ConvTranspose3d)
+PalettizedMultiheadAttention = palettized_class(nn.MultiheadAttention, ("in_proj_weight",))
 
 
 def palettize_module(module: nn.Module, tensors: dict[str, tuple[PaletteSpec, Tensor, Tensor]]) -> nn.Module:
@@ -146,9 +152,13 @@ __all__ = [
     "PalettizedConv1d",
     "PalettizedConv2d",
     "PalettizedConv3d",
+    "PalettizedConvTranspose1d",
+    "PalettizedConvTranspose2d",
+    "PalettizedConvTranspose3d",
     "PalettizedEmbedding",
     "PalettizedLinear",
     "PalettizedMixin",
+    "PalettizedMultiheadAttention",
     "is_palettized",
     "palettize_module",
     "palettized_class",

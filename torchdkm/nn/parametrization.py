@@ -85,3 +85,39 @@ def dkm_parametrizations(model: nn.Module) -> list[tuple[str, nn.Module, str, DK
 def original(module: nn.Module, param: str) -> Tensor:
     """The trainable tensor behind a parametrized weight."""
     return module.parametrizations[param].original
+
+
+#: Module classes whose forward reads a parametrized weight more than once (MultiheadAttention
+#: reads ``in_proj_weight`` three or four times): without a cache each read would run a DKM step.
+CACHED_CLASSES = ("MultiheadAttention",)
+
+
+def _enter_cache(module: nn.Module, args: tuple) -> None:
+    parametrize._cache_enabled += 1
+
+
+def _leave_cache(module: nn.Module, args: tuple, output: object) -> None:
+    parametrize._cache_enabled -= 1
+    if not parametrize._cache_enabled:
+        parametrize._cache = {}
+
+
+def cache_while_forward(module: nn.Module) -> None:
+    """Compute each parametrized weight once per forward of ``module`` (torch's ``parametrize.cached``).
+
+    Only for :data:`CACHED_CLASSES`; the hooks are the body of ``parametrize.cached()``
+    split in two (the post-hook runs even when forward raises), installed once.
+    """
+    if not any(t.__name__ in CACHED_CLASSES for t in parametrize.type_before_parametrizations(module).__mro__):
+        return
+    if _enter_cache not in module._forward_pre_hooks.values():
+        module.register_forward_pre_hook(_enter_cache)
+        module.register_forward_hook(_leave_cache, always_call=True)
+
+
+def stop_caching(module: nn.Module) -> None:
+    """Remove the hooks of :func:`cache_while_forward` (``finalize``: palettized weights need none)."""
+    for hooks, fn in ((module._forward_pre_hooks, _enter_cache), (module._forward_hooks, _leave_cache)):
+        for key in [k for k, v in hooks.items() if v is fn]:
+            del hooks[key]
+            getattr(module, "_forward_hooks_always_called", {}).pop(key, None)
