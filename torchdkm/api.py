@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from tqdm import tqdm
 
+from .cluster.scales import STORED
 from .config import DKMConfig
 from .errors import TorchdkmError
 from .nn.palettized import PaletteSpec, palettize_module, palettized_modules, set_submodule
@@ -86,8 +87,11 @@ def finalize(model: nn.Module) -> nn.Module:
             _, centroids = p.export(weight)
             index = p.clusterer.assign(weight, centroids)
             layout = p.clusterer.layout
-            spec = PaletteSpec(layout.shape, p.config.bits, p.config.dim, layout.group_size)
-            tensors[param] = (spec, pack(index.reshape(-1), spec.bits), centroids.to(weight.dtype).clone())
+            cfg = p.config
+            spec = PaletteSpec(layout.shape, cfg.bits, cfg.dim, layout.group_size, cfg.scale_block, cfg.scale_offset)
+            _, scales, offsets = p.clusterer.normalised(weight)
+            stored = [None if t is None else t.to(STORED).clone() for t in (scales, offsets)]
+            tensors[param] = (spec, pack(index.reshape(-1), spec.bits), centroids.to(weight.dtype).clone(), *stored)
         new = palettize_module(module, tensors)
         if name == "":
             model = new

@@ -106,6 +106,19 @@ class LayerConfig:
         computing ``1 / world`` of it and all-reducing the sums (eDKM's idea);
         every rank gets the same result as unsharded, to float rounding.  It
         uses the full (not top-m) attention, where memory is the bottleneck.
+    scale_block: per-block normalisation (``None``: off).  Each output channel
+        is cut into blocks of ``scale_block`` consecutive weights along the
+        input axis (the axis vectors run along; the last block of a row may be
+        shorter; ``0``: one block per row, coremltools' per-channel scale), and
+        each block is divided by its own scale (its largest magnitude, or half
+        its range with ``scale_offset``), stored in float16.  The LUT is learned
+        on the normalised weights, so one LUT serves blocks whose scales differ
+        by orders of magnitude (outlier-heavy language-model weights).  The
+        scales are derived from the weights at every step, not learned: the
+        gradient reaches the weights through the normalisation as well.
+        Decoded weight: ``LUT[index] * scale (+ offset)``.  A multiple of ``dim``.
+    scale_offset: with ``scale_block``, also subtract each block's midpoint
+        (``(max + min) / 2``, float16) before scaling: asymmetric blocks.
     """
 
     bits: int = 4
@@ -120,6 +133,8 @@ class LayerConfig:
     chunk_mb: float = 64.0
     top_m: int | None = 4
     shard_attention: bool = False
+    scale_block: int | None = None
+    scale_offset: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -164,6 +179,14 @@ class LayerConfig:
             raise bad("shard_attention", "must be True or False")
         if self.top_m is not None and (not _is_int(self.top_m) or self.top_m < 1):
             raise bad("top_m", "must be None or an integer >= 1")
+        if self.scale_block is not None and (not _is_int(self.scale_block) or self.scale_block < 0):
+            raise bad("scale_block", "must be None, 0 (one block per row) or a block length >= 1")
+        if self.scale_block and self.scale_block % self.dim:
+            raise bad("scale_block", f"must be a multiple of dim={self.dim}, so that no vector straddles two blocks")
+        if not isinstance(self.scale_offset, bool):
+            raise bad("scale_offset", "must be True or False")
+        if self.scale_offset and self.scale_block is None:
+            raise bad("scale_offset", "needs scale_block (offsets are per block)")
 
     def replace(self, **changes: Any) -> LayerConfig:
         return dataclasses.replace(self, **changes)
@@ -225,10 +248,13 @@ class DKMConfig:
     def parse(cls, text: str, **fields: Any) -> DKMConfig:
         """Build a config from the paper's shorthand.
 
-        ``"cv:6/6, fc:6/4"``: rules separated by commas, each ``KEY:BITS[/DIM][@GROUP]``.
-        KEY is ``cv``/``conv``, ``fc``/``linear``, ``emb``, a class name
-        (``Conv2d``), ``*``/``all`` for the global rule, or a module-name
-        pattern.  ``@GROUP`` sets ``group_size``.  ``KEY:none`` leaves the
+        ``"cv:6/6, fc:6/4"``: rules separated by commas, each
+        ``KEY:BITS[/DIM][@GROUP][#BLOCK[a]]``.  KEY is ``cv``/``conv``,
+        ``fc``/``linear``, ``emb``, a class name (``Conv2d``), ``*``/``all`` for
+        the global rule, or a module-name pattern.  ``@GROUP`` sets
+        ``group_size``; ``#BLOCK`` sets ``scale_block`` (``#row`` one scale per
+        output channel) and a trailing ``a`` ``scale_offset``: ``"fc:3/1#32a"``
+        is 3-bit indices into one LUT, asymmetric blocks of 32.  ``KEY:none`` leaves the
         matching modules uncompressed (``"*:4/1, lm_head:none"``).  Extra keyword arguments
         (``tau=0.02``, ``min_numel=0``...) apply to every rule.
         """
@@ -248,13 +274,16 @@ class DKMConfig:
             match = _RULE_RE.fullmatch(part)
             if match is None:
                 raise TorchdkmError(
-                    f"DKMConfig.parse: cannot read rule {part!r}; expected KEY:BITS[/DIM][@GROUP] "
+                    f"DKMConfig.parse: cannot read rule {part!r}; expected KEY:BITS[/DIM][@GROUP][#BLOCK[a]] "
                     "as in 'cv:6/6, fc:6/4'"
                 )
-            key, bits, dim, group = match.groups()
+            key, bits, dim, group, block, offset = match.groups()
             values = dict(fields, bits=int(bits), dim=int(dim or 1))
             if group:
                 values["group_size"] = int(group)
+            if block:
+                values["scale_block"] = 0 if block.lower() == "row" else int(block)
+                values["scale_offset"] = bool(offset)
             config._add(key, LayerConfig.from_dict(values, where=f"rule {part!r}"))
         return config
 
@@ -344,7 +373,9 @@ class DKMConfig:
 
 
 _SKIP_RE = re.compile(r"\s*([^:\s]+)\s*:\s*(?:none|off|-)\s*", re.IGNORECASE)
-_RULE_RE = re.compile(r"\s*([^:\s]+)\s*:\s*(\d+)\s*(?:/\s*(\d+))?\s*(?:@\s*(\d+))?\s*")
+_RULE_RE = re.compile(
+    r"\s*([^:\s]+)\s*:\s*(\d+)\s*(?:/\s*(\d+))?\s*(?:@\s*(\d+))?\s*(?:#\s*(\d+|row)(a?))?\s*", re.IGNORECASE
+)
 _MISSING = object()
 
 

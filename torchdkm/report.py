@@ -34,6 +34,7 @@ class LayerRow:
     index_bytes: int
     lut_bytes: int
     gap: float | None = None  # soft vs hard weight, relative L2 (prepared models only)
+    scale_bytes: int = 0  # per-block scales and offsets (float16)
 
     @property
     def k(self) -> int:
@@ -49,7 +50,7 @@ class LayerRow:
 
     @property
     def bytes(self) -> int:
-        return self.index_bytes + self.lut_bytes
+        return self.index_bytes + self.lut_bytes + self.scale_bytes
 
 
 @dataclass
@@ -86,7 +87,7 @@ class Report:
         }
 
     def __str__(self) -> str:
-        head = ("layer", "shape", "bits/dim", "k", "groups", "bits/w", "index B", "LUT B", "gap %")
+        head = ("layer", "shape", "bits/dim", "k", "groups", "bits/w", "index B", "LUT B", "scale B", "gap %")
         rows = [
             (
                 r.name,
@@ -97,6 +98,7 @@ class Report:
                 f"{r.bits_per_weight:.3g}",
                 f"{r.index_bytes:,}",
                 f"{r.lut_bytes:,}",
+                f"{r.scale_bytes:,}",
                 "-" if r.gap is None else f"{100 * r.gap:.2f}",
             )
             for r in self.layers
@@ -148,6 +150,7 @@ def layer_row(name: str, spec: PaletteSpec, lut_itemsize: int, gap: float | None
         index_bytes=packed_size(spec.index_count, spec.bits),
         lut_bytes=layout.groups * 2**spec.bits * spec.dim * lut_itemsize,
         gap=gap,
+        scale_bytes=0 if spec.scales is None else spec.scales.stored_bytes,
     )
 
 
@@ -166,7 +169,7 @@ def report(model: nn.Module, *, gap: bool = True, show: bool = True) -> Report:
             lut = getattr(module, f"{param}_lut")
             result.layers.append(layer_row(prefix + param, spec, lut.element_size()))
             result.fp32_bytes += 4 * math.prod(spec.shape)
-        hidden = {f"{p}_indices" for p in palette} | {f"{p}_lut" for p in palette}
+        hidden = {f"{p}_{part}" for p in palette for part in ("indices", "lut", "scales", "offsets")}
         for param_name, tensor in _own_tensors(module):
             if param_name in hidden:
                 continue
@@ -179,8 +182,10 @@ def report(model: nn.Module, *, gap: bool = True, show: bool = True) -> Report:
             if (name, param_name) in dkm:
                 par = dkm[(name, param_name)]
                 weight = original(module, param_name)
-                layout = par.clusterer.layout
-                spec = PaletteSpec(layout.shape, par.config.bits, par.config.dim, layout.group_size)
+                layout, cfg = par.clusterer.layout, par.config
+                spec = PaletteSpec(
+                    layout.shape, cfg.bits, cfg.dim, layout.group_size, cfg.scale_block, cfg.scale_offset
+                )
                 distance = None
                 if gap:
                     hard, centroids = par.export(weight)

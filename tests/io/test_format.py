@@ -219,7 +219,8 @@ def rewrite(path, out, *, meta_change=None, tensor_change=None, raw_meta=None):
 @pytest.mark.parametrize(
     ("change", "needle"),
     [
-        (lambda m: m.update(format_version=2), "format_version 2"),
+        (lambda m: m.update(format_version=3), "format_version 3"),
+        (lambda m: m.update(format_version=True), "format_version True"),
         (lambda m: m.update(format="other"), "does not describe a torchdkm file"),
         (lambda m: m.pop("layers"), "'layers'"),
         (lambda m: m.update(aliases=[]), "'aliases'"),

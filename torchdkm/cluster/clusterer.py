@@ -26,6 +26,7 @@ from .layout import Layout
 from .plan import Plan, make_plan
 from .problem import Problem
 from .ranking import rank_vectors
+from .scales import BlockScales
 from .sparse import SparseAttention
 from .temperature import margin
 from .unique import Distinct, UniqueAttention, distinct
@@ -65,6 +66,8 @@ class WeightClusterer:
                 f"fewer than dim={config.dim}; use a larger group_size or a smaller dim"
             )
         self._plans: dict[tuple, Plan] = {}
+        #: Per-block normalisation (``config.scale_block``): DKM then clusters ``(W - offset) / scale``.
+        self.scales = BlockScales.of(shape, config.scale_block, config.scale_offset)
 
     def plan(self, weight: Tensor) -> Plan:
         """The step plan for this weight's dtype and device (made once for each)."""
@@ -120,17 +123,35 @@ class WeightClusterer:
         tau, tol = cfg.tau * scale, cfg.tol * scale.sqrt()
         return Problem(x, m, cfg.k, tau, tol, cfg.max_iters, cfg.tol, plan.budget)
 
+    def normalised(self, weight: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """``(what DKM clusters, scales, offsets)``: the weight itself, or its per-block normalisation.
+
+        The scales and offsets are float16 values (what the file stores); the
+        normalisation is differentiable.
+        """
+        if self.scales is None:
+            return weight, None, None
+        self.check_finite(weight, self.plan(weight))
+        normalised, scale, offset = self.scales.normalise(weight)
+        if not bool(torch.isfinite(scale).all()) or (offset is not None and not bool(torch.isfinite(offset).all())):
+            raise TorchdkmError(
+                f"layer {self.name!r}: a block's scale exceeds float16's range (65504); the weights reach "
+                f"{float(weight.detach().abs().amax()):.3g}: rescale the layer or cluster it without scale_block"
+            )
+        return normalised, scale, offset
+
     def temperature(self, weight: Tensor, centroids: Tensor) -> Tensor:
         """The absolute softmax temperature per group, ``tau x margin``, for these centroids."""
+        weight = self.normalised(weight.detach())[0]
         plan = self.plan(weight)
-        x, m = self._vectors(weight.detach(), plan)
+        x, m = self._vectors(weight, plan)
         _, scale = margin(x, m, centroids.to(x.dtype), plan.rows)
         return self.config.tau * scale
 
     # -- the operations -------------------------------------------------------
     def init(self, weight: Tensor) -> Tensor:
         """k-means initial centroids ``(G, k, dim)`` in the compute dtype."""
-        weight = weight.detach()
+        weight = self.normalised(weight.detach())[0]
         plan = self.plan(weight)
         self.check_finite(weight, plan)
         x, m = self._vectors(weight, plan)
@@ -146,6 +167,13 @@ class WeightClusterer:
 
     def soft(self, weight: Tensor, centroids: Tensor) -> SoftResult:
         """One DKM step: the soft-clustered weight (differentiable) and the new centroids."""
+        if self.scales is None:
+            return self._soft(weight, centroids)
+        normalised, scale, offset = self.normalised(weight)
+        result = self._soft(normalised, centroids)
+        return SoftResult(self.scales.apply(result.weight, scale, offset), result.centroids)
+
+    def _soft(self, weight: Tensor, centroids: Tensor) -> SoftResult:
         plan = self.plan(weight)
         c0 = centroids.detach().to(plan.compute)
         if plan.path == "unique":
@@ -181,8 +209,8 @@ class WeightClusterer:
         return self.layout.from_vectors(w).to(weight.dtype)
 
     def assign(self, weight: Tensor, centroids: Tensor) -> Tensor:
-        """Nearest-centroid index ``(G, n)`` of every vector (padding vectors get 0)."""
-        weight = weight.detach()
+        """Nearest-centroid index ``(G, n)`` of every (normalised) vector (padding vectors get 0)."""
+        weight = self.normalised(weight.detach())[0]
         plan = self.plan(weight)
         self.check_finite(weight, plan)
         x, _ = self._vectors(weight, plan)
@@ -200,9 +228,13 @@ class WeightClusterer:
         return index
 
     def snap(self, weight: Tensor, centroids: Tensor) -> Tensor:
-        """The hard-clustered weight: every vector replaced by its nearest centroid."""
+        """The hard-clustered weight: every vector replaced by its nearest centroid (then scaled back)."""
         lut = centroids.to(weight.dtype)
-        return self.layout.decode(self.assign(weight, centroids), lut)
+        decoded = self.layout.decode(self.assign(weight, centroids), lut)
+        if self.scales is None:
+            return decoded
+        _, scale, offset = self.normalised(weight.detach())
+        return self.scales.apply(decoded, scale, offset)
 
     @staticmethod
     def _masked_dist(x: Tensor, c: Tensor, mask: Tensor) -> Tensor:

@@ -2,15 +2,18 @@
 
 Tensors are the finalized model's ``state_dict``: for every palettized weight
 ``<module>.<param>_indices`` (uint8, bit-packed, see :mod:`torchdkm.pack`) and
-``<module>.<param>_lut`` (``(groups, k, dim)``), and every other tensor as is.
+``<module>.<param>_lut`` (``(groups, k, dim)``), with per-block scales
+``<module>.<param>_scales`` (and ``_offsets``; float16, ``(rows, blocks)``),
+and every other tensor as is.
 Tensors that share memory (tied weights) are stored once; the others are
 listed as aliases.  The safetensors header's ``__metadata__`` holds one key,
 ``torchdkm``, a JSON document::
 
-    {"format": "torchdkm", "format_version": 1,
+    {"format": "torchdkm", "format_version": 2,
      "layers": {"<module>": {"class": "Linear",
                              "params": {"weight": {"shape": [...], "bits": 4,
-                                                   "dim": 1, "group_size": 64}}}},
+                                                   "dim": 1, "group_size": 64,
+                                                   "scale_block": 32, "scale_offset": false}}}},
      "aliases": {"<key>": "<stored key>"},
      "checksum": "sha256:<hex over every stored tensor, keys sorted>",
      "meta_checksum": "sha256:<hex over the canonical JSON of layers and aliases>"}
@@ -38,13 +41,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from ..cluster.scales import STORED
 from ..errors import TorchdkmError
 from ..nn.palettized import PaletteSpec, is_palettized, palettize_module, palettized_modules, set_submodule
 from ..nn.parametrization import dkm_parametrizations
 from ..pack import packed_size
 
 FORMAT = "torchdkm"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions ``load`` reads: 1 had no block scales (its palettes lack the two ``scale_`` keys).
+READABLE_VERSIONS = (1, 2)
 #: The torchdkm file inside a pretrained directory (``save_pretrained``, ``torchdkm compress``): the name
 #: transformers' ``from_pretrained`` reads.  Directories written before it was chosen hold ``LEGACY_WEIGHTS``.
 WEIGHTS = "model.safetensors"
@@ -170,9 +176,9 @@ def _check_meta(path: Path, meta: Any) -> None:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise TorchdkmError(f"{path}: metadata does not describe a torchdkm file")
     version = meta.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS or isinstance(version, bool):
         raise TorchdkmError(
-            f"{path}: format_version {version!r} is not supported (this torchdkm reads {FORMAT_VERSION})"
+            f"{path}: format_version {version!r} is not supported (this torchdkm reads {list(READABLE_VERSIONS)})"
         )
     for key, kind in (("layers", dict), ("aliases", dict), ("checksum", str), ("meta_checksum", str)):
         if not isinstance(meta.get(key), kind):
@@ -278,12 +284,15 @@ def _palette(path: Path, name: str, module: nn.Module, param: str, raw: Any, ten
         raise TorchdkmError(f"{where}: shape {list(spec.shape)} in the file, {list(current.shape)} in the model")
     if not 1 <= spec.bits <= 8 or spec.dim < 1 or not 1 <= spec.group_size <= layout.out:
         raise TorchdkmError(f"{where}: invalid bits/dim/group_size {spec.bits}/{spec.dim}/{spec.group_size}")
+    blocks = spec.scales
     if tensors is None:  # placeholders, filled by transformers' loader
         device = current.device
+        empty = [] if blocks is None else [torch.empty(blocks.shape, dtype=STORED, device=device)]
         return (
             spec,
             torch.empty(packed_size(spec.index_count, spec.bits), dtype=torch.uint8, device=device),
             (torch.empty(layout.groups, 2**spec.bits, spec.dim, dtype=current.dtype, device=device)),
+            *(empty * (1 + (blocks is not None and blocks.offset))),
         )
     prefix = f"{name}." if name else ""
     packed = tensors.get(f"{prefix}{param}_indices")
@@ -307,7 +316,27 @@ def _palette(path: Path, name: str, module: nn.Module, param: str, raw: Any, ten
             f"{where}: LUT is {lut.dtype} in the file but the model's {param} is {current.dtype}; "
             "build the model in the file's dtype"
         )
-    return spec, packed, lut
+    if blocks is None:
+        return spec, packed, lut
+    stored = [_block_tensor(where, tensors, f"{prefix}{param}_scales", blocks.shape)]
+    if blocks.offset:
+        stored.append(_block_tensor(where, tensors, f"{prefix}{param}_offsets", blocks.shape))
+    return spec, packed, lut, *stored
+
+
+def _block_tensor(where: str, tensors: dict[str, Tensor], key: str, shape: tuple[int, int]) -> Tensor:
+    """A per-block scale or offset tensor, checked: float16, ``shape``, finite."""
+    found = tensors.get(key)
+    if found is None:
+        raise TorchdkmError(f"{where}: {key.rsplit('.', 1)[-1]} missing from the file")
+    if found.dtype != STORED or tuple(found.shape) != shape:
+        raise TorchdkmError(
+            f"{where}: {key.rsplit('.', 1)[-1]} should be float16 of shape {shape}, "
+            f"found {tuple(found.shape)} {found.dtype}"
+        )
+    if not bool(torch.isfinite(found).all()):
+        raise TorchdkmError(f"{where}: {key.rsplit('.', 1)[-1]} hold NaN/Inf values")
+    return found
 
 
 def _spec(where: str, raw: Any) -> PaletteSpec:
@@ -317,15 +346,24 @@ def _spec(where: str, raw: Any) -> PaletteSpec:
         return isinstance(value, int) and not isinstance(value, bool)
 
     fields = ("shape", "bits", "dim", "group_size")
+    scaled = ("scale_block", "scale_offset")  # (format version 2)
     if (
         not isinstance(raw, dict)
-        or set(raw) != set(fields)
+        or set(raw) not in (set(fields), set(fields + scaled))
         or not isinstance(raw["shape"], list)
         or not all(whole(v) for v in raw["shape"])
         or not all(whole(raw[f]) for f in fields[1:])
+        or not (raw.get("scale_block") is None or (whole(raw["scale_block"]) and raw["scale_block"] >= 0))
+        or not isinstance(raw.get("scale_offset", False), bool)
+        or (raw.get("scale_offset") and raw.get("scale_block") is None)
     ):
         raise TorchdkmError(f"{where}: malformed palette metadata {_short(raw)}")
-    return PaletteSpec(tuple(raw["shape"]), raw["bits"], raw["dim"], raw["group_size"])
+    block = raw.get("scale_block")
+    if block and block % raw["dim"]:
+        raise TorchdkmError(f"{where}: scale_block {block} is not a multiple of dim {raw['dim']}")
+    return PaletteSpec(
+        tuple(raw["shape"]), raw["bits"], raw["dim"], raw["group_size"], block, raw.get("scale_offset", False)
+    )
 
 
 def _short(value: Any, limit: int = 200) -> str:

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ..cluster import Layout
+from ..cluster.scales import BlockScales
 from ..config import WEIGHT_PARAMS
 from ..pack import unpack
 
@@ -31,10 +32,16 @@ class PaletteSpec:
     bits: int
     dim: int
     group_size: int
+    scale_block: int | None = None  # per-block scales (``LayerConfig.scale_block``), None: none
+    scale_offset: bool = False
 
     @property
     def layout(self) -> Layout:
         return Layout(self.shape, self.dim, self.group_size)
+
+    @property
+    def scales(self) -> BlockScales | None:
+        return BlockScales.of(self.shape, self.scale_block, self.scale_offset)
 
     @property
     def index_count(self) -> int:
@@ -46,16 +53,30 @@ class PaletteSpec:
         layout = self.layout
         return unpack(packed, self.bits, self.index_count).view(layout.groups, layout.vectors)
 
-    def decode(self, packed: Tensor, lut: Tensor) -> Tensor:
-        """The dense tensor from packed indices and a ``(groups, k, dim)`` LUT."""
-        return self.layout.decode(self.indices(packed), lut)
+    def decode(self, packed: Tensor, lut: Tensor, scales: Tensor | None = None, offsets: Tensor | None = None) -> Tensor:
+        """The dense tensor from packed indices, a ``(groups, k, dim)`` LUT and the block scales (and offsets)."""
+        values = self.layout.decode(self.indices(packed), lut)
+        blocks = self.scales
+        if blocks is None:
+            return values
+        if scales is None or (blocks.offset and offsets is None):
+            raise ValueError("decode: this palette has block scales (and offsets): pass them")
+        return blocks.apply(values, scales, offsets)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> PaletteSpec:
-        return cls(tuple(int(s) for s in data["shape"]), int(data["bits"]), int(data["dim"]), int(data["group_size"]))
+        block = data.get("scale_block")  # (absent in files of format version 1: no scales)
+        return cls(
+            tuple(int(s) for s in data["shape"]),
+            int(data["bits"]),
+            int(data["dim"]),
+            int(data["group_size"]),
+            None if block is None else int(block),
+            bool(data.get("scale_offset", False)),
+        )
 
 
 class PalettizedMixin:
@@ -65,7 +86,12 @@ class PalettizedMixin:
     base_class: type  # the class this one palettizes (nn.Linear, ...)
 
     def decode(self, param: str) -> Tensor:
-        return self.palette[param].decode(getattr(self, f"{param}_indices"), getattr(self, f"{param}_lut"))
+        return self.palette[param].decode(
+            getattr(self, f"{param}_indices"),
+            getattr(self, f"{param}_lut"),
+            getattr(self, f"{param}_scales", None),
+            getattr(self, f"{param}_offsets", None),
+        )
 
     def extra_repr(self) -> str:
         base = super().extra_repr()  # type: ignore[misc]
@@ -104,8 +130,8 @@ PalettizedConvTranspose3d = palettized_class(nn.ConvTranspose3d)
 PalettizedMultiheadAttention = palettized_class(nn.MultiheadAttention, ("in_proj_weight",))
 
 
-def palettize_module(module: nn.Module, tensors: dict[str, tuple[PaletteSpec, Tensor, Tensor]]) -> nn.Module:
-    """A palettized copy of ``module``: ``tensors`` maps parameter to ``(spec, packed, lut)``.
+def palettize_module(module: nn.Module, tensors: dict[str, tuple]) -> nn.Module:
+    """A palettized copy of ``module``: ``tensors`` maps parameter to ``(spec, packed, lut[, scales, offsets])``.
 
     The copy shares every other parameter, buffer and submodule with ``module``.
     ``module`` itself is left untouched; if it is parametrized (a DKM layer),
@@ -126,10 +152,15 @@ def palettize_module(module: nn.Module, tensors: dict[str, tuple[PaletteSpec, Te
     new._modules = OrderedDict((k, v) for k, v in module._modules.items() if k != "parametrizations")
     new._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
     new.palette = {}
-    for param, (spec, packed, lut) in tensors.items():
+    for param, (spec, packed, lut, *scaled) in tensors.items():
         new.palette[param] = spec
         new.register_buffer(f"{param}_indices", packed)
         new.register_buffer(f"{param}_lut", lut)
+        scales, offsets = (scaled + [None, None])[:2]
+        if spec.scale_block is not None:
+            new.register_buffer(f"{param}_scales", scales)
+            if spec.scale_offset:
+                new.register_buffer(f"{param}_offsets", offsets)
     return new
 
 
