@@ -119,3 +119,39 @@ def test_bad_arguments(model, ids):
         export_coreml(model, (ids,), "net.mlmodel")
     with pytest.raises(TorchdkmError, match="finalize"):
         coreml_ready(torchdkm.prepare(nn.Sequential(nn.Linear(32, 32)), "fc:2/1"))
+
+
+class Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 3)
+        self.fc = nn.Linear(8 * 4 * 4, 10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+@pytest.mark.parametrize("frontend", ["trace", "export"])
+def test_block_scales_become_a_lut_op_then_a_blockwise_scale_op(frontend):
+    """Each scaled weight: constexpr_lut_to_dense on (out, blocks, block), then constexpr_blockwise_shift_scale,
+    decoding to the torchdkm weight exactly (float32); blocks that do not divide the row (48 of 128) included."""
+    torch.manual_seed(1)
+    model = torchdkm.kmeans_compress(Scaled(), torchdkm.DKMConfig.parse("conv:2/1#6, fc:3/2#48", min_numel=0)).eval()
+    x = torch.randn(1, 4, 6, 6)
+    assert torch.equal(coreml_ready(model)(x), model(x))
+    converted = export_coreml(model, (x,), compute_precision="float32", frontend=frontend)
+    ops = {op.name.removeprefix("p_"): op for f in converted._mil_program.functions.values() for op in f.operations}
+    for layer, shape in (("conv", (8, 6, 6)), ("fc", (10, 8, 16))):
+        lut, scale = ops[f"{layer}_weight_blocks"], ops[f"{layer}_weight_blocks_1"]
+        assert lut.op_type == "constexpr_lut_to_dense" and scale.op_type == "constexpr_blockwise_shift_scale"
+        assert scale.data.op is lut
+        decoded = np.asarray(scale.materialized_val_inference())
+        assert decoded.shape == shape
+        weight = getattr(model, layer).weight.detach().numpy()
+        np.testing.assert_array_equal(decoded.reshape(weight.shape), weight)
+
+
+def test_asymmetric_blocks_are_refused_with_a_reason():
+    model = torchdkm.kmeans_compress(Scaled(), torchdkm.DKMConfig.parse("fc:3/1#16a", min_numel=0)).eval()
+    with pytest.raises(TorchdkmError, match="scale_offset"):
+        export_coreml(model, (torch.randn(1, 4, 6, 6),))

@@ -96,3 +96,18 @@ def test_torch_export_keeps_indices_and_luts(model, x):
 def test_torch_compile_traces_the_decode(model, x):
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # inductor works too, but compiles slowly
     assert torch.equal(compiled(x), model(x))
+
+
+def test_block_scales_decode_in_the_dense_export(tmp_path):
+    """From the model and from the file alone: the scaled (and offset) weights, bit for bit."""
+    from torchdkm.io import export_dense
+
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(40, 6), nn.Linear(6, 3))
+    final = torchdkm.kmeans_compress(model, torchdkm.DKMConfig.parse("fc:2/1#16a", min_numel=0))
+    path = tmp_path / "m.dkm.safetensors"
+    torchdkm.save(final, path)
+    for source in (final, path):
+        out = load_file(str(export_dense(source, tmp_path / "dense.safetensors")))
+        assert set(out) == {"0.weight", "0.bias", "1.weight", "1.bias"}
+        assert torch.equal(out["0.weight"], final[0].weight)

@@ -25,6 +25,16 @@ the graph (a reshape and a slice per such weight).  Core ML has no 5- or
 centroid.  ``minimum_deployment_target`` must be iOS 18 or later (vector and
 grouped LUTs); LUTs are stored in the compute precision (fp16 by default).
 
+Block scales (``scale_block``).  coremltools' ``palettization_scale`` metadata
+makes the converter follow the LUT op with ``constexpr_blockwise_shift_scale``
+(the decoded normalised weight times its block's scale).  Core ML blocks must
+divide the axis they run along: blocks that do not divide a row are given at
+the largest block length that divides both (each block's scale repeated).
+Such a weight is stored as ``(out, blocks, block)`` and reshaped
+back in the graph.  The converter's metadata path has no offsets, so asymmetric blocks
+(``scale_offset``) are refused with a message, as are scales on vectors that
+cross kernel rows.
+
 Core ML runs predictions only on Apple platforms; on Linux the package can be
 built, saved and inspected (see :func:`lut_ops`), not run.
 """
@@ -33,6 +43,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -44,7 +55,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import TorchdkmError
-from ..nn.palettized import PaletteSpec, PalettizedMixin, set_submodule
+from ..nn.palettized import PaletteSpec, PalettizedMixin, palettized_modules, set_submodule
 from ..nn.parametrization import dkm_parametrizations
 
 PALETTIZATION = 2  # coremltools CompressionType.PALETTIZATION
@@ -87,10 +98,31 @@ def _metadata(module: nn.Module, param: str, lut: Tensor, axis: int | None) -> N
         module.register_buffer(f"_COREML_/{param}/vector_axis", torch.tensor(axis))
 
 
-def _vector_class(base: type, params: tuple[str, ...]) -> type:
-    """``base`` whose ``params`` are rebuilt from a palettized ``<param>_vectors`` buffer in the graph."""
+def _block_scale(module: nn.Module, param: str, spec: PaletteSpec, axis: int | None) -> tuple[Tensor, int] | None:
+    """``(palettization_scale (out, blocks, 1), block length)`` for a weight with block scales, or ``None``.
 
-    def getter(param: str):
+    Core ML's blocks must divide the axis they run along: the block length is
+    the largest that divides both the row and ``scale_block`` (each block's
+    scale repeated over its pieces).
+    """
+    blocks = spec.scales
+    if blocks is None:
+        return None
+    where = f"Core ML export: {type(module).__name__} {param}"
+    if blocks.offset:
+        raise TorchdkmError(f"{where}: asymmetric blocks (scale_offset) have no Core ML form here; use scale_offset=False")
+    if axis is None:
+        raise TorchdkmError(f"{where}: block scales on vectors that cross rows have no Core ML form")
+    step = math.gcd(blocks.block, blocks.row_len)
+    scales = getattr(module, f"{param}_scales").repeat_interleave(blocks.block // step, dim=1)
+    return scales[:, : blocks.row_len // step].unsqueeze(-1).float(), step
+
+
+def _vector_class(base: type, crossing: tuple[str, ...], blocked: tuple[str, ...] = ()) -> type:
+    """``base`` whose params are rebuilt in the graph: ``crossing`` ones from a palettized ``<param>_vectors``
+    matrix, ``blocked`` ones (block scales) from a palettized, blockwise-scaled ``<param>_blocks`` tensor."""
+
+    def from_vectors(param: str):
         def get(self):
             layout = self.palette[param].layout
             vectors = getattr(self, f"{param}_vectors")
@@ -98,7 +130,11 @@ def _vector_class(base: type, params: tuple[str, ...]) -> type:
 
         return property(get)
 
-    return type(f"CoreML{base.__name__}", (base,), {p: getter(p) for p in params})
+    def from_blocks(param: str):
+        return property(lambda self: getattr(self, f"{param}_blocks").reshape(self.palette[param].shape))
+
+    props = {p: from_vectors(p) for p in crossing} | {p: from_blocks(p) for p in blocked}
+    return type(f"CoreML{base.__name__}", (base,), props)
 
 
 @torch.no_grad()
@@ -125,12 +161,13 @@ def coreml_ready(model: nn.Module) -> nn.Module:
 
 
 def _plain_module(module: nn.Module) -> nn.Module:
-    crossing = tuple(p for p, s in module.palette.items() if vector_axis(s) is None)
+    crossing = tuple(p for p, s in module.palette.items() if vector_axis(s) is None and s.scales is None)
+    blocked = tuple(p for p, s in module.palette.items() if s.scales is not None)
     base = module.base_class
-    cls = _vector_class(base, crossing) if crossing else base
+    cls = _vector_class(base, crossing, blocked) if crossing or blocked else base
     new = cls.__new__(cls)
     new.__dict__.update(module.__dict__)
-    hidden = {f"{p}_{s}" for p in module.palette for s in ("indices", "lut")}
+    hidden = {f"{p}_{s}" for p in module.palette for s in ("indices", "lut", "scales", "offsets")}
     new._buffers = OrderedDict((k, v) for k, v in module._buffers.items() if k not in hidden)
     new._parameters = OrderedDict(module._parameters)
     new._non_persistent_buffers_set = set(module._non_persistent_buffers_set) - hidden
@@ -139,6 +176,7 @@ def _plain_module(module: nn.Module) -> nn.Module:
         index = spec.indices(getattr(module, f"{param}_indices"))
         lut = getattr(module, f"{param}_lut")
         axis = vector_axis(spec)
+        scale = _block_scale(module, param, spec, axis)
         if axis is None:  # store the (groups, vectors * dim) matrix, palettized along axis 1
             vectors = torch.gather(lut, 1, index.unsqueeze(-1).expand(-1, -1, spec.dim))
             flat = vectors.reshape(layout.groups, -1).clone()
@@ -147,10 +185,17 @@ def _plain_module(module: nn.Module) -> nn.Module:
             continue
         if layout.groups > 1 and layout.out % layout.group_size:
             lut = lut[torch.arange(layout.out) // layout.group_size]  # one LUT per channel
+        if scale is not None:  # (out, blocks, block): palettized along the block axis, scaled per block
+            scale, step = scale
+            blocks = module.decode(param).reshape(spec.shape[0], -1, step).clone()
+            new.register_parameter(f"{param}_blocks", nn.Parameter(blocks, False))
+            _metadata(new, f"{param}_blocks", lut.reshape(lut.shape[0], 1, 1, *lut.shape[1:]), 2)
+            new.register_buffer(f"_COREML_/{param}_blocks/palettization_scale", scale)
+            continue
         shape = (lut.shape[0],) + (1,) * (len(spec.shape) - 1) + tuple(lut.shape[1:])
         new.register_parameter(param, nn.Parameter(layout.decode(index, getattr(module, f"{param}_lut")), False))
         _metadata(new, param, lut.reshape(shape), axis)
-    if not crossing:
+    if not crossing and not blocked:
         del new.__dict__["palette"]
     return new
 
@@ -200,6 +245,11 @@ def export_coreml(
     else:
         raise TorchdkmError(f"Core ML export: frontend must be 'trace' or 'export', not {frontend!r}")
     outputs = [ct.TensorType(name=n) for n in output_names] if output_names else None
+    pipeline = ct.PassPipeline.DEFAULT
+    if any(s.scales is not None and s.dim > 1 for _, m in palettized_modules(model) for s in m.palette.values()):
+        # coremltools 9.0's canonicalize_quantized_lut_pattern rebuilds a vector LUT op followed by a
+        # blockwise scale without its vector_axis (and then fails): skip that pass for such models
+        pipeline.remove_passes(["common::canonicalize_quantized_lut_pattern"])
     mlmodel = ct.convert(
         captured,
         inputs=inputs,
@@ -207,6 +257,7 @@ def export_coreml(
         convert_to="mlprogram",
         minimum_deployment_target=target,
         compute_precision=precision,
+        pass_pipeline=pipeline,
     )
     if path is not None:
         mlmodel.save(str(path))

@@ -39,9 +39,12 @@ def dense_tensors(meta: dict[str, Any], tensors: dict[str, Tensor]) -> dict[str,
     out = dict(tensors)
     for key, spec in palettes(meta).items():
         packed, lut = out.pop(f"{key}_indices", None), out.pop(f"{key}_lut", None)
+        scales, offsets = out.pop(f"{key}_scales", None), out.pop(f"{key}_offsets", None)
         if packed is None or lut is None:
             raise TorchdkmError(f"{key}: indices or LUT missing from the file")
-        out[key] = spec.decode(packed, lut)
+        if spec.scale_block is not None and (scales is None or (spec.scale_offset and offsets is None)):
+            raise TorchdkmError(f"{key}: block scales (or offsets) missing from the file")
+        out[key] = spec.decode(packed, lut, scales, offsets)
     return out
 
 
@@ -59,8 +62,8 @@ def dense_state_dict(model: nn.Module) -> dict[str, Tensor]:
             continue
         prefix = f"{name}." if name else ""
         for param in module.palette:
-            state.pop(f"{prefix}{param}_indices")
-            state.pop(f"{prefix}{param}_lut")
+            for part in ("indices", "lut", "scales", "offsets"):
+                state.pop(f"{prefix}{param}_{part}", None)
             state[prefix + param] = module.decode(param)
     return state
 
