@@ -100,7 +100,6 @@ def test_torch_compile_traces_the_decode(model, x):
 
 def test_block_scales_decode_in_the_dense_export(tmp_path):
     """From the model and from the file alone: the scaled (and offset) weights, bit for bit."""
-    from torchdkm.io import export_dense
 
     torch.manual_seed(2)
     model = nn.Sequential(nn.Linear(40, 6), nn.Linear(6, 3))
