@@ -7,6 +7,7 @@ torchdkm.report(model); torchdkm.save(model, "model.dkm.safetensors")
 """
 
 from .api import finalize, kmeans_compress, prepare
+from .budget import SizePlan, plan_to_size
 from .config import DKMConfig, LayerConfig
 from .errors import TorchdkmError
 from .integrations.hf import load_pretrained, save_pretrained
@@ -22,11 +23,13 @@ __all__ = [
     "DKMConfig",
     "LayerConfig",
     "Report",
+    "SizePlan",
     "TorchdkmError",
     "finalize",
     "kmeans_compress",
     "load",
     "load_pretrained",
+    "plan_to_size",
     "prepare",
     "report",
     "save",

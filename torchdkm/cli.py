@@ -81,6 +81,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         max_steps=args.max_steps,
         seed=args.seed,
         progress=not args.quiet,
+        target_bpw=args.target_bpw,
     )
     report(student, show=not args.quiet)
     sample = sentences[:64]
@@ -246,6 +247,13 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", metavar="MODEL", help="local Hugging Face model directory (with config.json)")
     p.add_argument("--config", required=True, help=CONFIG_HELP)
+    p.add_argument(
+        "--target-bpw",
+        type=float,
+        metavar="B",
+        help="choose each selected layer's bits (2, 3 or 4; blocks as in --config) so that the whole file holds "
+        "at most B bits per parameter, all in; the plan is printed",
+    )
     p.add_argument("--data", metavar="TEXTFILE", help="training sentences, one per line (default: built-in sample)")
     p.add_argument("--epochs", type=int, default=1, help="passes over the data (default: 1)")
     p.add_argument("--batch-size", type=int, default=16, help="sentences per step (default: 16)")

@@ -61,3 +61,15 @@ def test_coreml_wrapper_matches_the_model(compressed):
     mask = torch.tensor([[1, 1, 1, 1, 1, 0, 0, 0]])
     expected = model(input_ids=ids, attention_mask=mask)[0]
     assert torch.allclose(wrapper(ids, mask)[:, :5], expected[:, :5], atol=1e-5)
+
+
+def test_compress_to_a_target_size(tiny_bert_dir, tmp_path, capsys):
+    """--target-bpw: the plan is printed, and the written weights file fits the budget, all in."""
+    from transformers import AutoModel
+
+    argv = ["compress", tiny_bert_dir, "--config", "fc:4/1, emb:4/1", "--target-bpw", "4.2", "--max-steps", "1"]
+    assert main([str(a) for a in [*argv, "--batch-size", "4", "--out", tmp_path / "tiny"]]) == 0
+    err = capsys.readouterr().err
+    assert "planned file:" in err and "embeddings.word_embeddings.weight" in err
+    params = sum(p.numel() for p in AutoModel.from_pretrained(tiny_bert_dir).parameters())
+    assert (tmp_path / "tiny" / hf.WEIGHTS).stat().st_size <= 4.2 * params / 8

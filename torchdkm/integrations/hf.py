@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..api import finalize, prepare
+from ..budget import plan_to_size
 from ..config import DKMConfig
 from ..errors import TorchdkmError
 from ..io import load, save
@@ -145,21 +146,31 @@ def compress(
     max_steps: int | None = None,
     seed: int = 0,
     progress: bool = True,
+    target_bpw: float | None = None,
 ) -> tuple[nn.Module, nn.Module, Any]:
     """Load a Hugging Face model, DKM-compress it by distillation from itself; returns (compressed, original, tokenizer).
 
     ``sentences`` default to the built-in sample.  The compressed model is finalized (packed indices + LUTs).
+    ``target_bpw``: choose each layer's bits so that the file holds at most that many bits per parameter,
+    all in (:func:`torchdkm.plan_to_size`, ``config`` selecting the layers; calibrated on the sentences).
     """
     say = print if progress else (lambda *args, **kwargs: None)
     say(f"loading {directory} ...", file=sys.stderr, flush=True)
     teacher, tokenizer = load_hf(directory)
+    sentences = read_sentences() if sentences is None else sentences
+    if target_bpw is not None:
+        say(f"planning {target_bpw} bits per parameter (k-means per layer and option) ...", file=sys.stderr, flush=True)
+        batch = tokenizer(sentences[:16], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        plan = plan_to_size(teacher, target_bpw, config, calibration=lambda model: model(**batch))
+        say(str(plan), file=sys.stderr, flush=True)
+        config = plan.config
     say(f"loaded {type(teacher).__name__}; initialising the centroids by k-means ...", file=sys.stderr, flush=True)
     student = prepare(copy.deepcopy(teacher), config, progress=progress)
     distill(
         student,
         teacher,
         tokenizer,
-        read_sentences() if sentences is None else sentences,
+        sentences,
         epochs=epochs,
         batch_size=batch_size,
         lr=lr,

@@ -1,0 +1,213 @@
+"""Size targets, not syntax: choose each layer's bits (and block) so that the whole file fits a budget.
+
+A user asks for "3 bits per weight" or "under 50 MB", not for ``fc:3/1#64``.
+:func:`plan_to_size` starts every layer the base config selects at its
+cheapest option and spends the rest of the budget where it buys the most:
+each step upgrades the layer whose next option removes the most error per
+byte.  The error of a layer at an option is its relative post-training k-means
+error (the clusterer's own ``init`` + ``snap``): ``||W_q - W||^2 / ||W||^2``,
+each input channel weighted, when calibration inputs are given, by the mean
+square of the activations entering it (the relative output error
+``||X (W_q - W)^T||^2 / ||X W^T||^2`` with ``X^T X`` taken diagonal).  Relative
+errors make layers of any scale and kind comparable; every layer counts alike.  All-in means every byte the file holds: packed indices,
+LUTs, block scales and offsets, every tensor left dense (biases, norms, layers
+no rule selects, a dense copy beside a tied clustered weight), and an allowance
+for the file's header.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .cluster import WeightClusterer
+from .config import DKMConfig, LayerConfig
+from .errors import TorchdkmError
+from .nn.palettized import PaletteSpec
+from .report import layer_row
+from .select import select
+
+#: Bytes the planner keeps back for the safetensors header and torchdkm's JSON metadata, per tensor and fixed.
+HEADER_PER_TENSOR = 128
+HEADER_FIXED = 2048
+
+
+@dataclass
+class LayerChoice:
+    name: str  # "<module>.<param>"
+    module: str
+    numel: int
+    options: list[tuple[LayerConfig, int, float]]  # (config, bytes, error), cheapest first
+    chosen: int = 0
+
+    @property
+    def config(self) -> LayerConfig:
+        return self.options[self.chosen][0]
+
+    @property
+    def bytes(self) -> int:
+        return self.options[self.chosen][1]
+
+    @property
+    def error(self) -> float:
+        return self.options[self.chosen][2]
+
+
+@dataclass
+class SizePlan:
+    """The chosen configuration per layer, and what it costs."""
+
+    target_bytes: int
+    parameters: int
+    dense_bytes: int  # every tensor no layer of the plan compresses, header allowance included
+    layers: list[LayerChoice] = field(default_factory=list)
+
+    @property
+    def bytes(self) -> int:
+        return self.dense_bytes + sum(layer.bytes for layer in self.layers)
+
+    @property
+    def bits_per_weight(self) -> float:
+        """All-in bits per parameter: the planned file size over the model's parameters."""
+        return 8 * self.bytes / max(self.parameters, 1)
+
+    @property
+    def config(self) -> DKMConfig:
+        """A config naming every planned layer (and nothing else)."""
+        return DKMConfig(default=None, by_name={layer.module: layer.config for layer in self.layers})
+
+    def __str__(self) -> str:
+        lines = [f"{'layer':40s} {'bits/dim':>8s} {'block':>6s} {'bytes':>12s} {'rel. error':>10s}"]
+        for layer in self.layers:
+            cfg = layer.config
+            block = "-" if cfg.scale_block is None else f"{cfg.scale_block or 'row'}{'a' if cfg.scale_offset else ''}"
+            lines.append(f"{layer.name:40s} {cfg.bits:>4d}/{cfg.dim:<3d} {block:>6s} {layer.bytes:>12,} {layer.error:>10.4f}")
+        lines.append(
+            f"planned file: {self.bytes:,} B of {self.target_bytes:,} B ({self.bits_per_weight:.3f} bits per parameter, "
+            f"{self.parameters:,} parameters; dense tensors and header {self.dense_bytes:,} B)"
+        )
+        return "\n".join(lines)
+
+
+def plan_to_size(
+    model: nn.Module,
+    target_bpw: float,
+    base: DKMConfig | str = "fc:4/1",
+    *,
+    bits: Iterable[int] = (2, 3, 4),
+    blocks: Iterable[int | None] | None = None,
+    offset: bool | None = None,
+    calibration: Callable[[nn.Module], object] | None = None,
+) -> SizePlan:
+    """A per-layer plan whose all-in file size is at most ``target_bpw x parameters / 8`` bytes.
+
+    ``base`` selects the layers (and their ``dim``, ``group_size`` and other
+    fields); each may take any of ``bits`` x ``blocks`` (block scales, with
+    ``offset``; by default the base rule's own ``scale_block`` and ``scale_offset``).  ``calibration``: a callable that runs the model on sample
+    inputs (e.g. ``lambda m: m(ids)``); the activations it produces weight each
+    layer's error.  Raises :class:`TorchdkmError` when even the cheapest option
+    of every layer does not fit, naming the smallest size that does.
+    """
+    if isinstance(base, str):
+        base = DKMConfig.parse(base)
+    if not (isinstance(target_bpw, (int, float)) and math.isfinite(target_bpw) and target_bpw > 0):
+        raise TorchdkmError(f"plan_to_size: target_bpw must be a number > 0, got {target_bpw!r}")
+    chosen = select(model, base).chosen
+    if not chosen:
+        raise TorchdkmError("plan_to_size: the base config selects no weight of this model")
+    tensors = _unique_tensors(model)
+    parameters = sum(t.numel() for t in tensors.values() if isinstance(t, nn.Parameter))
+    target = int(target_bpw * parameters / 8)
+    clustered = {id(getattr(module, param)) for _, module, param, _ in chosen}
+    dense = sum(t.numel() * t.element_size() for key, t in tensors.items() if key not in clustered)
+    dense += HEADER_FIXED + HEADER_PER_TENSOR * (len(tensors) + 3 * len(chosen))
+    importance = _input_importance(model, chosen, calibration)
+    plan = SizePlan(target, parameters, dense)
+    for name, module, param, layer in chosen:
+        weight = getattr(module, param).detach()
+        sizes = (layer.scale_block,) if blocks is None else tuple(blocks)
+        asym = layer.scale_offset if offset is None else offset
+        options = [_option(name, weight, layer.replace(bits=b, scale_block=blk, scale_offset=asym and blk is not None),
+                           importance.get(name)) for b, blk in itertools.product(bits, sizes)]  # fmt: skip
+        options.sort(key=lambda o: (o[1], o[2]))
+        plan.layers.append(LayerChoice(f"{name}.{param}" if name else param, name, weight.numel(), options))
+    if plan.bytes > target:
+        raise TorchdkmError(
+            f"plan_to_size: the cheapest option of every layer needs {plan.bytes:,} B "
+            f"({plan.bits_per_weight:.3f} bits per parameter), over the target {target:,} B ({target_bpw} bits): "
+            "allow fewer bits, larger blocks, or more layers in the base config"
+        )
+    _spend(plan)
+    return plan
+
+
+def _spend(plan: SizePlan) -> None:
+    """Greedy: upgrade the layer whose next better option removes the most error per extra byte, while it fits."""
+    while True:
+        best, best_gain = None, 0.0
+        for layer in plan.layers:
+            for j in range(layer.chosen + 1, len(layer.options)):
+                _, cost, error = layer.options[j]
+                extra, gain = cost - layer.bytes, layer.error - error
+                if gain > 0 and plan.bytes + extra <= plan.target_bytes and gain / max(extra, 1) > best_gain:
+                    best, best_gain = (layer, j), gain / max(extra, 1)
+        if best is None:
+            return
+        best[0].chosen = best[1]
+
+
+def _option(name: str, weight: Tensor, layer: LayerConfig, importance: Tensor | None) -> tuple[LayerConfig, int, float]:
+    """``(config, bytes, error)``: the layer's stored size and its weighted post-training k-means error."""
+    clusterer = WeightClusterer(name, layer, weight.shape)
+    snapped = clusterer.snap(weight, clusterer.init(weight))
+    diff = (snapped - weight).float().reshape(weight.shape[0], -1).square()
+    norm = weight.float().reshape(weight.shape[0], -1).square()
+    if importance is not None and importance.numel() == diff.shape[1]:
+        diff, norm = diff * importance, norm * importance
+    spec = PaletteSpec(clusterer.layout.shape, layer.bits, layer.dim, clusterer.layout.group_size,
+                       layer.scale_block, layer.scale_offset)  # fmt: skip
+    return layer, layer_row(name, spec, weight.element_size()).bytes, float(diff.sum() / norm.sum().clamp_min(1e-30))
+
+
+def _unique_tensors(model: nn.Module) -> dict[int, Tensor]:
+    """Every parameter and persistent buffer once (tied tensors once), by identity."""
+    found: dict[int, Tensor] = {}
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        found.setdefault(id(tensor), tensor)
+    return found
+
+
+@torch.no_grad()
+def _input_importance(model: nn.Module, chosen: list, calibration: Callable | None) -> dict[str, Tensor]:
+    """Per selected Linear-like layer: the mean square of each input channel over the calibration run."""
+    if calibration is None:
+        return {}
+    sums: dict[str, Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook(name: str):
+        def record(module: nn.Module, args: tuple) -> None:
+            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+            sums[name] = sums.get(name, 0) + x.square().sum(0)
+            counts[name] = counts.get(name, 0) + x.shape[0]
+
+        return record
+
+    handles = [module.register_forward_pre_hook(hook(name)) for name, module, _, _ in chosen if isinstance(module, nn.Linear)]
+    try:
+        was_training = model.training
+        model.eval()
+        calibration(model)
+        model.train(was_training)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: sums[name] / counts[name] for name in sums}
+
+
+__all__ = ["LayerChoice", "SizePlan", "plan_to_size"]
