@@ -67,7 +67,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     quiet_libraries()
     import torch
 
-    from .integrations import hf
+    from .integrations import causal, hf
     from .report import report
 
     student, teacher, tokenizer = hf.compress(
@@ -82,15 +82,24 @@ def cmd_compress(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.quiet,
         target_bpw=args.target_bpw,
+        window=args.window,
+        hidden_weight=args.hidden_loss,
     )
     report(student, show=not args.quiet)
-    sample = sentences[:64]
-    a = hf.embed(student, tokenizer, sample, max_length=args.max_length)
-    b = hf.embed(teacher, tokenizer, sample, max_length=args.max_length)
-    cosine = float(torch.nn.functional.cosine_similarity(a, b).mean())
+    if causal.is_causal_lm(teacher):
+        held_out = distill.read_sentences(args.eval_data) if args.eval_data else None
+        windows = causal.token_windows(tokenizer, held_out or sentences, args.window)[: args.eval_windows]
+        before, after = causal.perplexity(teacher, windows), causal.perplexity(student, windows)
+        what = "held-out" if held_out else "training"
+        print(f"perplexity on {len(windows)} {what} windows of {args.window} tokens: {before:.2f} -> {after:.2f}")
+    else:
+        sample = sentences[:64]
+        a = hf.embed(student, tokenizer, sample, max_length=args.max_length)
+        b = hf.embed(teacher, tokenizer, sample, max_length=args.max_length)
+        cosine = float(torch.nn.functional.cosine_similarity(a, b).mean())
+        print(f"embedding cosine similarity to the original ({len(sample)} training sentences): {cosine:.4f}")
     out = hf.save_pretrained(student, args.out, tokenizer=tokenizer)
     size = (out / hf.WEIGHTS).stat().st_size
-    print(f"embedding cosine similarity to the original ({len(sample)} training sentences): {cosine:.4f}")
     print(f"wrote {out}/ ({hf.WEIGHTS}: {size:,} B); reload with torchdkm.load_pretrained({str(out)!r})")
     return 0
 
@@ -256,10 +265,26 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data", metavar="TEXTFILE", help="training sentences, one per line (default: built-in sample)")
     p.add_argument("--epochs", type=int, default=1, help="passes over the data (default: 1)")
-    p.add_argument("--batch-size", type=int, default=16, help="sentences per step (default: 16)")
+    p.add_argument("--batch-size", type=int, default=16, help="sentences (causal LMs: token windows) per step (default: 16)")
     p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default: 1e-4)")
     p.add_argument("--max-length", type=int, default=128, help="tokens per sentence, longer are cut (default: 128)")
     p.add_argument("--max-steps", type=int, help="stop after this many steps (a quick trial run)")
+    p.add_argument(
+        "--window", type=int, default=256, help="causal LMs: tokens per training window (default: 256)"
+    )
+    p.add_argument(
+        "--hidden-loss",
+        type=float,
+        default=0.0,
+        metavar="W",
+        help="causal LMs: add W x the last hidden states' MSE to the next-token KL loss (default: 0)",
+    )
+    p.add_argument(
+        "--eval-data",
+        metavar="TEXTFILE",
+        help="causal LMs: held-out passages, one per line: perplexity before and after (default: the training text)",
+    )
+    p.add_argument("--eval-windows", type=int, default=32, help="causal LMs: windows scored (default: 32)")
     p.add_argument("--seed", type=int, default=0, help="data order seed (default: 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or report")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (created)")

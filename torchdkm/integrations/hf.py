@@ -29,6 +29,7 @@ from ..config import DKMConfig
 from ..errors import TorchdkmError
 from ..io import load, save
 from ..io.format import WEIGHTS, weights_path
+from . import causal
 from .distill import distill, read_sentences
 from .hf_quantizer import quantization_config_dict
 
@@ -147,38 +148,55 @@ def compress(
     seed: int = 0,
     progress: bool = True,
     target_bpw: float | None = None,
+    window: int = 256,
+    hidden_weight: float = 0.0,
 ) -> tuple[nn.Module, nn.Module, Any]:
     """Load a Hugging Face model, DKM-compress it by distillation from itself; returns (compressed, original, tokenizer).
 
     ``sentences`` default to the built-in sample.  The compressed model is finalized (packed indices + LUTs).
     ``target_bpw``: choose each layer's bits so that the file holds at most that many bits per parameter,
     all in (:func:`torchdkm.plan_to_size`, ``config`` selecting the layers; calibrated on the sentences).
+    A causal LM (``*ForCausalLM``) learns the teacher's next-token distributions on ``window``-token
+    windows of the sentences (:mod:`.causal`; ``batch_size`` windows a step, ``hidden_weight`` adds the
+    last hidden states' MSE); an encoder, its outputs on the sentences (:mod:`.distill`).
     """
     say = print if progress else (lambda *args, **kwargs: None)
     say(f"loading {directory} ...", file=sys.stderr, flush=True)
     teacher, tokenizer = load_hf(directory)
     sentences = read_sentences() if sentences is None else sentences
+    windows = causal.token_windows(tokenizer, sentences, window) if causal.is_causal_lm(teacher) else None
     if target_bpw is not None:
         say(f"planning {target_bpw} bits per parameter (k-means per layer and option) ...", file=sys.stderr, flush=True)
-        batch = tokenizer(sentences[:16], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        plan = plan_to_size(teacher, target_bpw, config, calibration=lambda model: model(**batch))
+        if windows is not None:
+            run = lambda model: model(input_ids=windows[:4])  # noqa: E731
+        else:
+            batch = tokenizer(sentences[:16], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+            run = lambda model: model(**batch)  # noqa: E731
+        plan = plan_to_size(teacher, target_bpw, config, calibration=run)
         say(str(plan), file=sys.stderr, flush=True)
         config = plan.config
     say(f"loaded {type(teacher).__name__}; initialising the centroids by k-means ...", file=sys.stderr, flush=True)
     student = prepare(copy.deepcopy(teacher), config, progress=progress)
-    distill(
-        student,
-        teacher,
-        tokenizer,
-        sentences,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        max_length=max_length,
-        max_steps=max_steps,
-        seed=seed,
-        progress=progress,
-    )
+    if windows is not None:
+        say(f"distilling next-token distributions on {len(windows)} windows of {window} tokens", file=sys.stderr)
+        causal.distill_causal(
+            student, teacher, windows, epochs=epochs, batch_size=batch_size, lr=lr, max_steps=max_steps,
+            seed=seed, hidden_weight=hidden_weight, progress=progress,
+        )  # fmt: skip
+    else:
+        distill(
+            student,
+            teacher,
+            tokenizer,
+            sentences,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            max_length=max_length,
+            max_steps=max_steps,
+            seed=seed,
+            progress=progress,
+        )
     return finalize(student).eval(), teacher, tokenizer
 
 
