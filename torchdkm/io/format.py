@@ -264,6 +264,22 @@ def _fill(path: Path, model: nn.Module, meta: dict[str, Any], tensors: dict[str,
         raise TorchdkmError(f"{path}: file does not match the model: {err}") from None
     if meta_checksum(meta) != meta["meta_checksum"]:
         raise TorchdkmError(f"{path}: metadata checksum mismatch: the layer metadata is corrupted")
+    tie_palettes(model, meta)
+
+
+def tie_palettes(model: nn.Module, meta: dict[str, Any]) -> None:
+    """Make palette buffers the file stores once (tied weights) one tensor again, as they were when saved.
+
+    ``load_state_dict`` copies values, and transformers' loader may give every
+    buffer its own tensor: without this a tied embedding and output head would
+    load as two equal copies, twice the memory, no longer one weight.
+    """
+    for key, target in meta["aliases"].items():
+        owner, _, name = key.rpartition(".")
+        source_owner, _, source_name = target.rpartition(".")
+        module, source = model.get_submodule(owner), model.get_submodule(source_owner)
+        if is_palettized(module) and name in module._buffers and source_name in source._buffers:
+            module._buffers[name] = source._buffers[source_name]
 
 
 def _palette(path: Path, name: str, module: nn.Module, param: str, raw: Any, tensors: dict[str, Tensor] | None):
@@ -317,15 +333,17 @@ def _spec(where: str, raw: Any) -> PaletteSpec:
         return isinstance(value, int) and not isinstance(value, bool)
 
     fields = ("shape", "bits", "dim", "group_size")
+    transposed = isinstance(raw, dict) and raw.get("transposed") is True  # written only when set, only for 2-D
     if (
         not isinstance(raw, dict)
-        or set(raw) != set(fields)
+        or set(raw) != set(fields) | ({"transposed"} if transposed else set())
         or not isinstance(raw["shape"], list)
         or not all(whole(v) for v in raw["shape"])
         or not all(whole(raw[f]) for f in fields[1:])
+        or (transposed and len(raw["shape"]) != 2)
     ):
         raise TorchdkmError(f"{where}: malformed palette metadata {_short(raw)}")
-    return PaletteSpec(tuple(raw["shape"]), raw["bits"], raw["dim"], raw["group_size"])
+    return PaletteSpec(tuple(raw["shape"]), raw["bits"], raw["dim"], raw["group_size"], transposed)
 
 
 def _short(value: Any, limit: int = 200) -> str:

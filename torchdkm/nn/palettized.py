@@ -25,16 +25,24 @@ from ..pack import unpack
 
 @dataclass(frozen=True)
 class PaletteSpec:
-    """What it takes to decode one palettized tensor."""
+    """What it takes to decode one palettized tensor.
+
+    ``shape`` is the tensor's own shape.  ``transposed`` (a 2-D weight stored
+    ``(in, out)``, transformers' ``Conv1D``): the layout cuts its transpose, so
+    groups count output channels and vectors run along the input axis as for
+    ``Linear``; :meth:`decode` transposes back.
+    """
 
     shape: tuple[int, ...]
     bits: int
     dim: int
     group_size: int
+    transposed: bool = False
 
     @property
     def layout(self) -> Layout:
-        return Layout(self.shape, self.dim, self.group_size)
+        """How the indices cut the tensor (its transpose when ``transposed``)."""
+        return Layout(self.shape[::-1] if self.transposed else self.shape, self.dim, self.group_size)
 
     @property
     def index_count(self) -> int:
@@ -48,14 +56,21 @@ class PaletteSpec:
 
     def decode(self, packed: Tensor, lut: Tensor) -> Tensor:
         """The dense tensor from packed indices and a ``(groups, k, dim)`` LUT."""
-        return self.layout.decode(self.indices(packed), lut)
+        dense = self.layout.decode(self.indices(packed), lut)
+        # contiguous: the same memory layout as a dense (in, out) weight, so matmuls round the same way
+        return dense.mT.contiguous() if self.transposed else dense
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The file's JSON; ``transposed`` only when set, so other layers' metadata is unchanged."""
+        data = asdict(self)
+        if not self.transposed:
+            del data["transposed"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> PaletteSpec:
-        return cls(tuple(int(s) for s in data["shape"]), int(data["bits"]), int(data["dim"]), int(data["group_size"]))
+        shape = tuple(int(s) for s in data["shape"])
+        return cls(shape, int(data["bits"]), int(data["dim"]), int(data["group_size"]), bool(data.get("transposed")))
 
 
 class PalettizedMixin:
