@@ -213,6 +213,7 @@ def palettize_from_meta(
             model = new
         else:
             set_submodule(model, name, new)
+    tie_palettes(model, meta)  # transformers' loader then fills one placeholder per tied tensor
     return model
 
 
@@ -275,9 +276,14 @@ def tie_palettes(model: nn.Module, meta: dict[str, Any]) -> None:
     load as two equal copies, twice the memory, no longer one weight.
     """
     for key, target in meta["aliases"].items():
+        if not isinstance(key, str) or not isinstance(target, str):
+            continue  # a malformed file: the strict load names it
         owner, _, name = key.rpartition(".")
         source_owner, _, source_name = target.rpartition(".")
-        module, source = model.get_submodule(owner), model.get_submodule(source_owner)
+        try:
+            module, source = model.get_submodule(owner), model.get_submodule(source_owner)
+        except AttributeError:
+            continue  # not this model's: the strict load names it
         if is_palettized(module) and name in module._buffers and source_name in source._buffers:
             module._buffers[name] = source._buffers[source_name]
 
