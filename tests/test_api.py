@@ -182,11 +182,18 @@ def test_min_numel_leaves_small_layers_alone(make_convnet):
         torchdkm.prepare(make_convnet(), DKMConfig.parse("*:2", min_numel=10**6))
 
 
-def test_tied_weights_raise_unless_one_is_excluded(make_tiednet):
-    with pytest.raises(TorchdkmError, match="tied"):
-        torchdkm.prepare(make_tiednet(), ALL)
+def test_tied_weights_are_clustered_once(make_tiednet):
+    model = torchdkm.prepare(make_tiednet(), ALL)
+    found = {name: p for name, _, _, p in dkm_parametrizations(model)}
+    assert found["emb"] is found["out"] and found["emb"].holders == [("emb", "weight"), ("out", "weight")]
+    assert model.emb.parametrizations.weight.original is model.out.parametrizations.weight.original
+    with pytest.raises(
+        TorchdkmError, match=r"out.weight and emb.weight are one tensor .* \(bits=3, dim=1, min_numel=0 vs bits=2,"
+    ):
+        torchdkm.prepare(make_tiednet(), DKMConfig.parse("emb:2/1, out:3/1", min_numel=0))
     config = DKMConfig(default=LayerConfig(bits=3, min_numel=0), by_name={"out": None})
-    model = torchdkm.prepare(make_tiednet(), config)
+    with pytest.warns(UserWarning, match="out.weight .*tied to emb.weight, which is clustered, but a rule excludes"):
+        model = torchdkm.prepare(make_tiednet(), config)
     assert {name for name, _, _, _ in dkm_parametrizations(model)} == {"emb", "fc"}
 
 

@@ -66,6 +66,6 @@ def test_an_unreachable_target_names_the_smallest_size():
 
 
 def test_plan_prints_every_layer():
-    plan = plan_to_size(make_model(), 3.0, "fc:4/1")
+    plan = plan_to_size(make_model(), 3.0, "fc:4/1, emb:4/1")
     text = str(plan)
     assert all(layer.name in text for layer in plan.layers) and "bits per parameter" in text

@@ -79,10 +79,17 @@ def test_a_glob_keeps_min_numel_and_says_so():
     assert "1.weight (128 values): below min_numel=256" in message
 
 
-def test_tied_weight_kept_dense_elsewhere_is_named(make_tiednet):
-    config = DKMConfig.parse("emb:3/1", min_numel=0)  # no rule covers out, which shares emb's matrix
+def test_a_tied_weight_stays_tied_and_a_dense_copy_is_named(make_tiednet):
+    config = DKMConfig.parse("emb:3/1", min_numel=0)  # no rule covers out, which shares emb's matrix: it follows
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = torchdkm.prepare(make_tiednet(), config)
+    assert chosen(model) == {"emb.weight", "out.weight"}  # one DKM layer, registered on both holders
+    config = DKMConfig.parse("emb:3/1, out:none", min_numel=0)  # excluded by name: the only way to untie
     model, message = prepared_with_warning(make_tiednet(), config)
-    assert "out.weight (640 values): tied to emb.weight, which is clustered" in message
+    assert chosen(model) == {"emb.weight"}
+    assert "out.weight (640 values): tied to emb.weight, which is clustered, but a rule excludes" in message
+    assert "keeps a dense copy (the tensor is stored twice)" in message
 
 
 def test_report_names_uncompressed_tensors_largest_first():

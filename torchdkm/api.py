@@ -14,10 +14,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 from tqdm import tqdm
 
-from .cluster.scales import STORED
 from .config import DKMConfig
 from .errors import TorchdkmError
-from .nn.palettized import PaletteSpec, palettize_module, palettized_modules, set_submodule
+from .nn.palettized import palettize_module, palettized_modules, set_submodule
 from .nn.parametrization import (
     DKMParametrization,
     cache_while_forward,
@@ -26,7 +25,7 @@ from .nn.parametrization import (
     stop_caching,
 )
 from .pack import pack
-from .select import few, select, skip_warning
+from .select import few, is_transposed, select, skip_warning
 
 
 def prepare(model: nn.Module, config: DKMConfig | str, *, progress: bool = False) -> nn.Module:
@@ -36,8 +35,9 @@ def prepare(model: nn.Module, config: DKMConfig | str, *, progress: bool = False
     Each chosen weight's centroids are initialised by k-means here (``progress``
     shows a bar over the layers: minutes for a large model).  Weight matrices a
     rule covers but that stay dense (below ``min_numel``, an unsupported module
-    type, tied to another module) are listed in one ``UserWarning``, so nothing
-    is skipped silently.  Train the model afterwards with your own loop and
+    type, a rule-excluded holder of a tied tensor) are listed in one
+    ``UserWarning``, so nothing is skipped silently.  A tensor several modules
+    share (tied weights) is clustered once and stays shared.  Train the model afterwards with your own loop and
     loss; nothing else changes.
     """
     if isinstance(config, str):
@@ -55,8 +55,12 @@ def prepare(model: nn.Module, config: DKMConfig | str, *, progress: bool = False
     chosen = tqdm(selection.chosen, desc="k-means init", unit="layer", disable=not progress, leave=False)
     for name, module, param, layer in chosen:
         weight = getattr(module, param)
-        parametrize.register_parametrization(module, param, DKMParametrization(name, layer, weight.detach()), unsafe=True)
-        cache_while_forward(module)
+        dkm = DKMParametrization(name, layer, weight.detach(), transposed=is_transposed(module))
+        # A tied tensor: the same parametrization on every holder, whose `original` is the one shared Parameter.
+        for holder, holder_module, holder_param in [(name, module, param), *selection.tied.get((name, param), [])]:
+            parametrize.register_parametrization(holder_module, holder_param, dkm, unsafe=True)
+            dkm.holders.append((holder, holder_param))
+            cache_while_forward(holder_module)
     return model
 
 
@@ -78,20 +82,20 @@ def finalize(model: nn.Module) -> nn.Module:
     by_module: dict[str, list] = {}
     for name, module, param, p in found:
         by_module.setdefault(name, []).append((module, param, p))
+    palettes: dict[int, tuple] = {}  # by parametrization: tied holders get the very same buffers
     for name, entries in by_module.items():
         module = entries[0][0]
         stop_caching(module)
         tensors = {}
         for _, param, p in entries:
-            weight = original(module, param)
-            _, centroids = p.export(weight)
-            index = p.clusterer.assign(weight, centroids)
-            layout = p.clusterer.layout
-            cfg = p.config
-            spec = PaletteSpec(layout.shape, cfg.bits, cfg.dim, layout.group_size, cfg.scale_block, cfg.scale_offset)
-            _, scales, offsets = p.clusterer.normalised(weight)
-            stored = [None if t is None else t.to(STORED).clone() for t in (scales, offsets)]
-            tensors[param] = (spec, pack(index.reshape(-1), spec.bits), centroids.to(weight.dtype).clone(), *stored)
+            if id(p) not in palettes:
+                weight = original(module, param)
+                _, centroids = p.export(weight)
+                spec = p.spec(weight)
+                index = p.assign(weight, centroids)
+                packed = pack(index.reshape(-1), spec.bits)
+                palettes[id(p)] = (spec, packed, centroids.to(weight.dtype).clone(), *p.stored_scales(weight))
+            tensors[param] = palettes[id(p)]
         new = palettize_module(module, tensors)
         if name == "":
             model = new

@@ -30,7 +30,7 @@ from .config import DKMConfig, LayerConfig
 from .errors import TorchdkmError
 from .nn.palettized import PaletteSpec
 from .report import layer_row
-from .select import select
+from .select import is_transposed, select
 
 #: Bytes the planner keeps back for the safetensors header and torchdkm's JSON metadata, per tensor and fixed.
 HEADER_PER_TENSOR = 128
@@ -130,6 +130,7 @@ def plan_to_size(
     plan = SizePlan(target, parameters, dense)
     for name, module, param, layer in chosen:
         weight = getattr(module, param).detach()
+        weight = weight.mT if is_transposed(module) else weight  # (transformers' Conv1D: output channels first)
         sizes = (layer.scale_block,) if blocks is None else tuple(blocks)
         asym = layer.scale_offset if offset is None else offset
         options = [_option(name, weight, layer.replace(bits=b, scale_block=blk, scale_offset=asym and blk is not None),

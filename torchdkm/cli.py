@@ -122,10 +122,13 @@ def file_report(path: str | os.PathLike) -> Report:
     result = Report()
     hidden = set()
     for key, spec in sorted(palettes(meta).items(), key=lambda item: natural_key(item[0])):
+        hidden |= {f"{key}_indices", f"{key}_lut"}
+        if f"{key}_indices" in meta["aliases"]:  # tied: the same tensor as another palette, counted once
+            result.tied.append((key, meta["aliases"][f"{key}_indices"].removesuffix("_indices")))
+            continue
         lut = tensors[f"{key}_lut"]
         result.layers.append(layer_row(key, spec, lut.element_size()))
         result.fp32_bytes += 4 * spec.layout.numel
-        hidden |= {f"{key}_indices", f"{key}_lut"}
     for key, tensor in sorted(tensors.items(), key=lambda item: natural_key(item[0])):
         if key in hidden or key in meta["aliases"]:
             continue

@@ -32,14 +32,17 @@ CONFIG_VERSION = 1
 #: Shorthand keys of the paper's notation and the module classes they cover.
 _CONVS = ("Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d")
 TYPE_GROUPS: dict[str, tuple[str, ...]] = {
-    "fc": ("Linear",),
-    "linear": ("Linear",),
+    "fc": ("Linear", "Conv1D"),
+    "linear": ("Linear", "Conv1D"),
     "cv": _CONVS,
     "conv": _CONVS,
     "emb": ("Embedding",),
 }
 #: Module classes whose weights torchdkm can cluster and palettize.
-SUPPORTED_TYPES: tuple[str, ...] = ("Linear", *_CONVS, "Embedding", "MultiheadAttention")
+SUPPORTED_TYPES: tuple[str, ...] = ("Linear", "Conv1D", *_CONVS, "Embedding", "MultiheadAttention")
+#: Classes storing their weight ``(in, out)``, Linear's transpose (transformers' ``Conv1D``, GPT-2): clustered
+#: through a transposed view, so groups count output channels and vectors run along the input axis as for Linear.
+TRANSPOSED_TYPES: tuple[str, ...] = ("Conv1D",)
 #: The tensor a rule's default ``param="weight"`` means in classes that name their weight otherwise.
 WEIGHT_PARAMS: dict[str, str] = {"MultiheadAttention": "in_proj_weight"}
 #: Module classes holding weight matrices that torchdkm leaves dense, and why (shown by ``prepare``).
@@ -339,22 +342,8 @@ class DKMConfig:
         The global rule covers supported classes only; ``any_type=True`` applies
         it to every module, so ``prepare`` can name the weights it leaves dense.
         """
-        type_names = [t.__name__ for t in type(module).__mro__]
-        supported = any_type or any(t in SUPPORTED_TYPES for t in type_names)
-        layers: list[Rule] = []
-        matched = False
-        if supported and self.default is not None:
-            layers.append(self.default)
-            matched = True
-        type_rule = _most_specific_type_rule(self.by_type, type_names)
-        if type_rule is not _MISSING:
-            layers.append(type_rule)
-            matched = True
-        name_rule = _most_specific_name_rule(self.by_name, name)
-        if name_rule is not _MISSING:
-            layers.append(name_rule)
-            matched = True
-        if not matched or layers[-1] is None:
+        layers = self._matching(name, module, any_type)
+        if not layers or layers[-1] is None:
             return None
         merged: LayerConfig | None = None
         for rule in layers:
@@ -366,6 +355,30 @@ class DKMConfig:
                 base = merged if merged is not None else LayerConfig()
                 merged = LayerConfig.from_dict({**base.to_dict(), **rule}, where=f"rule for {name!r}")
         return merged
+
+    def excludes(self, name: str, module: nn.Module) -> bool:
+        """Whether a rule that matches the module says ``None`` (``"lm_head:none"``), not merely no rule matching.
+
+        ``prepare`` tells the two apart for tied weights: a module no rule covers
+        shares the clustered tensor of its tie; one a rule excludes keeps a dense copy.
+        """
+        layers = self._matching(name, module, any_type=False)
+        return bool(layers) and layers[-1] is None
+
+    def _matching(self, name: str, module: nn.Module, any_type: bool) -> list[Rule]:
+        """The rules that match a module, least specific first."""
+        type_names = [t.__name__ for t in type(module).__mro__]
+        supported = any_type or any(t in SUPPORTED_TYPES for t in type_names)
+        layers: list[Rule] = []
+        if supported and self.default is not None:
+            layers.append(self.default)
+        type_rule = _most_specific_type_rule(self.by_type, type_names)
+        if type_rule is not _MISSING:
+            layers.append(type_rule)
+        name_rule = _most_specific_name_rule(self.by_name, name)
+        if name_rule is not _MISSING:
+            layers.append(name_rule)
+        return layers
 
     def name_patterns_matching_nothing(self, names: list[str]) -> list[str]:
         """Name rules that match none of ``names`` (used to reject typos)."""

@@ -5,7 +5,9 @@ layer's train/export gap: the relative L2 distance between the soft weight
 used in training and the hard weight ``finalize`` exports) and on a finalized
 one.  The fp32 size counts every parameter and persistent buffer at 4 bytes
 per value; the compressed size counts packed indices, LUTs in their stored
-dtype and every other tensor at its stored size.
+dtype and every other tensor at its stored size.  A tensor several modules
+share (tied weights) is stored once and counted once: its first holder has the
+row, the others are listed in ``Report.tied``.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ class Report:
     layers: list[LayerRow] = field(default_factory=list)
     uncompressed: list[tuple[str, tuple[int, ...], int]] = field(default_factory=list)
     fp32_bytes: int = 0
+    #: ``(name, same as)``: palettized tensors that are another row's tensor (tied weights), counted once.
+    tied: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def compressed_bytes(self) -> int:
@@ -81,6 +85,7 @@ class Report:
                 for r in self.layers
             ],
             "uncompressed": [{"name": n, "shape": list(s), "bytes": b} for n, s, b in self.uncompressed],
+            "tied": [{"name": n, "same_as": o} for n, o in self.tied],
             "fp32_bytes": self.fp32_bytes,
             "compressed_bytes": self.compressed_bytes,
             "factor": self.factor,
@@ -107,7 +112,9 @@ class Report:
         line = lambda cells: "  ".join(
             str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths))
         )  # noqa: E731
-        out = [line(head), line(["-" * w for w in widths]), *map(line, rows), *self.uncompressed_lines()]
+        out = [line(head), line(["-" * w for w in widths]), *map(line, rows)]
+        out += [f"tied, counted once: {', '.join(f'{n} = {o}' for n, o in self.tied)}"] if self.tied else []
+        out += self.uncompressed_lines()
         other = sum(b for _, _, b in self.uncompressed)
         out.append(
             f"uncompressed tensors: {len(self.uncompressed)} ({other:,} B)   "
@@ -159,6 +166,7 @@ def report(model: nn.Module, *, gap: bool = True, show: bool = True) -> Report:
     """Per-layer size table and totals; prints it unless ``show=False``."""
     result = Report()
     seen: set[int] = set()
+    rows: dict[int, str] = {}  # a palette's indices buffer or a parametrization -> the row that counts it
     dkm = {(n, p): par for n, _, p, par in dkm_parametrizations(model)}
     for name, module in model.named_modules():
         if ".parametrizations" in f".{name}" or name.startswith("parametrizations"):
@@ -166,6 +174,11 @@ def report(model: nn.Module, *, gap: bool = True, show: bool = True) -> Report:
         prefix = f"{name}." if name else ""
         palette = module.palette if isinstance(module, PalettizedMixin) else {}
         for param, spec in palette.items():
+            indices = getattr(module, f"{param}_indices")
+            if id(indices) in rows:
+                result.tied.append((prefix + param, rows[id(indices)]))
+                continue
+            rows[id(indices)] = prefix + param
             lut = getattr(module, f"{param}_lut")
             result.layers.append(layer_row(prefix + param, spec, lut.element_size()))
             result.fp32_bytes += 4 * math.prod(spec.shape)
@@ -181,15 +194,16 @@ def report(model: nn.Module, *, gap: bool = True, show: bool = True) -> Report:
                 seen.add(id(tensor))
             if (name, param_name) in dkm:
                 par = dkm[(name, param_name)]
+                if id(par) in rows:
+                    result.tied.append((prefix + param_name, rows[id(par)]))
+                    continue
+                rows[id(par)] = prefix + param_name
                 weight = original(module, param_name)
-                layout, cfg = par.clusterer.layout, par.config
-                spec = PaletteSpec(
-                    layout.shape, cfg.bits, cfg.dim, layout.group_size, cfg.scale_block, cfg.scale_offset
-                )
+                spec = par.spec(weight)
                 distance = None
                 if gap:
                     hard, centroids = par.export(weight)
-                    soft = par.clusterer.soft(weight, centroids).weight
+                    soft = par.soft(weight, centroids)
                     distance = float((soft - hard).float().norm() / hard.float().norm().clamp_min(1e-30))
                 result.layers.append(layer_row(prefix + param_name, spec, weight.element_size(), distance))
                 result.fp32_bytes += 4 * weight.numel()

@@ -5,6 +5,13 @@ DKM layer or is listed, with its reason, in one warning (:func:`skip_warning`).
 A weight matrix is a parameter with two or more dimensions; 1-D parameters
 (biases, norm scales) are never clustered and never listed here (``report``
 lists them among the uncompressed tensors).
+
+Tied weights (one ``Parameter`` held by several modules, an embedding and an
+output head) are one tensor, clustered once: when a rule chooses any holder,
+every holder no rule covers reads the same clustered tensor (``Selection.tied``),
+so the tie survives training, ``finalize`` and the file.  Holders whose rules
+disagree (``"fc:4/1, emb:3/1"``) are an error; a holder a rule excludes by name
+(``"lm_head:none"``) or a recurrent holder keeps a dense copy, and the warning says so.
 """
 
 from __future__ import annotations
@@ -15,7 +22,15 @@ from dataclasses import dataclass, field
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .config import SUPPORTED_TYPES, TYPE_GROUPS, UNSUPPORTED_WHY, WEIGHT_PARAMS, DKMConfig, LayerConfig
+from .config import (
+    SUPPORTED_TYPES,
+    TRANSPOSED_TYPES,
+    TYPE_GROUPS,
+    UNSUPPORTED_WHY,
+    WEIGHT_PARAMS,
+    DKMConfig,
+    LayerConfig,
+)
 from .distributed import is_dtensor
 from .errors import TorchdkmError
 from .nn.palettized import is_palettized
@@ -38,8 +53,13 @@ class Skipped:
 
 @dataclass
 class Selection:
+    """``chosen``: ``(name, module, param, layer)`` to cluster; ``tied``: ``(name, param)`` of a chosen
+    weight -> the ``(name, module, param)`` of the other modules that hold the same tensor and share its DKM layer.
+    """
+
     chosen: list[tuple[str, nn.Module, str, LayerConfig]] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
+    tied: dict[tuple[str, str], list[tuple[str, nn.Module, str]]] = field(default_factory=dict)
 
 
 def weight_param(module: nn.Module, layer: LayerConfig) -> str | None:
@@ -68,13 +88,17 @@ def is_supported(module: nn.Module) -> bool:
     return any(t.__name__ in SUPPORTED_TYPES for t in type(module).__mro__)
 
 
+def is_transposed(module: nn.Module) -> bool:
+    """Whether the module stores its weight ``(in, out)`` (see :data:`~torchdkm.config.TRANSPOSED_TYPES`)."""
+    return any(t.__name__ in TRANSPOSED_TYPES for t in type(module).__mro__)
+
+
 def select(model: nn.Module, config: DKMConfig) -> Selection:
     """The ``(name, module, param, layer)`` to cluster and the covered weights left dense."""
     modules = dict(model.named_modules())
     check_not_finalized(modules)
     check_name_rules(config, model, modules)
     result = Selection()
-    seen: dict[int, str] = {}
     for name, module in modules.items():
         if isinstance(module, (DKMParametrization, parametrize.ParametrizationList)):
             continue
@@ -94,14 +118,12 @@ def select(model: nn.Module, config: DKMConfig) -> Selection:
             why = f"below min_numel={layer.min_numel} (a rule naming {name!r} overrides it)"
             result.skipped.append(Skipped(name, param, tensor.numel(), why))
             continue
-        if id(tensor) in seen:
+        if is_transposed(module) and tensor.dim() != 2:
             raise TorchdkmError(
-                f"prepare: {name!r}.{param} is the same tensor as {seen[id(tensor)]!r} (tied weights); "
-                "exclude one of them with a name rule set to None"
+                f"prepare: {name!r} is a {type(module).__name__} whose weight is not 2-D: {list(tensor.shape)}"
             )
-        seen[id(tensor)] = name
         result.chosen.append((name, module, param, layer))
-    result.skipped += tied_to_dense(model, result.chosen)
+    tie(result, model, config)
     return result
 
 
@@ -141,21 +163,80 @@ def unsupported(name: str, module: nn.Module, config: DKMConfig) -> list[Skipped
     ]
 
 
-def tied_to_dense(model: nn.Module, chosen: list) -> list[Skipped]:
-    """Chosen weights that another, unclustered module also holds: that module keeps a dense copy."""
-    clustered = {(name, param) for name, _, param, _ in chosen}
-    ids = {id(getattr(module, param)): (name, param) for name, module, param, _ in chosen}
-    found = []
+def holders(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, str]]]:
+    """Every weight matrix of the model by tensor identity: the modules holding it, in module order."""
+    found: dict[int, list[tuple[str, nn.Module, str]]] = {}
     for name, module in model.named_modules():
-        for param, tensor in module.named_parameters(recurse=False):
-            if id(tensor) in ids and (name, param) not in clustered:
-                owner = ids[id(tensor)]
-                key = f"{owner[0]}.{owner[1]}" if owner[0] else owner[1]
-                why = (
-                    f"tied to {key}, which is clustered: this module keeps the dense tensor, stored beside the palette"
-                )
-                found.append(Skipped(name, param, tensor.numel(), why))
+        if isinstance(module, parametrize.ParametrizationList):
+            continue  # a weight prepared earlier: held by its module, already clustered
+        for param, tensor in module._parameters.items():
+            if tensor is not None and tensor.dim() >= 2:
+                found.setdefault(id(tensor), []).append((name, module, param))
     return found
+
+
+def tie(result: Selection, model: nn.Module, config: DKMConfig) -> None:
+    """Cluster each tied tensor once: one chosen owner, the other holders share its DKM layer (module docstring)."""
+    by_tensor = holders(model)
+    owners: dict[int, tuple[str, str, LayerConfig]] = {}
+    chosen = []
+    for name, module, param, layer in result.chosen:
+        ident = id(getattr(module, param))
+        if ident in owners:
+            owner, owner_param, owner_layer = owners[ident]
+            if layer != owner_layer:
+                raise TorchdkmError(
+                    f"prepare: {key_of(name, param)} and {key_of(owner, owner_param)} are one tensor (tied weights) "
+                    f"but their rules differ ({describe(layer)} vs {describe(owner_layer)}); a tied tensor has one "
+                    "palette: give both the same rule, or exclude one (its module then keeps a dense copy)"
+                )
+            continue
+        owners[ident] = (name, param, layer)
+        chosen.append((name, module, param, layer))
+        others = [h for h in by_tensor[ident] if (h[0], h[2]) != (name, param)]
+        if not others:
+            continue
+        sharing, dense = [], []
+        for other in others:
+            (dense if keeps_dense_copy(other, config) else sharing).append(other)
+        for other_name, other_module, other_param in sharing:
+            if is_transposed(other_module) != is_transposed(module):
+                raise TorchdkmError(
+                    f"prepare: {key_of(name, param)} ({type(module).__name__}) and {key_of(other_name, other_param)} "
+                    f"({type(other_module).__name__}) are one tensor read in transposed layouts; torchdkm cannot "
+                    "cluster it for both: exclude both with name rules set to None"
+                )
+        result.tied[(name, param)] = sharing
+        shared = {(n, p) for n, _, p in sharing}
+        result.skipped = [s for s in result.skipped if (s.name, s.param) not in shared]
+        result.skipped += [
+            Skipped(n, p, getattr(m, p).numel(), dense_copy_reason(m, key_of(name, param))) for n, m, p in dense
+        ]
+    result.chosen = chosen
+
+
+def keeps_dense_copy(holder: tuple[str, nn.Module, str], config: DKMConfig) -> bool:
+    """A holder of a clustered tied tensor that cannot share it: a rule excludes it, or it is recurrent."""
+    name, module, _ = holder
+    recurrent = any(t.__name__ in UNSUPPORTED_WHY for t in type(module).__mro__)
+    return recurrent or config.excludes(name, module)
+
+
+def dense_copy_reason(module: nn.Module, owner: str) -> str:
+    recurrent = any(t.__name__ in UNSUPPORTED_WHY for t in type(module).__mro__)
+    why = "a recurrent module caches its weights" if recurrent else "a rule excludes this module"
+    return f"tied to {owner}, which is clustered, but {why}: it keeps a dense copy (the tensor is stored twice)"
+
+
+def key_of(name: str, param: str) -> str:
+    return f"{name}.{param}" if name else param
+
+
+def describe(layer: LayerConfig) -> str:
+    """A rule's fields that differ from the defaults, ``bits=4, dim=1`` always."""
+    default = LayerConfig()
+    fields = {k: v for k, v in layer.to_dict().items() if k in ("bits", "dim") or v != getattr(default, k)}
+    return ", ".join(f"{k}={v}" for k, v in fields.items())
 
 
 def skip_warning(skipped: list[Skipped]) -> str:

@@ -16,6 +16,14 @@ the model to :class:`TorchdkmHfQuantizer` twice:
   (checksums verified) and loads every tensor with ``strict=True``, so the
   model is exactly what :func:`torchdkm.load_pretrained` returns.
 
+Tied weights: transformers ties ``Parameter``s (``lm_head.weight`` =
+``model.embed_tokens.weight``); a palettized tied tensor is one pair of index
+and LUT buffers held by both modules, stored once in the file.  The quantizer
+takes the palettized pairs out of transformers' tying map (it would look for a
+``Parameter`` that is no longer there), tells its loader that the second
+holder's buffers are absent from the file on purpose (so its report does not
+call them missing and re-initialised), and torchdkm's load ties the buffers.
+
 Registration needs transformers imported.  ``import torchdkm`` registers at
 once when transformers is already imported, and otherwise when it is (an
 import hook: torchdkm's own import does not pay for transformers').
@@ -26,6 +34,7 @@ from __future__ import annotations
 import importlib.abc
 import importlib.machinery
 import json
+import re
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -71,7 +80,9 @@ def register() -> None:
 
         def _process_model_before_weight_loading(self, model: nn.Module, checkpoint_files=None, **kwargs) -> None:
             self.path = single_checkpoint(checkpoint_files)
-            palettize_from_meta(self.path, model, read_meta(self.path))
+            meta = read_meta(self.path)
+            palettize_from_meta(self.path, model, meta)
+            untie_for_transformers(model, meta)
 
         def _process_model_after_weight_loading(self, model: nn.Module, **kwargs) -> nn.Module:
             load_into_palettized(self.path, model)
@@ -85,6 +96,19 @@ def register() -> None:
             return False  # palettized weights are decoded from buffers
 
     _REGISTERED.append(True)
+
+
+def untie_for_transformers(model: nn.Module, meta: dict[str, Any]) -> None:
+    """Leave palettized tied tensors to torchdkm (see the module docstring)."""
+    palettized = {f"{name}.{p}" if name else p for name, entry in meta["layers"].items() for p in entry["params"]}
+    tied = getattr(model, "all_tied_weights_keys", None)
+    if isinstance(tied, dict):
+        model.all_tied_weights_keys = {k: v for k, v in tied.items() if k not in palettized and v not in palettized}
+    stored_once = {re.escape(key) for key in meta["aliases"] if key.rpartition("_")[0] in palettized}
+    if stored_once:
+        model._keys_to_ignore_on_load_missing = list(model._keys_to_ignore_on_load_missing or []) + [
+            f"^{key}$" for key in sorted(stored_once)
+        ]
 
 
 def single_checkpoint(files: Any) -> str:

@@ -72,9 +72,14 @@ def _coremltools() -> Any:
 
 
 def vector_axis(spec: PaletteSpec) -> int | None:
-    """The weight axis its vectors run along, or ``None`` when they cross axes (scalars: axis 1)."""
+    """The weight axis its vectors run along, or ``None`` when they cross axes (scalars: axis 1).
+
+    A transposed weight (``Conv1D``, ``(in, out)``) has its vectors along axis 0, its LUT groups along axis 1.
+    """
     if spec.dim == 1:
         return 1
+    if spec.transposed:
+        return None if spec.shape[0] % spec.dim else 0
     axes = [i for i in range(1, len(spec.shape)) if spec.shape[i] != 1]
     if not axes or spec.shape[axes[-1]] % spec.dim:
         return None
@@ -124,9 +129,11 @@ def _vector_class(base: type, crossing: tuple[str, ...], blocked: tuple[str, ...
 
     def from_vectors(param: str):
         def get(self):
-            layout = self.palette[param].layout
+            spec = self.palette[param]
+            layout = spec.layout
             vectors = getattr(self, f"{param}_vectors")
-            return layout.from_vectors(vectors.view(layout.groups, layout.vectors, -1))
+            weight = layout.from_vectors(vectors.view(layout.groups, layout.vectors, -1))
+            return weight.transpose(0, 1) if spec.transposed else weight  # the converter has no `mT`
 
         return property(get)
 
@@ -193,7 +200,10 @@ def _plain_module(module: nn.Module) -> nn.Module:
             new.register_buffer(f"_COREML_/{param}_blocks/palettization_scale", scale)
             continue
         shape = (lut.shape[0],) + (1,) * (len(spec.shape) - 1) + tuple(lut.shape[1:])
-        new.register_parameter(param, nn.Parameter(layout.decode(index, getattr(module, f"{param}_lut")), False))
+        if spec.transposed:  # (in, out): one LUT per group of output channels, along axis 1
+            shape = (1, lut.shape[0]) + tuple(lut.shape[1:])
+        weight = spec.decode(getattr(module, f"{param}_indices"), getattr(module, f"{param}_lut"))
+        new.register_parameter(param, nn.Parameter(weight, False))
         _metadata(new, param, lut.reshape(shape), axis)
     if not crossing and not blocked:
         del new.__dict__["palette"]

@@ -219,6 +219,7 @@ def palettize_from_meta(
             model = new
         else:
             set_submodule(model, name, new)
+    tie_palettes(model, meta)  # transformers' loader then fills one placeholder per tied tensor
     return model
 
 
@@ -270,6 +271,27 @@ def _fill(path: Path, model: nn.Module, meta: dict[str, Any], tensors: dict[str,
         raise TorchdkmError(f"{path}: file does not match the model: {err}") from None
     if meta_checksum(meta) != meta["meta_checksum"]:
         raise TorchdkmError(f"{path}: metadata checksum mismatch: the layer metadata is corrupted")
+    tie_palettes(model, meta)
+
+
+def tie_palettes(model: nn.Module, meta: dict[str, Any]) -> None:
+    """Make palette buffers the file stores once (tied weights) one tensor again, as they were when saved.
+
+    ``load_state_dict`` copies values, and transformers' loader may give every
+    buffer its own tensor: without this a tied embedding and output head would
+    load as two equal copies, twice the memory, no longer one weight.
+    """
+    for key, target in meta["aliases"].items():
+        if not isinstance(key, str) or not isinstance(target, str):
+            continue  # a malformed file: the strict load names it
+        owner, _, name = key.rpartition(".")
+        source_owner, _, source_name = target.rpartition(".")
+        try:
+            module, source = model.get_submodule(owner), model.get_submodule(source_owner)
+        except AttributeError:
+            continue  # not this model's: the strict load names it
+        if is_palettized(module) and name in module._buffers and source_name in source._buffers:
+            module._buffers[name] = source._buffers[source_name]
 
 
 def _palette(path: Path, name: str, module: nn.Module, param: str, raw: Any, tensors: dict[str, Tensor] | None):
@@ -347,12 +369,15 @@ def _spec(where: str, raw: Any) -> PaletteSpec:
 
     fields = ("shape", "bits", "dim", "group_size")
     scaled = ("scale_block", "scale_offset")  # (format version 2)
+    transposed = isinstance(raw, dict) and raw.get("transposed") is True  # written only when set, only for 2-D
+    extra = {"transposed"} if transposed else set()
     if (
         not isinstance(raw, dict)
-        or set(raw) not in (set(fields), set(fields + scaled))
+        or set(raw) not in (set(fields) | extra, set(fields + scaled) | extra)
         or not isinstance(raw["shape"], list)
         or not all(whole(v) for v in raw["shape"])
         or not all(whole(raw[f]) for f in fields[1:])
+        or (transposed and len(raw["shape"]) != 2)
         or not (raw.get("scale_block") is None or (whole(raw["scale_block"]) and raw["scale_block"] >= 0))
         or not isinstance(raw.get("scale_offset", False), bool)
         or (raw.get("scale_offset") and raw.get("scale_block") is None)
@@ -362,7 +387,13 @@ def _spec(where: str, raw: Any) -> PaletteSpec:
     if block and block % raw["dim"]:
         raise TorchdkmError(f"{where}: scale_block {block} is not a multiple of dim {raw['dim']}")
     return PaletteSpec(
-        tuple(raw["shape"]), raw["bits"], raw["dim"], raw["group_size"], block, raw.get("scale_offset", False)
+        tuple(raw["shape"]),
+        raw["bits"],
+        raw["dim"],
+        raw["group_size"],
+        scale_block=block,
+        scale_offset=raw.get("scale_offset", False),
+        transposed=transposed,
     )
 
 

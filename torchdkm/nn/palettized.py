@@ -26,7 +26,13 @@ from ..pack import unpack
 
 @dataclass(frozen=True)
 class PaletteSpec:
-    """What it takes to decode one palettized tensor."""
+    """What it takes to decode one palettized tensor.
+
+    ``shape`` is the tensor's own shape.  ``transposed`` (a 2-D weight stored
+    ``(in, out)``, transformers' ``Conv1D``): the layout cuts its transpose, so
+    groups count output channels and vectors run along the input axis as for
+    ``Linear``; :meth:`decode` transposes back.
+    """
 
     shape: tuple[int, ...]
     bits: int
@@ -34,14 +40,17 @@ class PaletteSpec:
     group_size: int
     scale_block: int | None = None  # per-block scales (``LayerConfig.scale_block``), None: none
     scale_offset: bool = False
+    transposed: bool = False
 
     @property
     def layout(self) -> Layout:
-        return Layout(self.shape, self.dim, self.group_size)
+        """How the indices cut the tensor (its transpose when ``transposed``)."""
+        return Layout(self.shape[::-1] if self.transposed else self.shape, self.dim, self.group_size)
 
     @property
     def scales(self) -> BlockScales | None:
-        return BlockScales.of(self.shape, self.scale_block, self.scale_offset)
+        """The block structure of the scales, over the layout's (output-channels-first) tensor."""
+        return BlockScales.of(self.layout.shape, self.scale_block, self.scale_offset)
 
     @property
     def index_count(self) -> int:
@@ -55,16 +64,21 @@ class PaletteSpec:
 
     def decode(self, packed: Tensor, lut: Tensor, scales: Tensor | None = None, offsets: Tensor | None = None) -> Tensor:
         """The dense tensor from packed indices, a ``(groups, k, dim)`` LUT and the block scales (and offsets)."""
-        values = self.layout.decode(self.indices(packed), lut)
+        dense = self.layout.decode(self.indices(packed), lut)
         blocks = self.scales
-        if blocks is None:
-            return values
-        if scales is None or (blocks.offset and offsets is None):
-            raise ValueError("decode: this palette has block scales (and offsets): pass them")
-        return blocks.apply(values, scales, offsets)
+        if blocks is not None:
+            if scales is None or (blocks.offset and offsets is None):
+                raise ValueError("decode: this palette has block scales (and offsets): pass them")
+            dense = blocks.apply(dense, scales, offsets)
+        # contiguous: the same memory layout as a dense (in, out) weight, so matmuls round the same way
+        return dense.mT.contiguous() if self.transposed else dense
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The file's JSON; ``transposed`` only when set, so other layers' metadata is unchanged."""
+        data = asdict(self)
+        if not self.transposed:
+            del data["transposed"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> PaletteSpec:
@@ -74,8 +88,9 @@ class PaletteSpec:
             int(data["bits"]),
             int(data["dim"]),
             int(data["group_size"]),
-            None if block is None else int(block),
-            bool(data.get("scale_offset", False)),
+            scale_block=None if block is None else int(block),
+            scale_offset=bool(data.get("scale_offset", False)),
+            transposed=bool(data.get("transposed")),
         )
 
 

@@ -21,27 +21,67 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ..cluster import WeightClusterer
+from ..cluster.scales import STORED
 from ..config import LayerConfig
+from .palettized import PaletteSpec
 
 
 class DKMParametrization(nn.Module):
-    def __init__(self, name: str, config: LayerConfig, weight: Tensor):
+    """One clustered weight: centroids, one DKM step per training forward, the snapped weight in eval mode.
+
+    ``transposed``: the weight is stored ``(in, out)`` (transformers' ``Conv1D``);
+    it is clustered as its transpose, as a ``Linear`` weight would be.
+    A tied tensor (one ``Parameter`` held by several modules) gets one
+    parametrization registered on every holder (``prepare`` lists them in
+    ``holders``).  Each holder reads its weight once per forward, so a shared
+    parametrization keeps its training result until the weight, the centroids
+    or the grad mode change or backward has run through it: every holder sees
+    the same soft weight, and one forward is one DKM step, as for an untied weight.
+    """
+
+    def __init__(self, name: str, config: LayerConfig, weight: Tensor, *, transposed: bool = False):
         super().__init__()
         self.layer_name = name
         self.config = config
-        self.clusterer = WeightClusterer(name, config, weight.shape)
-        self.register_buffer("centroids", self.clusterer.init(weight))
+        self.transposed = transposed
+        self.clusterer = WeightClusterer(name, config, self.view(weight).shape)
+        self.register_buffer("centroids", self.clusterer.init(self.view(weight)))
         self._snapped: tuple[tuple, Tensor, Tensor] | None = None
+        self._soft: tuple[tuple, Tensor] | None = None
         #: ``False`` snaps to the stored centroids as they are (post-training k-means).
         self.refresh = True
+        #: ``(module name, parameter)`` of every module it is registered on (``prepare`` fills it), the owner first.
+        self.holders: list[tuple[str, str]] = []
+
+    def view(self, weight: Tensor) -> Tensor:
+        """The weight as it is clustered: output channels first."""
+        return weight.mT.contiguous() if self.transposed else weight
+
+    def unview(self, weight: Tensor) -> Tensor:
+        """Back to the module's own layout (contiguous, as a dense weight would be)."""
+        return weight.mT.contiguous() if self.transposed else weight
 
     def forward(self, weight: Tensor) -> Tensor:
         if not self.training:
             return self.export(weight)[0]
-        result = self.clusterer.soft(weight, self.centroids)
+        shared = len(self.holders) > 1
+        if shared and self._soft is not None and self._soft[0] == self._key(weight):
+            return self._soft[1]
+        result = self.clusterer.soft(self.view(weight), self.centroids)
         with torch.no_grad():
             self.centroids.copy_(result.centroids)
-        return result.weight
+        out = self.unview(result.weight)
+        if shared:
+            if out.requires_grad:
+                out.register_hook(self._forget)  # backward frees the graph: the next forward steps again
+            self._soft = (self._key(weight), out)
+        return out
+
+    def _key(self, weight: Tensor) -> tuple:
+        return (weight.data_ptr(), weight._version, self.centroids._version, torch.is_grad_enabled())
+
+    def _forget(self, grad: Tensor) -> None:
+        self._soft = None
 
     @torch.no_grad()
     def export(self, weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -55,18 +95,47 @@ class DKMParametrization(nn.Module):
         key = (weight.data_ptr(), weight._version, self.centroids._version)
         if self._snapped is None or self._snapped[0] != key:
             centroids = self.centroids
+            view = self.view(weight.detach())
             if self.refresh:
-                centroids = self.clusterer.soft(weight.detach(), centroids).centroids
-            self._snapped = (key, self.clusterer.snap(weight, centroids), centroids)
+                centroids = self.clusterer.soft(view, centroids).centroids
+            self._snapped = (key, self.unview(self.clusterer.snap(view, centroids)), centroids)
         return self._snapped[1], self._snapped[2]
 
-    def soft(self, weight: Tensor) -> Tensor:
-        """The soft weight for the current centroids, without updating them."""
-        return self.clusterer.soft(weight, self.centroids).weight
+    @torch.no_grad()
+    def assign(self, weight: Tensor, centroids: Tensor) -> Tensor:
+        """``(groups, vectors)`` nearest-centroid indices of the weight (what ``finalize`` packs)."""
+        return self.clusterer.assign(self.view(weight), centroids)
+
+    def soft(self, weight: Tensor, centroids: Tensor | None = None) -> Tensor:
+        """The soft weight for ``centroids`` (default: the stored ones), without updating them."""
+        return self.unview(
+            self.clusterer.soft(self.view(weight), self.centroids if centroids is None else centroids).weight
+        )
+
+    def spec(self, weight: Tensor) -> PaletteSpec:
+        """How the palettized tensor is decoded (see :class:`~torchdkm.nn.palettized.PaletteSpec`)."""
+        layout = self.clusterer.layout
+        cfg = self.config
+        return PaletteSpec(
+            tuple(weight.shape),
+            cfg.bits,
+            cfg.dim,
+            layout.group_size,
+            scale_block=cfg.scale_block,
+            scale_offset=cfg.scale_offset,
+            transposed=self.transposed,
+        )
+
+    @torch.no_grad()
+    def stored_scales(self, weight: Tensor) -> list[Tensor]:
+        """The block scales (and offsets) ``finalize`` stores, float16; none without ``scale_block``."""
+        _, scales, offsets = self.clusterer.normalised(self.view(weight))
+        return [t.to(STORED).clone() for t in (scales, offsets) if t is not None]
 
     def extra_repr(self) -> str:
         c = self.config
-        return f"bits={c.bits}, dim={c.dim}, k={c.k}, group_size={c.group_size}, tau={c.tau}"
+        tied = f", tied to {[n for n, _ in self.holders[1:]]}" if len(self.holders) > 1 else ""
+        return f"bits={c.bits}, dim={c.dim}, k={c.k}, group_size={c.group_size}, tau={c.tau}{tied}"
 
 
 def dkm_parametrizations(model: nn.Module) -> list[tuple[str, nn.Module, str, DKMParametrization]]:
