@@ -31,3 +31,4 @@ def tiny_bert_dir(minilm_dir, tmp_path_factory):
     for name in TOKENIZER:
         shutil.copy2(minilm_dir / name, directory / name)
     return directory
+

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hf_models import tiny_llama_config
 
 import torchdkm
 from torchdkm import DKMConfig, TorchdkmError
@@ -46,16 +47,7 @@ def test_auto_model_equals_load_pretrained(bert_dir):
 
 def test_auto_model_for_causal_lm(tmp_path):
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        tie_word_embeddings=False,
-    )
+    config = tiny_llama_config(tie_word_embeddings=False)
     model = transformers.LlamaForCausalLM(config).eval()
     model = torchdkm.kmeans_compress(model, DKMConfig.parse("fc:3/1", min_numel=0))
     directory = torchdkm.save_pretrained(model, tmp_path / "llama")

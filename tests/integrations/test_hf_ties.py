@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from hf_models import tiny_llama_config
 
 import torchdkm
 from torchdkm import DKMConfig
@@ -21,18 +22,7 @@ transformers = pytest.importorskip("transformers")
 
 
 def tiny_llama() -> torch.nn.Module:
-    config = transformers.LlamaConfig(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    config = tiny_llama_config(vocab_size=96, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
     return transformers.LlamaForCausalLM(config)
 
 
