@@ -11,11 +11,13 @@ from .config import DKMConfig, LayerConfig
 from .errors import TorchdkmError
 from .integrations.hf import load_pretrained, save_pretrained
 from .io import load, save
+from .nn import keep_decoded
 from .report import Report, report
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "keep_decoded",
     "DKMConfig",
     "LayerConfig",
     "Report",

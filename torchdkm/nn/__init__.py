@@ -1,5 +1,6 @@
 """Training-time parametrization and palettized inference modules."""
 
+from .inference import keep_decoded
 from .palettized import (
     PaletteSpec,
     PalettizedConv1d,
@@ -21,5 +22,6 @@ __all__ = [
     "PalettizedEmbedding",
     "PalettizedLinear",
     "PalettizedMixin",
+    "keep_decoded",
     "palettized_class",
 ]

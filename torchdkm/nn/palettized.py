@@ -20,6 +20,7 @@ from torch.nn.utils import parametrize
 
 from ..cluster import Layout
 from ..pack import unpack
+from .inference import forward_for
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,23 @@ class PalettizedMixin:
     palette: dict[str, PaletteSpec]
     base_class: type  # the class this one palettizes (nn.Linear, ...)
 
+    #: Whether reading a weight keeps the decoded copy (see :func:`torchdkm.nn.inference.keep_decoded`).
+    keep_decoded: bool = False
+
     def decode(self, param: str) -> Tensor:
-        return self.palette[param].decode(getattr(self, f"{param}_indices"), getattr(self, f"{param}_lut"))
+        """The dense ``param``: decoded on every read unless :attr:`keep_decoded` (forwards do not read it)."""
+        packed, lut = getattr(self, f"{param}_indices"), getattr(self, f"{param}_lut")
+        if not self.keep_decoded:
+            return self.palette[param].decode(packed, lut)
+        key = (packed.data_ptr(), packed._version, lut.data_ptr(), lut._version, lut.dtype, lut.device)
+        cache = self.__dict__.setdefault("decoded_cache", {})
+        if param not in cache or cache[param][0] != key:
+            cache[param] = (key, self.palette[param].decode(packed, lut))
+        return cache[param][1]
+
+    def decoded_copy(self, param: str = "weight") -> Tensor | None:
+        """The kept decoded ``param`` (the opt-in of :func:`keep_decoded`), or None: forwards use the packed form."""
+        return self.decode(param) if self.keep_decoded else None
 
     def extra_repr(self) -> str:
         base = super().extra_repr()  # type: ignore[misc]
@@ -83,6 +99,9 @@ def palettized_class(base: type, params: tuple[str, ...] = ("weight",)) -> type:
             p: property(lambda self, p=p: self.decode(p), doc=f"{p}, decoded from indices and LUT") for p in params
         }
         suffix = "" if key[1] == ("weight",) else "_" + "_".join(key[1])
+        forward = forward_for(base, key[1])
+        if forward is not None:
+            props["forward"] = forward
         _CLASSES[key] = type(
             f"Palettized{base.__name__}{suffix}",
             (PalettizedMixin, base),
