@@ -94,8 +94,7 @@ def finalize(model: nn.Module) -> nn.Module:
         tensors = {}
         for _, param, p in entries:
             weight = original(module, param)
-            _, centroids = p.export(weight)
-            index = p.clusterer.assign(weight, centroids)
+            index, centroids = p.hard(weight)  # one nearest-centroid search per weight
             layout = p.clusterer.layout
             spec = PaletteSpec(layout.shape, p.config.bits, p.config.dim, layout.group_size)
             tensors[param] = (spec, pack(index.reshape(-1), spec.bits), centroids.to(weight.dtype).clone())

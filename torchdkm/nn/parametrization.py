@@ -50,14 +50,23 @@ class DKMParametrization(nn.Module):
         The stored centroids come from the last training forward, which ran
         before the last optimizer step moved the weights; one DKM step on the
         current weights (no gradient, nothing stored) brings them up to date.
-        The result is cached until the weight or the centroids change.
+        """
+        index, centroids = self.hard(weight)
+        return self.clusterer.layout.decode(index, centroids.to(weight.dtype)), centroids
+
+    @torch.no_grad()
+    def hard(self, weight: Tensor) -> tuple[Tensor, Tensor]:
+        """The nearest-centroid indices ``(G, n)`` and the centroids of :meth:`export`.
+
+        Cached until the weight or the centroids change, so ``finalize`` (which
+        packs the indices) and ``export`` share one nearest-centroid search.
         """
         key = (weight.data_ptr(), weight._version, self.centroids._version)
         if self._snapped is None or self._snapped[0] != key:
             centroids = self.centroids
             if self.refresh:
                 centroids = self.clusterer.soft(weight.detach(), centroids).centroids
-            self._snapped = (key, self.clusterer.snap(weight, centroids), centroids)
+            self._snapped = (key, self.clusterer.assign(weight, centroids), centroids)
         return self._snapped[1], self._snapped[2]
 
     def soft(self, weight: Tensor) -> Tensor:
