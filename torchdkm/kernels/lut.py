@@ -10,7 +10,7 @@ them), for float32 inputs on the CPU; other dtypes go to the torch kernels.  The
   indices, unpacked and looked up in registers and multiplied into float32 accumulators, output rows split
   over ``torch.get_num_threads()`` threads.  This product is bound by memory traffic, and 3-bit indices are
   ~10x fewer bytes than float32 weights.
-* more rows: the loops decode :data:`TILE` weights (a 1 MiB float32 buffer, reused for every tile) and a
+* more rows: the loops decode :data:`TILE` weights (a 4 MiB float32 buffer, reused for every tile) and a
   GEMM (``torch.mm``) multiplies each tile, so the compute is the BLAS's and the extra memory one tile.
 """
 
@@ -32,8 +32,9 @@ from .cpu import run_jobs
 RTOL = 1e-5
 #: Up to this many rows of ``x`` the product runs from the indices directly (8 at a time share one unpacking).
 GEMV_ROWS = int(os.environ.get("TORCHDKM_GEMV_ROWS", "16"))
-#: Weights per decoded tile above :data:`GEMV_ROWS` (float32: 1 MiB, about a core's L2).
-TILE = 1 << 18
+#: Weights per decoded tile above :data:`GEMV_ROWS` (float32: 4 MiB). Fewer, larger GEMM calls: on a busy
+#: 2-core machine each call pays its OpenMP barrier (measured ~8 ms per call when another process runs).
+TILE = 1 << 20
 #: Below this much work (weights x rows of ``x``) a call runs on one thread: starting jobs costs ~20 us.
 MIN_PARALLEL = 1 << 18
 
@@ -129,7 +130,9 @@ def lut_linear(
                 at = rows.data_ptr() + 8 * (first + start)
                 library.tdkm_lut_rows(ctypes.byref(spec), at, stop - start, buffer[start].data_ptr())
 
-            run_jobs([lambda s=s: decode(*s) for s in _spans(count, count * row_len)])
+            # on this thread: the GEMM's OpenMP threads still spin after each call, so pool threads decoding
+            # beside them would fight them for the cores (measured: 768x3072 at batch 64, 7x slower)
+            decode(0, count)
             torch.mm(buffer[:count], flat.t(), out=out[first : first + count])
         y = out.t()
     del keep

@@ -9,7 +9,7 @@
   again, for as long as the model lives.  Why not smaller tiles: each tile convolves the whole input again,
   and most convolution weights (under 1M weights) fit in one tile, so they run as one call.
 
-Extra memory of a forward: one tile of float32 weights (the native Linear kernel: 1 MiB; the torch kernel:
+Extra memory of a forward: one tile of float32 weights (the native Linear kernel: 4 MiB; the torch kernel:
 ``LUT_TILE`` weights and their int64 temporaries, ~3 MiB; convolutions: ``CONV_TILE`` weights, 4 MiB, and
 the tile's slice of the output), or for an embedding the rows it returns.  :func:`keep_decoded` is the
 opt-in that trades memory for speed at large batch: it keeps one decoded copy per module.
