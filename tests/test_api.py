@@ -244,7 +244,7 @@ def check_finalized_equals_eval(model, inputs, train_steps=2):
         assert torch.equal(module.weight, weights[name])
     with torch.no_grad():
         got = final(*inputs)
-    assert torch.equal(got, expected)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)  # LUT kernel: kernels.lut.RTOL
     return final
 
 
@@ -275,7 +275,7 @@ def test_finalize_model_that_is_itself_a_layer():
     expected = layer(x)
     final = torchdkm.finalize(layer)
     assert isinstance(final, PalettizedLinear) and final is not layer
-    assert torch.equal(final(x), expected)
+    torch.testing.assert_close(final(x), expected, rtol=1e-5, atol=1e-5)  # LUT kernel: kernels.lut.RTOL
 
 
 def test_finalize_half_precision_model():
@@ -286,7 +286,7 @@ def test_finalize_half_precision_model():
     expected = model(x)
     final = torchdkm.finalize(model)
     assert final[0].weight_lut.dtype == torch.bfloat16
-    assert torch.equal(final(x), expected)
+    torch.testing.assert_close(final(x), expected, rtol=2e-2, atol=2e-2)  # LUT kernel: kernels.lut.RTOL
 
 
 def test_finalize_without_prepare_raises(make_convnet):

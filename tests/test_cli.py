@@ -81,7 +81,7 @@ def test_export_dense_loads_into_the_original_architecture(capsys, model, file, 
     plain = make()
     plain.load_state_dict(load_file(tmp_path / "dense.safetensors"))
     x = torch.randn(3, 16)
-    assert torch.equal(plain(x), model(x))
+    torch.testing.assert_close(plain(x), model(x), rtol=1e-5, atol=1e-5)  # LUT kernel: kernels.lut.RTOL
 
 
 @pytest.mark.parametrize(

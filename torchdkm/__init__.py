@@ -13,6 +13,7 @@ from .errors import TorchdkmError
 from .integrations.hf import load_pretrained, save_pretrained
 from .integrations.hf_quantizer import register_when_transformers_loads
 from .io import load, save
+from .nn import keep_decoded
 from .report import Report, report
 
 __version__ = "0.1.0"
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 register_when_transformers_loads()  # AutoModel.from_pretrained reads torchdkm directories
 
 __all__ = [
+    "keep_decoded",
     "DKMConfig",
     "LayerConfig",
     "Report",

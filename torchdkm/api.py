@@ -90,9 +90,8 @@ def finalize(model: nn.Module) -> nn.Module:
         for _, param, p in entries:
             if id(p) not in palettes:
                 weight = original(module, param)
-                _, centroids = p.export(weight)
+                index, centroids = p.hard(weight)  # one nearest-centroid search per weight
                 spec = p.spec(weight)
-                index = p.assign(weight, centroids)
                 packed = pack(index.reshape(-1), spec.bits)
                 palettes[id(p)] = (spec, packed, centroids.to(weight.dtype).clone(), *p.stored_scales(weight))
             tensors[param] = palettes[id(p)]

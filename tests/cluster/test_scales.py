@@ -151,7 +151,7 @@ def test_files_of_format_version_1_still_load():
     model = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 5))
     loaded = torchdkm.load(DATA / "format_v1.dkm.safetensors", model)
     reference = torch.load(DATA / "format_v1_outputs.pt")
-    assert torch.equal(loaded(reference["x"]), reference["y"])
+    torch.testing.assert_close(loaded(reference["x"]), reference["y"], rtol=1e-5, atol=1e-6)  # (the LUT kernel)
     assert loaded[0].palette["weight"].scale_block is None
 
 

@@ -112,7 +112,7 @@ def test_gpt2_dense_export_loads_into_the_plain_model(tmp_path):
     assert plain.lm_head.weight is plain.transformer.wte.weight
     ids = torch.randint(0, 96, (1, 9))
     with torch.no_grad():
-        assert torch.equal(plain(ids).logits, model(ids).logits)
+        torch.testing.assert_close(plain(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-6)  # (the LUT kernel)
 
 
 def test_core_ml_keeps_conv1d_palettized(mlp):

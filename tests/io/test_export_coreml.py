@@ -74,7 +74,8 @@ def test_ready_copy_computes_the_same(model, ids):
     ready = coreml_ready(model)
     assert not palettized_modules(ready)
     assert type(ready.fc1) is nn.Linear  # back to the original class, metadata as buffers
-    assert torch.equal(ready(ids), model(ids))
+    # the palettized Linear runs from its indices (float32 summation order differs: torchdkm.kernels.lut.RTOL)
+    torch.testing.assert_close(ready(ids), model(ids), rtol=1e-5, atol=1e-5)
     assert palettized_modules(model)  # the model itself is untouched
 
 

@@ -31,7 +31,8 @@ def x():
 def test_dense_state_dict_loads_into_original_architecture(model, x):
     plain = make()
     plain.load_state_dict(dense_state_dict(model))  # strict: same keys as the original
-    assert torch.equal(plain(x), model(x))
+    # the palettized Linear runs from its indices: float32 summation order differs (torchdkm.kernels.lut.RTOL)
+    torch.testing.assert_close(plain(x), model(x), rtol=1e-5, atol=1e-5)
 
 
 def test_export_from_file_equals_export_from_model(model, x, tmp_path):
@@ -43,7 +44,7 @@ def test_export_from_file_equals_export_from_model(model, x, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     plain = make()
     plain.load_state_dict(a)
-    assert torch.equal(plain(x), model(x))
+    torch.testing.assert_close(plain(x), model(x), rtol=1e-5, atol=1e-5)  # LUT kernel: kernels.lut.RTOL
 
 
 def test_tied_tensors_are_written_as_copies(tmp_path):
@@ -67,7 +68,7 @@ def test_tied_tensors_are_written_as_copies(tmp_path):
     plain = Tied()
     plain.load_state_dict(state)
     ids = torch.randint(0, 40, (3, 5))
-    assert torch.equal(plain(ids), model(ids))
+    torch.testing.assert_close(plain(ids), model(ids), rtol=1e-5, atol=1e-5)  # LUT kernel: kernels.lut.RTOL
 
 
 def test_dense_tensors_reports_missing_palette():
@@ -87,7 +88,7 @@ def test_unfinalized_model_is_refused():
 
 def test_torch_export_keeps_indices_and_luts(model, x):
     exported = torch.export.export(model, (x,))
-    assert torch.equal(exported.module()(x), model(x))
+    torch.testing.assert_close(exported.module()(x), model(x), rtol=1e-5, atol=1e-5)  # LUT kernel: kernels.lut.RTOL
     buffers = set(exported.graph_signature.buffers)
     assert {"0.weight_indices", "0.weight_lut", "3.weight_indices", "4.weight_lut"} <= buffers
     assert not any(name.endswith(".weight") for name in exported.graph_signature.parameters if name[0] in "034")
@@ -95,7 +96,8 @@ def test_torch_export_keeps_indices_and_luts(model, x):
 
 def test_torch_compile_traces_the_decode(model, x):
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # inductor works too, but compiles slowly
-    assert torch.equal(compiled(x), model(x))
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)  # LUT kernel: kernels.lut.RTOL
+
 
 
 def test_block_scales_decode_in_the_dense_export(tmp_path):

@@ -8,6 +8,7 @@ from torch import nn
 
 from torchdkm.cluster import Layout
 from torchdkm.config import LayerConfig
+from torchdkm.kernels import lut as lut_kernels
 from torchdkm.nn import (
     DKMParametrization,
     PaletteSpec,
@@ -54,7 +55,11 @@ def test_palettized_module_decodes_and_forwards(module, cls, inputs, dim, group_
     reference.__dict__.update(module.__dict__)
     reference._parameters = dict(module._parameters)
     reference._parameters["weight"] = nn.Parameter(dense)
-    assert torch.equal(new(inputs), reference(inputs))
+    if base is nn.Linear:  # computed from the indices: float32 summation order differs (kernels.lut.RTOL)
+        scale = inputs.abs() @ dense.abs().T + new.bias.abs()
+        assert bool(((new(inputs) - reference(inputs)).abs() <= lut_kernels.RTOL * scale).all())
+    else:  # convolutions decode the weight (a tile at a time), embeddings the rows looked up: bit for bit
+        assert torch.equal(new(inputs), reference(inputs))
     # Everything but the weight is shared with the original.
     if getattr(module, "bias", None) is not None:
         assert new.bias is module.bias

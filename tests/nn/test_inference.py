@@ -1,0 +1,179 @@
+"""Palettized inference from the packed indices: the LUT kernels against decode-then-matmul.
+
+Every bits/dim/group combination, odd shapes, 1-3 threads, both native instruction paths (and the scalar
+loop) and the torch kernel; float64 reference, tolerance ``kernels.lut.RTOL``.  Embedding lookups and
+decoded rows are compared bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import torchdkm
+from torchdkm.cluster import Layout
+from torchdkm.kernels import default
+from torchdkm.kernels import lut as lut_kernels
+from torchdkm.nn import PaletteSpec, keep_decoded
+from torchdkm.nn.palettized import palettize_module
+from torchdkm.pack import pack
+
+native = pytest.mark.skipif(not lut_kernels.available(), reason="no C compiler: the native loops are not built")
+ISAS = ["avx512", "avx2", "scalar"]
+# (out, row_len, group_size): odd shapes, partial groups, rows not a multiple of 16 (or of dim: 3 and 5)
+SHAPES = [(24, 64, 8), (13, 37, 5), (7, 70, 3), (33, 200, 33), (5, 5, 2)]
+
+
+def packed_weight(bits: int, dim: int, out: int, row_len: int, group_size: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    layout = Layout((out, row_len), dim, group_size)
+    index = torch.randint(0, 2**bits, (layout.groups, layout.vectors), generator=g)
+    lut = torch.randn(layout.groups, 2**bits, dim, generator=g)
+    return pack(index.reshape(-1), bits), lut, layout.decode(index, lut)
+
+
+def check_product(y: torch.Tensor, x: torch.Tensor, dense: torch.Tensor) -> None:
+    reference = x.double() @ dense.double().T
+    scale = x.double().abs() @ dense.double().abs().T
+    assert y.dtype == x.dtype and y.shape == reference.shape
+    assert bool(((y.double() - reference).abs() <= lut_kernels.RTOL * scale + 1e-30).all())
+
+
+@pytest.fixture
+def isa():
+    """Run with each instruction path, then restore the best."""
+    yield lut_kernels.isa
+    lut_kernels.isa("avx512")
+
+
+@native
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("dim", [1, 2, 4, 3])
+def test_native_kernels_equal_decode_then_matmul(bits, dim, isa):
+    for out, row_len, group_size in SHAPES:
+        if group_size * row_len < dim:
+            continue
+        packed, lut, dense = packed_weight(bits, dim, out, row_len, group_size, seed=bits * 10 + dim)
+        rows = torch.arange(out)
+        assert torch.equal(default.lut_rows(packed, lut, bits, dim, group_size, row_len, rows), dense)
+        for path in ISAS:
+            isa(path)
+            assert torch.equal(lut_kernels.lut_rows(packed, lut, bits, dim, group_size, row_len, rows), dense), path
+            for n in (1, 2, 3, 8, 11, 17):  # the direct product (1..16 rows, 8 at a time), then tiles and a GEMM
+                x = torch.randn(n, row_len)
+                check_product(lut_kernels.lut_linear(x, packed, lut, bits, dim, group_size, out, None), x, dense)
+
+
+@native
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_native_kernels_on_threads(threads, monkeypatch):
+    monkeypatch.setattr(lut_kernels, "MIN_PARALLEL", 0)
+    monkeypatch.setattr(lut_kernels, "TILE", 1000)  # several tiles
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        packed, lut, dense = packed_weight(3, 1, 301, 130, 64)
+        for n in (1, 5, 40):
+            x = torch.randn(n, 130)
+            check_product(lut_kernels.lut_linear(x, packed, lut, 3, 1, 64, 301, None), x, dense)
+        rows = torch.randint(0, 301, (257,))
+        assert torch.equal(lut_kernels.lut_rows(packed, lut, 3, 1, 64, 130, rows), dense[rows])
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("bits", [1, 3, 4, 8])
+@pytest.mark.parametrize("dim", [1, 2, 3])
+def test_torch_kernel_equals_decode_then_matmul(bits, dim, monkeypatch):
+    monkeypatch.setattr(default, "LUT_TILE", 100)  # several tiles
+    for out, row_len, group_size in SHAPES:
+        packed, lut, dense = packed_weight(bits, dim, out, row_len, group_size)
+        for n in (1, 9):
+            x = torch.randn(2, n, row_len)
+            bias = torch.randn(out)
+            y = default.lut_linear(x, packed, lut, bits, dim, group_size, out, bias)
+            check_product((y - bias).reshape(-1, out), x.reshape(-1, row_len), dense)
+
+
+def test_16_bit_luts_decode_bit_for_bit():
+    packed, lut, dense = packed_weight(4, 2, 9, 50, 4)
+    rows = torch.tensor([8, 0, 3, 3])
+    for dtype in (torch.bfloat16, torch.float16):
+        want = dense.to(dtype)[rows]  # rounding commutes with the lookup
+        assert torch.equal(default.lut_rows(packed, lut.to(dtype), 4, 2, 4, 50, rows), want)
+        assert torch.equal(torch.ops.torchdkm.lut_rows(packed, lut.to(dtype), 4, 2, 4, 50, rows), want)
+
+
+def test_op_rejects_a_short_packed_tensor():
+    packed, lut, _ = packed_weight(3, 1, 8, 16, 8)
+    if lut_kernels.available():
+        with pytest.raises(torchdkm.TorchdkmError, match="need 48 uint8 bytes, got 40"):
+            lut_kernels.lut_linear(torch.randn(1, 16), packed[:40], lut, 3, 1, 8, 8, None)
+
+
+def palettized(module: nn.Module, bits: int = 3, dim: int = 1):
+    packed, lut, dense = packed_weight(bits, dim, module.weight.shape[0], module.weight[0].numel(), 8)
+    spec = PaletteSpec(tuple(module.weight.shape), bits, dim, 8)
+    return palettize_module(module, {"weight": (spec, packed, lut)}), dense.view(module.weight.shape)
+
+
+def test_embedding_lookup_is_the_dense_lookup_bit_for_bit():
+    module, dense = palettized(nn.Embedding(50, 24, padding_idx=3), bits=4, dim=2)
+    ids = torch.randint(0, 50, (4, 7))
+    assert torch.equal(module(ids), nn.functional.embedding(ids, dense, padding_idx=3))
+    with pytest.raises(IndexError):
+        module(torch.tensor([50]))
+
+
+def test_large_conv_runs_a_tile_at_a_time(monkeypatch):
+    from torchdkm.nn import inference
+
+    monkeypatch.setattr(inference, "CONV_TILE", 200)
+    for conv, x in [
+        (nn.Conv2d(4, 16, 3, padding=1, padding_mode="reflect"), torch.randn(2, 4, 7, 7)),
+        (nn.Conv2d(8, 16, 3, groups=4), torch.randn(1, 8, 6, 6)),
+        (nn.Conv1d(4, 12, 2, stride=2), torch.randn(2, 4, 9)),
+    ]:
+        module, dense = palettized(conv)
+        reference = copy.deepcopy(conv)
+        reference.weight = nn.Parameter(dense)
+        torch.testing.assert_close(module(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
+def test_linear_forward_never_decodes_the_weight():
+    module, dense = palettized(nn.Linear(1024, 1024), bits=3)
+    x = torch.randn(1, 1024)
+    module(x)
+    calls = []
+    original = PaletteSpec.decode
+    PaletteSpec.decode = lambda self, *a: calls.append(1) or original(self, *a)
+    try:
+        y = module(x)
+    finally:
+        PaletteSpec.decode = original
+    assert not calls
+    check_product(y - module.bias, x, dense)
+
+
+def test_keep_decoded_is_an_opt_in():
+    module, dense = palettized(nn.Linear(40, 24))
+    keep_decoded(module)
+    assert module.decoded_copy() is module.decoded_copy()  # decoded once, kept
+    x = torch.randn(3, 40)
+    assert torch.equal(module(x), nn.functional.linear(x, dense, module.bias))
+    keep_decoded(module, False)
+    assert module.decoded_copy() is None
+
+
+def test_compile_and_export_see_the_op():
+    module, dense = palettized(nn.Linear(40, 24))
+    x = torch.randn(3, 40)
+    exported = torch.export.export(module, (x,))
+    assert "torchdkm.lut_linear" in str(exported.graph)
+    torch.testing.assert_close(exported.module()(x), module(x))
+    y = torch.randn(3, 40, requires_grad=True)
+    module(y).sum().backward()  # the input's gradient: grad @ W, a tile at a time
+    torch.testing.assert_close(y.grad, dense.sum(0).expand(3, -1), rtol=1e-5, atol=1e-5)

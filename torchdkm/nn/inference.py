@@ -1,0 +1,129 @@
+"""Forward passes of palettized modules that never materialise the dense weight.
+
+* ``Linear``: ``torch.ops.torchdkm.lut_linear`` computes ``x @ W.T`` from the packed indices and the LUT
+  (native loops on the CPU, see :mod:`torchdkm.kernels.lut`; a tile-at-a-time torch kernel elsewhere).
+* ``Embedding``: ``torch.ops.torchdkm.lut_rows`` decodes only the rows looked up, bit for bit the rows of
+  the decoded weight.
+* ``Conv1d/2d/3d``: a tile of output channels at a time, :data:`CONV_TILE` weights, each convolved and
+  written into the output.  Why tiles and not one buffer kept per module: a kept buffer is the dense weight
+  again, for as long as the model lives.  Why not smaller tiles: each tile convolves the whole input again,
+  and most convolution weights (under 1M weights) fit in one tile, so they run as one call.
+
+Extra memory of a forward: one tile of float32 weights (the native Linear kernel: 4 MiB; the torch kernel:
+``LUT_TILE`` weights and their int64 temporaries, ~3 MiB; convolutions: ``CONV_TILE`` weights, 4 MiB, and
+the tile's slice of the output), or for an embedding the rows it returns.  :func:`keep_decoded` is the
+opt-in that trades memory for speed at large batch: it keeps one decoded copy per module.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional
+
+from .. import kernels  # noqa: F401  (declares the torch.ops.torchdkm ops these forwards call)
+from ..cluster.scales import BlockScales
+
+#: Weights of a convolution decoded at a time (float32: 4 MiB).
+CONV_TILE = 1 << 20
+_CONV = {1: functional.conv1d, 2: functional.conv2d, 3: functional.conv3d}
+
+
+def lut_args(module: nn.Module, param: str = "weight") -> tuple:
+    """The packed tensor's arguments to the ``torchdkm`` ops: ``(indices, lut, bits, dim, group_size)``."""
+    spec = module.palette[param]
+    return (getattr(module, f"{param}_indices"), getattr(module, f"{param}_lut"), spec.bits, spec.dim, spec.group_size)
+
+
+def decoded_rows(module: nn.Module, rows: Tensor, param: str = "weight") -> Tensor:
+    """Rows ``rows`` of the decoded ``param``, flattened to ``(len(rows), row_len)`` (block scales applied)."""
+    packed, lut, bits, dim, group_size = lut_args(module, param)
+    spec = module.palette[param]
+    values = torch.ops.torchdkm.lut_rows(packed, lut, bits, dim, group_size, spec.layout.row_len, rows)
+    blocks = spec.scales
+    if blocks is None:
+        return values
+    offsets = getattr(module, f"{param}_offsets", None)
+    picked = BlockScales(len(rows), blocks.row_len, blocks.block, blocks.offset)
+    return picked.apply(values, getattr(module, f"{param}_scales")[rows], None if offsets is None else offsets[rows])
+
+
+def linear_forward(self: nn.Module, input: Tensor) -> Tensor:
+    """``nn.Linear.forward`` from the packed weight (block scales: from the decoded weight, for now)."""
+    if self.decoded_copy() is not None or self.palette["weight"].scales is not None:
+        return functional.linear(input, self.weight, self.bias)
+    packed, lut, bits, dim, group_size = lut_args(self)
+    return torch.ops.torchdkm.lut_linear(input, packed, lut, bits, dim, group_size, self.out_features, self.bias)
+
+
+def embedding_forward(self: nn.Module, input: Tensor) -> Tensor:
+    """``nn.Embedding.forward`` decoding only the rows looked up (``max_norm``: the whole table, as before)."""
+    if self.decoded_copy() is not None or self.max_norm is not None:
+        return functional.embedding(
+            input, self.weight, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse
+        )
+    if input.numel() and (int(input.min()) < 0 or int(input.max()) >= self.num_embeddings):
+        raise IndexError(f"index out of range in self (num_embeddings={self.num_embeddings})")
+    return decoded_rows(self, input.reshape(-1)).view(*input.shape, self.embedding_dim)
+
+
+def conv_forward(self: nn.Module, input: Tensor) -> Tensor:
+    """``nn.ConvNd.forward``, decoding :data:`CONV_TILE` weights (whole convolution groups) at a time."""
+    weight_shape = self.palette["weight"].shape
+    out, per_filter = weight_shape[0], self.palette["weight"].layout.row_len
+    per_group = out // self.groups  # output channels of one convolution group
+    if self.decoded_copy() is not None or out * per_filter <= CONV_TILE:
+        return self._conv_forward(input, self.weight, self.bias)
+    if self.padding_mode != "zeros":
+        input = functional.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+        padding = 0
+    else:
+        padding = self.padding
+    conv = _CONV[len(weight_shape) - 2]
+    in_group = input.shape[-len(weight_shape) + 1] // self.groups
+    # a tile: whole convolution groups when there are several, else output channels
+    unit = per_group if self.groups > 1 else 1
+    step = max(1, CONV_TILE // (unit * per_filter)) * unit
+    result = None
+    for first in range(0, out, step):
+        last = min(first + step, out)
+        rows = torch.arange(first, last, device=input.device)
+        weight = decoded_rows(self, rows).view(last - first, *weight_shape[1:]).to(input.dtype)
+        bias = self.bias[first:last] if self.bias is not None else None
+        groups = (last - first) // per_group if self.groups > 1 else 1
+        x = input if self.groups == 1 else input.narrow(-len(weight_shape) + 1, first // per_group * in_group, groups * in_group)
+        part = conv(x, weight, bias, self.stride, padding, self.dilation, groups)
+        if result is None:
+            result = part.new_empty(part.shape[0], out, *part.shape[2:])
+        result[:, first:last] = part
+    return result
+
+
+FORWARDS = {nn.Linear: linear_forward, nn.Embedding: embedding_forward}
+FORWARDS |= {cls: conv_forward for cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d)}
+
+
+def forward_for(base: type, params: tuple[str, ...]):
+    """The packed forward for a palettized ``base`` (None: keep ``base``'s own, which decodes ``weight``).
+
+    Only the stock classes' forward is replaced (a subclass with a forward of its own reads ``self.weight``)
+    and only when ``weight`` alone is palettized.
+    """
+    for cls, forward in FORWARDS.items():
+        if issubclass(base, cls) and base.forward is cls.forward and params == ("weight",):
+            return forward
+    return None
+
+
+def keep_decoded(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Opt-in: every palettized module of ``model`` keeps a decoded copy of its weights (or drops it).
+
+    Costs the dense weights' memory for as long as the copy is kept; buys the dense model's speed at large
+    batch (the copy is a plain tensor, not in ``state_dict``, and is re-decoded if the buffers change).
+    """
+    from .palettized import palettized_modules
+
+    for _, module in palettized_modules(model):
+        module.keep_decoded = enabled
+        module.decoded_cache = {}
+    return model
