@@ -85,13 +85,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out")
     parser.add_argument("--compare", nargs=2, metavar=("OLD", "NEW"))
+    parser.add_argument("--md", help="with --compare: also write the table to this Markdown file")
     args = parser.parse_args()
     if args.compare:
         old, new = (torch.load(p) for p in args.compare)
+        lines = ["| case | tensors | result |", "|---|---:|---|"]
         for name in old:
-            same = len(old[name]) == len(new[name]) and all(torch.equal(a, b) for a, b in zip(old[name], new[name]))
-            worst = max(float((a.double() - b.double()).abs().max()) for a, b in zip(old[name], new[name]))
-            print(f"{name:32s} {'identical' if same else f'DIFFERS (max abs {worst:.3g})'}")
+            pairs = list(zip(old[name], new[name]))
+            same = len(old[name]) == len(new[name]) and all(torch.equal(a, b) for a, b in pairs)
+            worst = max(float((a.double() - b.double()).abs().max()) for a, b in pairs)
+            differ = [i for i, (a, b) in enumerate(pairs) if not torch.equal(a, b)]
+            verdict = "identical" if same else f"DIFFERS (max abs {worst:.3g}; tensors {differ})"
+            print(f"{name:32s} {verdict}")
+            lines.append(f"| {name} | {len(pairs)} | {verdict} |")
+        if args.md:
+            head = f"# Engine results, bit for bit: `python -m bench.engine_identity --compare {' '.join(args.compare)}`\n\n"
+            with open(args.md, "w") as f:
+                f.write(head + "\n".join(lines) + "\n")
         return
     torch.set_num_threads(1)
     results = {}
