@@ -2,7 +2,7 @@
 
 The real data (Debian's ``dataset-fashion-mnist``) is read by one test only,
 skipped when the package is not installed; everything else runs on tiny
-synthetic IDX files written by :func:`experiments.fashion.write_idx`.
+synthetic IDX files written by :func:`experiments.fashion.synthetic_fashion`.
 """
 
 from __future__ import annotations
@@ -22,22 +22,11 @@ from experiments.fashion import (
     IDXError,
     load_fashion,
     read_idx,
+    synthetic_fashion,
     write_idx,
 )
 from experiments.fashion_fp32 import Options, cli, run
 from experiments.fashion_models import BasicBlock, MobileNetV1, ResNet, parameter_count
-
-
-def fake_fashion(directory: Path, n_train: int = 200, n_test: int = 50) -> Path:
-    """IDX files shaped like Fashion-MNIST's, with class-dependent brightness so a model can learn something."""
-    directory.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator().manual_seed(0)
-    for split, n in (("train", n_train), ("test", n_test)):
-        labels = torch.arange(n) % 10
-        images = (labels[:, None, None] * 25 + torch.randint(0, 20, (n, 28, 28), generator=generator)).clamp(0, 255)
-        write_idx(directory / FILES[split][0], images)
-        write_idx(directory / FILES[split][1], labels)
-    return directory
 
 
 def test_read_idx_round_trip(tmp_path: Path) -> None:
@@ -67,7 +56,7 @@ def test_read_idx_errors_name_the_path(tmp_path: Path) -> None:
 def test_load_checks_shapes_and_pairs(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="directory not found.*apt-get install dataset-fashion-mnist"):
         load_fashion(tmp_path / "absent")
-    fake_fashion(tmp_path)
+    synthetic_fashion(tmp_path)
     write_idx(tmp_path / FILES["test"][1], torch.zeros(49, dtype=torch.uint8))
     with pytest.raises(IDXError, match="50 test images but 49 labels"):
         load_fashion(tmp_path, val_size=20)
@@ -77,7 +66,7 @@ def test_load_checks_shapes_and_pairs(tmp_path: Path) -> None:
 
 
 def test_split_is_fixed_disjoint_and_normalised(tmp_path: Path) -> None:
-    fake_fashion(tmp_path)
+    synthetic_fashion(tmp_path)
     data = load_fashion(tmp_path, val_size=40)
     assert data.sizes() == {"train": 160, "val": 40, "test": 50}
     assert data.x_train.shape == (160, 1, 28, 28) and data.x_test.shape == (50, 1, 28, 28)
@@ -125,7 +114,7 @@ def test_resnet_blocks_and_shortcuts() -> None:
 
 
 def test_one_epoch_of_training_on_synthetic_images(tmp_path: Path) -> None:
-    data = load_fashion(fake_fashion(tmp_path / "data"), val_size=40)
+    data = load_fashion(synthetic_fashion(tmp_path / "data"), val_size=40)
     opts = Options(
         models=("mobilenet", "resnet"),
         max_epochs=1,
@@ -150,7 +139,7 @@ def test_one_epoch_of_training_on_synthetic_images(tmp_path: Path) -> None:
 
 def test_plateau_stops_and_keeps_the_best_epoch(tmp_path: Path) -> None:
     """With a zero learning rate nothing improves after epoch 1: patience 2 stops at epoch 3, best epoch 1."""
-    data = load_fashion(fake_fashion(tmp_path / "data"), val_size=40)
+    data = load_fashion(synthetic_fashion(tmp_path / "data"), val_size=40)
     opts = Options(
         models=("mobilenet",), lr=0.0, max_epochs=10, patience=2, batch_size=64, out=tmp_path, checkpoints=None
     )
