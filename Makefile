@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint setup bench clean fortunes fashion-mnist fashion-fp32 reproduce-vision reproduce-nlp
+.PHONY: demo test lint setup bench clean fortunes fashion-mnist fashion-fp32 fashion-quick reproduce-vision reproduce-nlp
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -53,6 +53,10 @@ reproduce-nlp: $(STAMP) fortunes
 # fp32 baselines on Fashion-MNIST (MobileNet-v1-style CNN and small ResNet, to a validation plateau).
 fashion-fp32: $(STAMP) fashion-mnist
 	$(BIN)/python -m experiments.fashion_fp32
+
+# A quick 1-bit-per-weight comparison (DKM, k-means, coremltools, uniform) from fashion-fp32's MobileNet weights.
+fashion-quick: $(STAMP) fashion-mnist
+	$(BIN)/python -m experiments.fashion_quick --model mobilenet
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
