@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint setup bench clean fortunes reproduce-vision reproduce-nlp
+.PHONY: demo test lint setup bench clean fortunes fashion-mnist fashion-fp32 fashion-quick reproduce-vision reproduce-nlp
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -20,6 +20,14 @@ fortunes:
 	@test -d $(FORTUNES) || apt-get install -y -q fortunes >/dev/null 2>&1 \
 	  || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q fortunes >/dev/null 2>&1) \
 	  || echo "note: could not apt-get install fortunes (not root?); the NLP experiment needs it"
+
+# Debian's Fashion-MNIST (gzip IDX files, 30 MB) for the vision experiments of issue 15, from apt when missing.
+FASHION := /usr/share/datasets/fashion-mnist
+fashion-mnist:
+	@test -d $(FASHION) || (echo "installing dataset-fashion-mnist with apt-get (into $(FASHION))" \
+	  && (apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \
+	  || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1))) \
+	  || echo "note: could not apt-get install dataset-fashion-mnist (not root?); the Fashion-MNIST experiments need it"
 
 setup: $(STAMP)
 
@@ -41,6 +49,14 @@ reproduce-vision: $(STAMP)
 
 reproduce-nlp: $(STAMP) fortunes
 	$(BIN)/python -m experiments.nlp
+
+# fp32 baselines on Fashion-MNIST (MobileNet-v1-style CNN and small ResNet, to a validation plateau).
+fashion-fp32: $(STAMP) fashion-mnist
+	$(BIN)/python -m experiments.fashion_fp32
+
+# A quick 1-bit-per-weight comparison (DKM, k-means, coremltools, uniform) from fashion-fp32's MobileNet weights.
+fashion-quick: $(STAMP) fashion-mnist
+	$(BIN)/python -m experiments.fashion_quick --model mobilenet
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
