@@ -149,7 +149,7 @@ def test_a_scale_beyond_float16_is_refused_naming_the_layer():
 def test_files_of_format_version_1_still_load():
     """A file written by torchdkm before block scales (format version 1) loads and computes what it did."""
     model = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 5))
-    loaded = torchdkm.load(DATA / "format_v1.dkm.safetensors", model)
+    loaded = torchdkm.load(DATA / "format_v1.safetensors", model)
     reference = torch.load(DATA / "format_v1_outputs.pt")
     torch.testing.assert_close(loaded(reference["x"]), reference["y"], rtol=1e-5, atol=1e-6)  # (the LUT kernel)
     assert loaded[0].palette["weight"].scale_block is None
