@@ -41,6 +41,14 @@ DP_EXACT_LIMIT = 65536
 
 
 @dataclass
+class HardResult:
+    index: Tensor  # (G, n) nearest-centroid indices
+    weight: Tensor  # the snapped weight, in the weight's dtype (block scales applied)
+    scales: Tensor | None  # float16 values of the block scales (None without scale_block)
+    offsets: Tensor | None
+
+
+@dataclass
 class SoftResult:
     weight: Tensor  # soft-clustered weight, same shape and dtype as the input
     centroids: Tensor  # converged centroids (G, k, d), detached
@@ -210,7 +218,9 @@ class WeightClusterer:
 
     def assign(self, weight: Tensor, centroids: Tensor) -> Tensor:
         """Nearest-centroid index ``(G, n)`` of every (normalised) vector (padding vectors get 0)."""
-        weight = self.normalised(weight.detach())[0]
+        return self._assign(self.normalised(weight.detach())[0], centroids)
+
+    def _assign(self, weight: Tensor, centroids: Tensor) -> Tensor:
         plan = self.plan(weight)
         self.check_finite(weight, plan)
         x, _ = self._vectors(weight, plan)
@@ -229,15 +239,16 @@ class WeightClusterer:
 
     def snap(self, weight: Tensor, centroids: Tensor) -> Tensor:
         """The hard-clustered weight: every vector replaced by its nearest centroid (then scaled back)."""
-        return self.decode(weight, self.assign(weight, centroids), centroids)
+        return self.hard(weight, centroids).weight
 
-    def decode(self, weight: Tensor, index: Tensor, centroids: Tensor) -> Tensor:
-        """The weight ``index`` (from :meth:`assign`) and ``centroids`` stand for, in ``weight``'s dtype and scales."""
-        decoded = self.layout.decode(index, centroids.to(weight.dtype))
-        if self.scales is None:
-            return decoded
-        _, scale, offset = self.normalised(weight.detach())
-        return self.scales.apply(decoded, scale, offset)
+    def hard(self, weight: Tensor, centroids: Tensor) -> HardResult:
+        """Indices, snapped weight and block scales from one normalisation (what ``finalize`` stores)."""
+        normalised, scale, offset = self.normalised(weight.detach())
+        index = self._assign(normalised, centroids)
+        snapped = self.layout.decode(index, centroids.to(weight.dtype))
+        if self.scales is not None:
+            snapped = self.scales.apply(snapped, scale, offset)
+        return HardResult(index, snapped, scale, offset)
 
     @staticmethod
     def _masked_dist(x: Tensor, c: Tensor, mask: Tensor) -> Tensor:

@@ -53,7 +53,10 @@ def gram_weights(xs: Tensor, m: Tensor | None) -> Tensor:
 
 
 class DenseAttention(Attention):
-    """The full attention ``A`` over a :class:`.Problem`; ``direct``: add each row's own ``(2/tau) Cov_A(c) g``."""
+    """The full attention ``A`` over a :class:`.Problem`."""
+
+    #: Whether the rows are split across ranks (the outputs are then assembled from zero-padded shares).
+    sharded = False
 
     def __init__(self, problem: Problem):
         self.problem = problem
@@ -85,7 +88,7 @@ class DenseAttention(Attention):
 
     def output(self, c: Tensor) -> Tensor:
         x, tau = self.problem.x, self.problem.tau
-        out = torch.empty_like(x) if type(self).reduce is DenseAttention.reduce else torch.zeros_like(x)
+        out = torch.zeros_like(x) if self.sharded else torch.empty_like(x)
         for s in self.chunks():
             out[:, s] = torch.bmm(attention(x[:, s], c, tau).transpose(1, 2), c)
         return self.reduce(out)
@@ -185,6 +188,8 @@ class Shard:
 
 class ShardedAttention(DenseAttention):
     """:class:`DenseAttention` on this rank's rows only, sums all-reduced (see the module docstring)."""
+
+    sharded = True
 
     def __init__(self, problem: Problem, shard: Shard):
         super().__init__(problem)

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..kernels import Kernels
-from ..kernels.default import bits, keys_of
+from ..kernels import Kernels, default
+from ..kernels.default import keys_of
 from .dense import DenseAttention
 from .engine import GramSums
 from .layout import Layout
@@ -42,8 +42,6 @@ from .problem import Problem
 #: Above this many groups, ``torch.unique`` replaces the table of bit patterns.
 MAX_TABLE_GROUPS = 64
 PATTERNS = 1 << 16
-#: Weights per piece of a pass over a stored index (the many-groups route).
-PIECE = 1 << 17
 
 
 @dataclass
@@ -69,39 +67,25 @@ class PatternKeys:
 
 @dataclass
 class StoredKeys:
-    """Every weight's slot, stored (``torch.unique``'s inverse: the many-groups route); torch ops in pieces."""
+    """Every weight's slot, stored (``torch.unique``'s inverse: the many-groups route): the torch kernels'
+    passes (:mod:`torchdkm.kernels.default`) on these keys."""
 
     index: Tensor  # (numel,) int64
 
     def entries(self) -> Tensor:
         return self.index
 
-    def _pieces(self) -> list[slice]:
-        n = self.index.numel()
-        return [slice(start, min(start + PIECE, n)) for start in range(0, n, PIECE)]
+    def _keys(self, part: slice) -> Tensor:
+        return self.index[part]
 
     def expand(self, table: Tensor) -> Tensor:
-        out = table.new_empty(self.index.numel())
-        source, target = bits(table), bits(out)
-        for part in self._pieces():
-            torch.index_select(source, 0, self.index[part], out=target[part])
-        return out
+        return default.expand_by(self._keys, self.index.numel(), table)
 
     def sums(self, values: Tensor, live: Tensor, table_size: int, dtype: torch.dtype) -> Tensor:
-        total = torch.zeros(live.numel(), dtype=torch.float64, device=values.device)
-        for part in self._pieces():
-            total += torch.bincount(self.index[part], weights=values[part].to(dtype), minlength=table_size)[live]
-        return total
+        return default.sums_by(self._keys, values, live, table_size, dtype)
 
     def affine(self, shift: Tensor, slope: Tensor, grad: Tensor) -> Tensor:
-        out = torch.empty_like(grad)
-        shift_bits, slope_bits = bits(shift), bits(slope)
-        for part in self._pieces():
-            keys = self.index[part]
-            a = shift_bits.index_select(0, keys).view(shift.dtype)
-            b = slope_bits.index_select(0, keys).view(slope.dtype)
-            torch.addcmul(a, grad[part], b, out=out[part])
-        return out
+        return default.affine_by(self._keys, shift, slope, grad)
 
 
 @dataclass

@@ -13,6 +13,8 @@ its group.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -62,35 +64,50 @@ def present(table: Tensor) -> Tensor:
 
 def expand(patterns: Tensor, group_numel: int, table: Tensor) -> Tensor:
     """``table[key]`` for every weight, bit for bit."""
-    out = table.new_empty(patterns.numel())
-    source, target = bits(table), bits(out)
-    for part in pieces(patterns.numel(), PIECE):
-        torch.index_select(source, 0, keys_of(patterns, group_numel, part), out=target[part])
-    return out
+    return expand_by(lambda part: keys_of(patterns, group_numel, part), patterns.numel(), table)
 
 
 def sum_per_key(
     patterns: Tensor, group_numel: int, values: Tensor, live: Tensor, table_size: int, dtype: torch.dtype
 ) -> Tensor:
-    """float64 sums of ``values`` at the keys ``live`` (every key that occurs, ascending).
-
-    Each piece is summed in ``dtype`` (``bincount`` adds in sequence), the pieces in float64.
-    """
-    total = torch.zeros(live.numel(), dtype=torch.float64, device=values.device)
-    for part in pieces(patterns.numel(), SUM_PIECE):
-        keys = keys_of(patterns, group_numel, part)
-        total += torch.bincount(keys, weights=values[part].to(dtype), minlength=table_size)[live]
-    return total
+    """float64 sums of ``values`` at the keys ``live`` (every key that occurs, ascending)."""
+    return sums_by(lambda part: keys_of(patterns, group_numel, part), values, live, table_size, dtype)
 
 
 def affine(patterns: Tensor, group_numel: int, shift: Tensor, slope: Tensor, grad: Tensor) -> Tensor:
     """``shift[key] + grad * slope[key]`` for every weight (tables in ``grad``'s dtype)."""
+    return affine_by(lambda part: keys_of(patterns, group_numel, part), shift, slope, grad)
+
+
+# -- the same passes for keys given piece by piece (from the patterns above, or a stored index) ----------
+
+
+def expand_by(keys: Callable[[slice], Tensor], numel: int, table: Tensor) -> Tensor:
+    """``table[keys]`` for ``numel`` weights, bit for bit; ``keys(part)`` gives the keys of a piece."""
+    out = table.new_empty(numel)
+    source, target = bits(table), bits(out)
+    for part in pieces(numel, PIECE):
+        torch.index_select(source, 0, keys(part), out=target[part])
+    return out
+
+
+def sums_by(keys: Callable[[slice], Tensor], values: Tensor, live: Tensor, table_size: int, dtype: torch.dtype) -> Tensor:
+    """float64 sums of ``values`` at the keys ``live``: each piece summed in ``dtype`` (``bincount`` adds in
+    sequence), the pieces in float64."""
+    total = torch.zeros(live.numel(), dtype=torch.float64, device=values.device)
+    for part in pieces(values.numel(), SUM_PIECE):
+        total += torch.bincount(keys(part), weights=values[part].to(dtype), minlength=table_size)[live]
+    return total
+
+
+def affine_by(keys: Callable[[slice], Tensor], shift: Tensor, slope: Tensor, grad: Tensor) -> Tensor:
+    """``shift[key] + grad * slope[key]`` for every weight, tables in ``grad``'s dtype."""
     out = torch.empty_like(grad)
     shift_bits, slope_bits = bits(shift), bits(slope)
-    for part in pieces(patterns.numel(), PIECE):
-        keys = keys_of(patterns, group_numel, part)
-        a = shift_bits.index_select(0, keys).view(shift.dtype)
-        b = slope_bits.index_select(0, keys).view(slope.dtype)
+    for part in pieces(grad.numel(), PIECE):
+        index = keys(part)
+        a = shift_bits.index_select(0, index).view(shift.dtype)
+        b = slope_bits.index_select(0, index).view(slope.dtype)
         torch.addcmul(a, grad[part], b, out=out[part])
     return out
 

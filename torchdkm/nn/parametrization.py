@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ..cluster import WeightClusterer
+from ..cluster.clusterer import HardResult
 from ..cluster.scales import STORED
 from ..config import LayerConfig
 from .palettized import PaletteSpec
@@ -46,7 +47,8 @@ class DKMParametrization(nn.Module):
         self.transposed = transposed
         self.clusterer = WeightClusterer(name, config, self.view(weight).shape)
         self.register_buffer("centroids", self.clusterer.init(self.view(weight)))
-        self._snapped: tuple[tuple, Tensor, Tensor, Tensor] | None = None  # (key, index, centroids, decoded)
+        #: (key, the hard result, its centroids, the snapped weight in the module's layout)
+        self._snapped: tuple[tuple, HardResult, Tensor, Tensor] | None = None
         self._soft: tuple[tuple, Tensor] | None = None
         #: ``False`` snaps to the stored centroids as they are (post-training k-means).
         self.refresh = True
@@ -109,15 +111,9 @@ class DKMParametrization(nn.Module):
             view = self.view(weight.detach())
             if self.refresh:
                 centroids = self.clusterer.soft(view, centroids).centroids
-            index = self.clusterer.assign(view, centroids)
-            decoded = self.unview(self.clusterer.decode(view, index, centroids))
-            self._snapped = (key, index, centroids, decoded)
-        return self._snapped[1], self._snapped[2]
-
-    @torch.no_grad()
-    def assign(self, weight: Tensor, centroids: Tensor) -> Tensor:
-        """``(groups, vectors)`` nearest-centroid indices of the weight (what ``finalize`` packs)."""
-        return self.clusterer.assign(self.view(weight), centroids)
+            found = self.clusterer.hard(view, centroids)
+            self._snapped = (key, found, centroids, self.unview(found.weight))
+        return self._snapped[1].index, self._snapped[2]
 
     def soft(self, weight: Tensor, centroids: Tensor | None = None) -> Tensor:
         """The soft weight for ``centroids`` (default: the stored ones), without updating them."""
@@ -142,8 +138,10 @@ class DKMParametrization(nn.Module):
     @torch.no_grad()
     def stored_scales(self, weight: Tensor) -> list[Tensor]:
         """The block scales (and offsets) ``finalize`` stores, float16; none without ``scale_block``."""
-        _, scales, offsets = self.clusterer.normalised(self.view(weight))
-        return [t.to(STORED).clone() for t in (scales, offsets) if t is not None]
+        self.hard(weight)
+        assert self._snapped is not None
+        found = self._snapped[1]
+        return [t.to(STORED).clone() for t in (found.scales, found.offsets) if t is not None]
 
     def extra_repr(self) -> str:
         c = self.config
