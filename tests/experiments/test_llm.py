@@ -1,0 +1,79 @@
+"""The language-model experiment: baselines' sizes and rounding, and the whole pipeline on a tiny random LLaMA.
+
+The real run (SmolLM2-135M, ``make reproduce-llm``) takes over an hour; here
+every method runs on a 90k-parameter LLaMA with a byte tokenizer, in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from experiments import llm_baselines as base
+from experiments.llm import Options, run
+
+
+def test_round_blocks_keeps_at_most_2_to_the_bits_values_per_block_and_their_extremes() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 6))  # 40 = one block of 32 and a tail of 8
+    original = model[0].weight.detach().clone()
+    base.round_blocks(model, 3, 32)
+    weight = model[0].weight.detach()
+    for part, before in zip(torch.split(weight, 32, dim=1), torch.split(original, 32, dim=1)):
+        for row, row_before in zip(part, before):
+            assert torch.unique(row).numel() <= 8
+            assert float((row - row_before).abs().max()) <= float(row_before.max() - row_before.min()) / 14 + 1e-3
+            assert float(row.min()) == pytest.approx(float(row_before.min()), abs=1e-3)
+
+
+def test_sizes_count_codes_scales_luts_and_every_other_tensor_once() -> None:
+    embedding = nn.Embedding(64, 32)
+    head = nn.Linear(32, 64, bias=False)
+    head.weight = embedding.weight  # tied: counted once
+    model = nn.ModuleDict({"emb": embedding, "head": head, "norm": nn.LayerNorm(32)})
+    assert base.all_in_bytes(model, base.block_bytes(3, 32)) == 64 * 32 * 3 // 8 + 64 * 1 * 4 + 4 * 64
+    assert base.all_in_bytes(model, base.lut_channel_bytes(2)) == 64 * 32 * 2 // 8 + 4 * 4 * 2 + 64 * 2 + 4 * 64
+    assert base.all_in_bytes(model, base.lut_channel_bytes(2, scale=False)) == 64 * 32 * 2 // 8 + 4 * 4 * 2 + 4 * 64
+    unchanged = base.unless_unchanged(model, base.block_bytes(3, 32))
+    assert base.all_in_bytes(model, unchanged) == 4 * 64 * 32 + 4 * 64
+
+
+def test_coreml_config_leaves_a_tied_embedding_to_its_linear() -> None:
+    embedding, head, other = nn.Embedding(8, 4), nn.Linear(4, 8), nn.Embedding(8, 4)
+    head.weight = embedding.weight
+    model = nn.ModuleDict({"emb": embedding, "head": head, "other": other})
+    assert base.coreml_layers(model, {"n_bits": 2})["module_name_configs"] == {"emb": None}
+
+
+def test_tiny_run_records_every_method_with_sizes_and_completions(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    pytest.importorskip("coremltools")
+    path = run(Options.tiny(out=tmp_path, progress=False, coreml_dkm_minutes=1.0))
+    data = json.loads((tmp_path / "llm_tiny.json").read_text())
+    methods = {r["method"] for r in data["records"]}
+    want = {"fp32", "round-to-nearest", "k-means per tensor", "coremltools PTQ", "k-means planned", "DKM (torchdkm)",
+            "coremltools DKM"}  # fmt: skip
+    try:
+        import hqq  # noqa: F401
+
+        want.add("HQQ")
+    except ImportError:
+        pass
+    assert methods == want
+    fp32 = next(r for r in data["records"] if r["method"] == "fp32")
+    for r in data["records"]:
+        assert r["metrics"]["perplexity"] > 1 and r["bytes"] > 0
+        if r["method"] != "fp32":
+            assert r["bytes"] < fp32["bytes"] / 5, r
+    dkm = [r for r in data["records"] if r["method"] == "DKM (torchdkm)"]
+    assert [r["steps"] for r in dkm] == [3, 3]
+    for r, target in zip(dkm, (4.5, 4.0)):
+        assert r["bits_per_weight"] <= target  # the saved file's size, measured
+    assert len(data["config"]["completions"]) == len(data["records"])
+    text = path.read_text()
+    assert "## Against the targets" in text and "Greedy completions" in text
+    assert (tmp_path / "llm_tiny_tradeoff.png").stat().st_size > 0
