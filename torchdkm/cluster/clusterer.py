@@ -135,12 +135,18 @@ class WeightClusterer:
         """``(what DKM clusters, scales, offsets)``: the weight itself, or its per-block normalisation.
 
         The scales and offsets are float16 values (what the file stores); the
-        normalisation is differentiable.
+        normalisation is differentiable.  The weight's finiteness and magnitude
+        are checked on the blocks' bounds (no pass of their own).
         """
         if self.scales is None:
             return weight, None, None
-        self.check_finite(weight, self.plan(weight))
-        normalised, scale, offset = self.scales.normalise(weight)
+        plan = self.plan(weight)
+        high, low = self.scales.bounds(weight)
+        peak_high, peak_low = (float(high.amax()), float(low.amin())) if high.numel() else (0.0, 0.0)
+        if not (math.isfinite(peak_high) and math.isfinite(peak_low)):
+            self.check_finite(weight, plan)  # (raises, counting them)
+        self.check_magnitude(max(-peak_low, peak_high), plan.compute)
+        normalised, scale, offset = self.scales.normalise(weight, plan.kernels, (high, low))
         if not bool(torch.isfinite(scale).all()) or (offset is not None and not bool(torch.isfinite(offset).all())):
             raise TorchdkmError(
                 f"layer {self.name!r}: a block's scale exceeds float16's range (65504); the weights reach "
@@ -179,7 +185,8 @@ class WeightClusterer:
             return self._soft(weight, centroids)
         normalised, scale, offset = self.normalised(weight)
         result = self._soft(normalised, centroids)
-        return SoftResult(self.scales.apply(result.weight, scale, offset), result.centroids)
+        weight = self.scales.apply(result.weight, scale, offset, self.plan(result.weight).kernels)
+        return SoftResult(weight, result.centroids)
 
     def _soft(self, weight: Tensor, centroids: Tensor) -> SoftResult:
         plan = self.plan(weight)
@@ -247,7 +254,7 @@ class WeightClusterer:
         index = self._assign(normalised, centroids)
         snapped = self.layout.decode(index, centroids.to(weight.dtype))
         if self.scales is not None:
-            snapped = self.scales.apply(snapped, scale, offset)
+            snapped = self.scales.apply(snapped, scale, offset, self.plan(snapped).kernels)
         return HardResult(index, snapped, scale, offset)
 
     @staticmethod

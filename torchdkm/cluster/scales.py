@@ -15,6 +15,15 @@ largest weight gets the gradient of its scale).  Scales and offsets are
 stored in float16 and used rounded in training as in the file (straight
 through), so :meth:`BlockScales.apply` on the stored values gives the exported
 weight bit for bit.  A block of zeros has scale 0 and decodes to 0 (its offset).
+
+Both directions are one :class:`torch.autograd.Function` each, whose passes over
+the weights are kernels of :mod:`torchdkm.kernels` (``normalise``, ``rescale``
+and their gradients: one native loop apiece on the CPU).  Written as a chain of
+torch ops, the normalisation and its autograd backward made some twenty passes
+over the weights, each with a full-size temporary (``amax``'s tie masks, the
+expanded scales, the division's two gradients); here the forward reads the
+weights three times (largest and smallest value per block, then the division)
+and the backward once, recomputing the normalised weight on the fly.
 """
 
 from __future__ import annotations
@@ -24,6 +33,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from ..kernels import Kernels, default
 
 STORED = torch.float16
 
@@ -61,45 +72,93 @@ class BlockScales:
     def stored_bytes(self) -> int:
         return self.rows * self.blocks * STORED.itemsize * (2 if self.offset else 1)
 
-    def _blocked(self, weight: Tensor) -> Tensor:
-        """``(rows, blocks, block)``: the rows cut into blocks, a short last block padded with its own last value."""
-        flat = weight.reshape(self.rows, self.row_len)
-        pad = self.blocks * self.block - self.row_len
-        if pad:
-            flat = torch.nn.functional.pad(flat.unsqueeze(1), (0, pad), mode="replicate").squeeze(1)
-        return flat.view(self.rows, self.blocks, self.block)
+    def flat(self, weight: Tensor) -> Tensor:
+        return weight.reshape(self.rows, self.row_len)
 
-    def _expand(self, per_block: Tensor) -> Tensor:
-        """``(rows, row_len)``: each block's value repeated over its weights."""
-        return per_block.repeat_interleave(self.block, dim=1)[:, : self.row_len]
+    @torch.no_grad()
+    def bounds(self, weight: Tensor) -> tuple[Tensor, Tensor]:
+        """Each block's largest and smallest value ``(rows, blocks)`` (NaN where the block has one)."""
+        blocked = default.blocked(self.flat(weight.detach()), self.block, "replicate")
+        return blocked.amax(-1), blocked.amin(-1)
 
-    def stats(self, weight: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Each block's scale and offset, rounded to float16 (straight through), in ``weight``'s dtype."""
-        blocked = self._blocked(weight)
-        if self.offset:
-            high, low = blocked.amax(-1), blocked.amin(-1)
-            scale, offset = (high - low) / 2, (high + low) / 2
-            return _stored(scale), _stored(offset)
-        return _stored(blocked.abs().amax(-1)), None
+    def normalise(
+        self, weight: Tensor, kernels: Kernels | None = None, bounds: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``((weight - offset) / scale, scale, offset)``, differentiable; the first shaped like ``weight``.
 
-    def normalise(self, weight: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        """``((weight - offset) / scale, scale, offset)``, differentiable; the first shaped like ``weight``."""
-        scale, offset = self.stats(weight)
+        Scales and offsets are float16 values in ``weight``'s dtype (the gradient passes the rounding
+        straight through).  ``kernels``: the layer's (default: the torch ones); ``bounds``: :meth:`bounds`
+        of ``weight``, if already known.
+        """
+        high, low = self.bounds(weight) if bounds is None else bounds
+        return _Normalise.apply(weight, self, kernels, high, low)
+
+    def apply(
+        self, normalised: Tensor, scale: Tensor, offset: Tensor | None, kernels: Kernels | None = None
+    ) -> Tensor:
+        """``normalised * scale (+ offset)`` in ``normalised``'s dtype: the decoded weight (differentiable)."""
+        return _Rescale.apply(normalised, scale, offset, self, kernels)
+
+
+def stored(value: Tensor) -> Tensor:
+    """``value`` as float16 would store it, in its own dtype."""
+    return value.to(STORED).to(value.dtype)
+
+
+class _Normalise(torch.autograd.Function):
+    """``weight -> (normalised, scale, offset)`` with the scales derived from the blocks (one backward pass)."""
+
+    @staticmethod
+    def forward(ctx, weight, blocks, kernels, high, low):  # type: ignore[override]
+        run = kernels or default
+        if blocks.offset:
+            scale, offset = stored((high - low) / 2), stored((high + low) / 2)
+        else:
+            high, low = torch.maximum(high, -low), None  # the largest magnitude
+            scale, offset = stored(high), None
         safe = torch.where(scale == 0, torch.ones_like(scale), scale)
-        flat = weight.reshape(self.rows, self.row_len)
-        if offset is not None:
-            flat = flat - self._expand(offset)
-        return (flat / self._expand(safe)).reshape(weight.shape), scale, offset
+        normalised = run.normalise(blocks.flat(weight), blocks.block, safe, offset).view(weight.shape)
+        ctx.save_for_backward(weight, scale, safe, offset, high, low)
+        ctx.blocks, ctx.run = blocks, run
+        ctx.set_materialize_grads(False)
+        return normalised, scale, offset
 
-    def apply(self, normalised: Tensor, scale: Tensor, offset: Tensor | None) -> Tensor:
-        """``normalised * scale (+ offset)`` in ``normalised``'s dtype: the decoded weight."""
-        flat = normalised.reshape(self.rows, self.row_len) * self._expand(scale.to(normalised.dtype))
-        if offset is not None:
-            flat = flat + self._expand(offset.to(normalised.dtype))
-        return flat.reshape(normalised.shape)
+    @staticmethod
+    def backward(ctx, grad, grad_scale, grad_offset):  # type: ignore[override]
+        weight, scale, safe, offset, high, low = ctx.saved_tensors
+        blocks = ctx.blocks
+        if grad is None:
+            grad = torch.zeros_like(weight)
+        out = ctx.run.normalise_grad(
+            blocks.flat(grad), blocks.flat(weight), blocks.block, scale, safe, offset, high, low, grad_scale,
+            grad_offset,
+        )  # fmt: skip
+        return out.view(weight.shape), None, None, None, None
 
 
-def _stored(value: Tensor) -> Tensor:
-    """``value`` as float16 would store it, in its own dtype, with the gradient passed straight through."""
-    rounded = value.detach().to(STORED).to(value.dtype)
-    return rounded + (value - value.detach())  # (exactly ``rounded``: x - x is 0)
+class _Rescale(torch.autograd.Function):
+    """``(normalised, scale, offset) -> normalised * scale + offset``, its backward one pass."""
+
+    @staticmethod
+    def forward(ctx, normalised, scale, offset, blocks, kernels):  # type: ignore[override]
+        run = kernels or default
+        dtype = normalised.dtype
+        s, o = scale.to(dtype), None if offset is None else offset.to(dtype)
+        out = run.rescale(blocks.flat(normalised), blocks.block, s, o).view(normalised.shape)
+        ctx.save_for_backward(normalised, s)
+        ctx.blocks, ctx.run, ctx.dtypes = blocks, run, (scale.dtype, None if offset is None else offset.dtype)
+        ctx.set_materialize_grads(False)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        if grad is None:
+            return None, None, None, None, None
+        normalised, s = ctx.saved_tensors
+        blocks = ctx.blocks
+        grad_n, grad_scale, grad_offset = ctx.run.rescale_grad(
+            blocks.flat(grad), blocks.flat(normalised), blocks.block, s
+        )
+        scale_dtype, offset_dtype = ctx.dtypes
+        grad_offset = None if offset_dtype is None else grad_offset.to(offset_dtype)
+        return grad_n.view(grad.shape), grad_scale.to(scale_dtype), grad_offset, None, None

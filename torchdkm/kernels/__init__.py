@@ -29,6 +29,8 @@ from . import build, cpu, default, lut
 
 BACKENDS = ("native", "torch")
 NAMES = ("count", "present", "expand", "sum_per_key", "affine", "scatter")
+#: The block scales' kernels (:mod:`torchdkm.cluster.scales`), for weights of the layer's dtype.
+BLOCK_NAMES = ("normalise", "rescale", "rescale_grad", "normalise_grad")
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,10 @@ class Kernels:
     sum_per_key: Callable
     affine: Callable
     scatter: Callable
+    normalise: Callable
+    rescale: Callable
+    rescale_grad: Callable
+    normalise_grad: Callable
     affine_table: torch.dtype | None  # the dtype of ``affine``'s tables (None: the gradient's)
 
 
@@ -64,8 +70,8 @@ def select(device: torch.device | str, dtype: torch.dtype, backend: str | None =
         raise RuntimeError(f"the native loops cannot run here (device {device}, built: {build.library() is not None})")
     native = backend == "native" or (backend is None and on_cpu and native_available())
     compute = torch.float64 if dtype == torch.float64 else torch.float32
-    checked = {"sum_per_key": dtype, "affine": dtype, "scatter": compute}
-    chosen = {name: _implementation(name, native, checked.get(name)) for name in NAMES}
+    checked = {"sum_per_key": dtype, "affine": dtype, "scatter": compute} | dict.fromkeys(BLOCK_NAMES, dtype)
+    chosen = {name: _implementation(name, native, checked.get(name)) for name in NAMES + BLOCK_NAMES}
     table = cpu.TABLE_DTYPE if chosen["affine"] is cpu.affine else None
     return Kernels("native" if native else "torch", affine_table=table, **chosen)
 
@@ -102,6 +108,17 @@ _SCHEMAS = {
         lambda patterns, group_numel, shift, slope, grad: grad.dtype if shift.dtype == cpu.TABLE_DTYPE else None,
     ),
     "scatter": ("(Tensor(a!) sums, Tensor keys, Tensor src) -> ()", lambda sums, keys, src: src.dtype),
+    "normalise": ("(Tensor weight, int block, Tensor safe, Tensor? offset) -> Tensor", lambda weight, *rest: weight.dtype),
+    "rescale": ("(Tensor normalised, int block, Tensor scale, Tensor? offset) -> Tensor", lambda n, *rest: n.dtype),
+    "rescale_grad": (
+        "(Tensor grad, Tensor normalised, int block, Tensor scale) -> (Tensor, Tensor, Tensor)",
+        lambda grad, *rest: grad.dtype,
+    ),
+    "normalise_grad": (
+        "(Tensor grad, Tensor weight, int block, Tensor scale, Tensor safe, Tensor? offset, Tensor high, Tensor? low, "
+        "Tensor? extra_scale, Tensor? extra_offset) -> Tensor",
+        lambda grad, *rest: grad.dtype,
+    ),
 }
 for _name, (_schema, _dtype_of) in _SCHEMAS.items():
     _lib.define(_name + _schema)

@@ -138,6 +138,15 @@ def _declare(library: ctypes.CDLL) -> None:
     library.tdkm_simd(-1)  # decided once here, under the load lock, before any thread runs a loop
     library.tdkm_present.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
     library.tdkm_present.restype = ctypes.c_int64
+    # block scales: (weight, rows, row_len, block, then the tables and outputs, see loops.c)
+    shape = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
+    blocks = {"normalise_f32": [ctypes.c_void_p] * 3, "rescale_f32": [ctypes.c_void_p] * 3}
+    blocks["rescale_grad_f32"] = [ctypes.c_void_p] * 4
+    blocks["normalise_grad_f32"] = [ctypes.c_void_p] * 7 + [ctypes.c_int64, ctypes.c_void_p]
+    for name, rest in blocks.items():
+        function = getattr(library, f"tdkm_{name}")
+        extra = [ctypes.c_void_p] if "grad" in name else []  # (the gradient comes first)
+        function.argtypes, function.restype = extra + shape + rest, None
     for name in ("sum_f32", "sum_bf16"):  # (values, live keys, how many, float32 partial table, table)
         function = getattr(library, f"tdkm_{name}")
         function.argtypes = head + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]

@@ -29,6 +29,10 @@ DTYPES: dict[str, tuple[torch.dtype, ...] | None] = {
     "sum_per_key": (torch.float32, torch.bfloat16),  # values
     "affine": (torch.float32, torch.bfloat16),  # grad (tables: float32)
     "scatter": (torch.float32, torch.float64),  # src
+    "normalise": (torch.float32,),  # the weight (and its block tables)
+    "rescale": (torch.float32,),
+    "rescale_grad": (torch.float32,),
+    "normalise_grad": (torch.float32,),
 }
 #: The dtype of :func:`affine`'s tables, whatever the gradient's.
 TABLE_DTYPE = torch.float32
@@ -187,3 +191,108 @@ def scatter(sums: Tensor, keys: Tensor, src: Tensor) -> None:
     )
     if bad >= 0:
         raise IndexError(f"scatter: key {int(keys[bad])} at item {bad} is outside [0, {bins})")
+
+
+# -- block scales: (rows, row_len) float32 weights, (rows, blocks) float32 tables (see loops.c) -----------------
+
+
+def _by_rows(rows: int, row_len: int, loop: Callable[[int, int], None]) -> None:
+    """Run ``loop(first_row, end_row)`` over the rows, split across the threads for a large weight."""
+    spans = _chunks(rows * row_len)
+    if len(spans) > 1:
+        step = -(-rows // len(spans))
+        spans = [(start, min(start + step, rows)) for start in range(0, rows, step)]
+    else:
+        spans = [(0, rows)]
+    _run([lambda span=span: loop(*span) for span in spans])
+
+
+def _opt(tensor: Tensor | None, row: int = 0) -> int | None:
+    """A table's address from row ``row`` on (None for no table)."""
+    return None if tensor is None else _ptr(tensor, row * tensor.shape[1])
+
+
+def _floats(weight: Tensor, *tensors: Tensor | None) -> list[Tensor | None]:
+    """The tables as float32, contiguous (for a float32 ``weight``: the loops take no other)."""
+    if weight.dtype != torch.float32:
+        raise ValueError(f"the block-scale loops take float32 weights, got {weight.dtype}")
+    return [None if t is None else t.to(torch.float32).contiguous() for t in tensors]
+
+
+def normalise(weight: Tensor, block: int, safe: Tensor, offset: Tensor | None) -> Tensor:
+    """``(weight - offset) / safe`` per block, bit for bit as the torch kernel, in one pass."""
+    weight = weight.contiguous()
+    safe, offset = _floats(weight, safe, offset)
+    out = torch.empty_like(weight)
+    rows, row_len = weight.shape
+    function = _loops().tdkm_normalise_f32
+
+    def loop(first: int, end: int) -> None:
+        args = (_opt(safe, first), _opt(offset, first), _ptr(out, first * row_len))
+        function(_ptr(weight, first * row_len), end - first, row_len, block, *args)
+
+    _by_rows(rows, row_len, loop)
+    return out
+
+
+def rescale(normalised: Tensor, block: int, scale: Tensor, offset: Tensor | None) -> Tensor:
+    """``normalised * scale + offset`` per block, bit for bit as the torch kernel, in one pass."""
+    normalised = normalised.contiguous()
+    scale, offset = _floats(normalised, scale, offset)
+    out = torch.empty_like(normalised)
+    rows, row_len = normalised.shape
+    function = _loops().tdkm_rescale_f32
+
+    def loop(first: int, end: int) -> None:
+        args = (_opt(scale, first), _opt(offset, first), _ptr(out, first * row_len))
+        function(_ptr(normalised, first * row_len), end - first, row_len, block, *args)
+
+    _by_rows(rows, row_len, loop)
+    return out
+
+
+def rescale_grad(grad: Tensor, normalised: Tensor, block: int, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(grad * scale, sum grad * normalised, sum grad)`` (sums per block, in double), in one pass."""
+    grad, normalised, scale = grad.contiguous(), normalised.contiguous(), _floats(grad, scale)[0]
+    assert scale is not None
+    grad_n = torch.empty_like(grad)
+    grad_scale, grad_offset = torch.empty_like(scale), torch.empty_like(scale)
+    rows, row_len = grad.shape
+    function = _loops().tdkm_rescale_grad_f32
+
+    def loop(first: int, end: int) -> None:
+        at = first * row_len
+        tables = (_opt(scale, first), _ptr(grad_n, at), _opt(grad_scale, first), _opt(grad_offset, first))
+        function(_ptr(grad, at), _ptr(normalised, at), end - first, row_len, block, *tables)
+
+    _by_rows(rows, row_len, loop)
+    return grad_n, grad_scale, grad_offset
+
+
+def normalise_grad(
+    grad: Tensor,
+    weight: Tensor,
+    block: int,
+    scale: Tensor,
+    safe: Tensor,
+    offset: Tensor | None,
+    high: Tensor,
+    low: Tensor | None,
+    extra_scale: Tensor | None,
+    extra_offset: Tensor | None,
+) -> Tensor:
+    """The torch kernel's gradient (same formulas, sums in double) in one pass over the weights."""
+    grad, weight = grad.contiguous(), weight.contiguous()
+    tables = _floats(grad, scale, safe, offset, high, low, extra_scale, extra_offset)
+    out = torch.empty_like(grad)
+    rows, row_len = grad.shape
+    pad = -row_len % block
+    function = _loops().tdkm_normalise_grad_f32
+
+    def loop(first: int, end: int) -> None:
+        at = first * row_len
+        addresses = [_opt(t, first) for t in tables]
+        function(_ptr(grad, at), _ptr(weight, at), end - first, row_len, block, *addresses, pad, _ptr(out, at))
+
+    _by_rows(rows, row_len, loop)
+    return out

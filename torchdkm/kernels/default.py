@@ -171,3 +171,87 @@ def lut_linear(
         torch.mm(weight, flat.t(), out=out[start:stop])
     y = out.t() + bias.to(x.dtype) if bias is not None else out.t().contiguous()
     return y.reshape(*x.shape[:-1], out_features)
+
+
+# -- block scales (torchdkm.cluster.scales): a weight (rows, row_len) in blocks of ``block`` along the row --------
+# Per-block tables are ``(rows, blocks)`` in the weight's dtype; a short last block is padded (see ``blocked``).
+
+
+def blocked(flat: Tensor, block: int, mode: str = "constant") -> Tensor:
+    """``(rows, blocks, block)``: a short last block padded with zeros (``"constant"``) or its last value."""
+    rows, row_len = flat.shape
+    pad = -row_len % block
+    if pad:
+        flat = torch.nn.functional.pad(flat.unsqueeze(1), (0, pad), mode=mode).squeeze(1)
+    return flat.view(rows, -1, block)
+
+
+def _unblocked(per_weight: Tensor, row_len: int) -> Tensor:
+    return per_weight.reshape(per_weight.shape[0], -1)[:, :row_len]
+
+
+def normalise(weight: Tensor, block: int, safe: Tensor, offset: Tensor | None) -> Tensor:
+    """``(weight - offset) / safe`` per block (``offset`` None: ``weight / safe``)."""
+    w = blocked(weight, block)
+    if offset is not None:
+        w = w - offset.unsqueeze(-1)
+    return _unblocked(w / safe.unsqueeze(-1), weight.shape[1])
+
+
+def rescale(normalised: Tensor, block: int, scale: Tensor, offset: Tensor | None) -> Tensor:
+    """``normalised * scale + offset`` per block (``offset`` None: ``normalised * scale``)."""
+    out = blocked(normalised, block) * scale.unsqueeze(-1)
+    if offset is not None:
+        out = out + offset.unsqueeze(-1)
+    return _unblocked(out, normalised.shape[1])
+
+
+def rescale_grad(grad: Tensor, normalised: Tensor, block: int, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradient of :func:`rescale`: ``(grad * scale, sum grad * normalised, sum grad)`` (sums per block)."""
+    g = blocked(grad, block)
+    grad_n = _unblocked(g * scale.unsqueeze(-1), grad.shape[1])
+    return grad_n, (g * blocked(normalised, block)).sum(-1), g.sum(-1)
+
+
+def normalise_grad(
+    grad: Tensor,
+    weight: Tensor,
+    block: int,
+    scale: Tensor,
+    safe: Tensor,
+    offset: Tensor | None,
+    high: Tensor,
+    low: Tensor | None,
+    extra_scale: Tensor | None,
+    extra_offset: Tensor | None,
+) -> Tensor:
+    """The gradient into the weight of :func:`normalise` with the scale and offset derived from each block.
+
+    With an offset, ``scale = (high - low) / 2`` and ``offset = (high + low) / 2`` (the block's largest and
+    smallest values); without, ``scale = high``, the largest magnitude.  ``extra_scale`` / ``extra_offset``:
+    the gradient reaching the scale and offset otherwise (None: none).  Ties share evenly (as ``amax``);
+    a short last block counts copies of its last value (``blocked``'s ``"replicate"``), their shares going
+    to it.  See ``tdkm_normalise_grad_f32`` in ``loops.c`` for the formulas.
+    """
+    rows, row_len = weight.shape
+    w, g = blocked(weight, block, "replicate"), blocked(grad, block)
+    s = safe.unsqueeze(-1)
+    t = g / s
+    n = (w - offset.unsqueeze(-1) if offset is not None else w) / s
+    grad_scale = torch.where(scale != 0, -(t * n).sum(-1), torch.zeros_like(scale))
+    if extra_scale is not None:
+        grad_scale = grad_scale + extra_scale
+    if offset is not None:
+        assert low is not None
+        grad_offset = -t.sum(-1) + (extra_offset if extra_offset is not None else 0)
+        at_high, at_low = w == high.unsqueeze(-1), w == low.unsqueeze(-1)
+        shares = at_high * ((grad_scale + grad_offset) / 2 / at_high.sum(-1)).unsqueeze(-1)
+        shares = shares + at_low * ((grad_offset - grad_scale) / 2 / at_low.sum(-1)).unsqueeze(-1)
+    else:
+        at_high = w.abs() == high.unsqueeze(-1)
+        shares = at_high * torch.sign(w) * (grad_scale / at_high.sum(-1)).unsqueeze(-1)
+    flat = (t + shares).reshape(rows, -1)
+    out = flat[:, :row_len].clone()
+    if flat.shape[1] > row_len:  # the padding copies' shares go to the last value
+        out[:, -1] += shares.reshape(rows, -1)[:, row_len:].sum(-1)
+    return out

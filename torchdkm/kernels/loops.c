@@ -316,3 +316,134 @@ void tdkm_affine_bf16(const uint16_t *p, int64_t n, int64_t first, int64_t group
 
 SCATTER(tdkm_scatter_f32, float)
 SCATTER(tdkm_scatter_f64, double)
+
+/* Block scales (torchdkm/cluster/scales.py): a float32 weight of `rows` rows of `row_len` values, each row
+ * cut into blocks of `block` (the last may be shorter), with one value per block in the (rows, blocks)
+ * tables below.  The forward loops compute what the torch kernels compute, bit for bit (a division, a
+ * product then a sum: no FMA); the gradient loops sum each block in double.  Each is one pass over the
+ * weights where torch needs several (and a full-size temporary per step of the formula). */
+#define FOR_EACH_BLOCK                                                                                        \
+    for (int64_t r = 0, blocks = (row_len + block - 1) / block; r < rows; r++)                                 \
+        for (int64_t b = 0, at = r * blocks; b < blocks; b++, at = r * blocks + b)
+#define BLOCK_SPAN                                                                                            \
+    int64_t first_ = r * row_len + b * block, last_ = (b + 1) * block < row_len ? (b + 1) * block : row_len;  \
+    int64_t size = last_ - b * block;                                                                          \
+    (void)size
+
+/* out = (w - offset) / safe (offset NULL: w / safe). */
+void tdkm_normalise_f32(const float *w, int64_t rows, int64_t row_len, int64_t block, const float *safe,
+                        const float *offset, float *out) {
+    FOR_EACH_BLOCK {
+        BLOCK_SPAN;
+        const float *x = w + first_;
+        float *y = out + first_, s = safe[at];
+        if (offset) {
+            float o = offset[at];
+            for (int64_t i = 0; i < size; i++) y[i] = (x[i] - o) / s;
+        } else {
+            for (int64_t i = 0; i < size; i++) y[i] = x[i] / s;
+        }
+    }
+}
+
+/* out = n * scale + offset (offset NULL: n * scale). */
+void tdkm_rescale_f32(const float *n, int64_t rows, int64_t row_len, int64_t block, const float *scale,
+                      const float *offset, float *out) {
+    FOR_EACH_BLOCK {
+        BLOCK_SPAN;
+        const float *x = n + first_;
+        float *y = out + first_, s = scale[at];
+        if (offset) {
+            float o = offset[at];
+            for (int64_t i = 0; i < size; i++) {
+                float product = x[i] * s;
+                y[i] = product + o;
+            }
+        } else {
+            for (int64_t i = 0; i < size; i++) y[i] = x[i] * s;
+        }
+    }
+}
+
+/* Sums of `a[i]` and `a[i] * b[i]` over `size` values, in LANES independent float sums (the loop
+ * vectorizes; a single running sum would be a chain of dependent additions), added up in double. */
+#define LANES 8
+static void two_sums(const float *a, const float *b, float shift, int64_t size, double *sum_a, double *sum_ab) {
+    float lane_a[LANES] = {0}, lane_ab[LANES] = {0};
+    int64_t i = 0;
+    for (; i + LANES <= size; i += LANES)
+        for (int j = 0; j < LANES; j++) {
+            lane_a[j] += a[i + j];
+            lane_ab[j] += a[i + j] * (b[i + j] - shift);
+        }
+    double total_a = 0.0, total_ab = 0.0;
+    for (; i < size; i++) {
+        total_a += a[i];
+        total_ab += (double)a[i] * (b[i] - shift);
+    }
+    for (int j = 0; j < LANES; j++) total_a += lane_a[j], total_ab += lane_ab[j];
+    *sum_a = total_a, *sum_ab = total_ab;
+}
+
+/* The gradient of tdkm_rescale_f32 from `g`: grad_n = g * scale, and per block grad_scale = sum g * n and
+ * grad_offset = sum g. */
+void tdkm_rescale_grad_f32(const float *g, const float *n, int64_t rows, int64_t row_len, int64_t block,
+                           const float *scale, float *grad_n, float *grad_scale, float *grad_offset) {
+    FOR_EACH_BLOCK {
+        BLOCK_SPAN;
+        const float *gi = g + first_;
+        float *out = grad_n + first_, s = scale[at];
+        double total, by_n;
+        for (int64_t i = 0; i < size; i++) out[i] = gi[i] * s;
+        two_sums(gi, n + first_, 0.0f, size, &total, &by_n);
+        grad_scale[at] = (float)by_n, grad_offset[at] = (float)total;
+    }
+}
+
+/* The gradient into the weight of (w - offset) / safe with scale and offset derived from the block, from
+ * `g` (the gradient of the normalised weight) and `extra_scale` / `extra_offset` (what reached the scale
+ * and the offset otherwise; NULL: nothing).  With t = g / safe:
+ *   grad_scale = extra_scale - sum t * n = extra_scale - sum g * (w - offset) / safe^2
+ *   (nothing through safe where scale == 0: it is 1 there)
+ *   grad_offset = extra_offset - sum t = extra_offset - sum g / safe
+ * With an offset (scale = (high - low) / 2, offset = (high + low) / 2) the block's largest values share
+ * (grad_scale + grad_offset) / 2 and its smallest (grad_offset - grad_scale) / 2; without (scale = high,
+ * the largest magnitude) the values of magnitude `high` share grad_scale times their sign.  Ties share
+ * evenly, as torch's amax; `pad` copies of a row's last value pad its last block (counted in the ties,
+ * their shares going to that value).  Each weight: t plus its shares (in float). */
+void tdkm_normalise_grad_f32(const float *g, const float *w, int64_t rows, int64_t row_len, int64_t block,
+                             const float *scale, const float *safe, const float *offset, const float *high,
+                             const float *low, const float *extra_scale, const float *extra_offset, int64_t pad,
+                             float *out) {
+    FOR_EACH_BLOCK {
+        BLOCK_SPAN;
+        const float *gi = g + first_, *x = w + first_;
+        float *y = out + first_, s = safe[at], o = offset ? offset[at] : 0.0f;
+        float hi = high[at], lo = offset ? low[at] : -high[at];
+        double sum_g, sum_gx;
+        two_sums(gi, x, o, size, &sum_g, &sum_gx);
+        int at_hi = 0, at_lo = 0; /* (int: the comparisons vectorize) */
+        for (int64_t i = 0; i < size; i++) at_hi += x[i] == hi, at_lo += x[i] == lo;
+        int last = b * block + size == row_len;
+        if (last && pad) {
+            at_hi += (int)pad * (x[size - 1] == hi);
+            at_lo += (int)pad * (x[size - 1] == lo);
+        }
+        double grad_scale = (extra_scale ? extra_scale[at] : 0.0) - (scale[at] != 0.0f ? sum_gx / s / s : 0.0);
+        double share_hi, share_lo;
+        if (offset) {
+            double grad_offset = (extra_offset ? extra_offset[at] : 0.0) - sum_g / s;
+            share_hi = at_hi > 0 ? (grad_scale + grad_offset) / 2 / at_hi : 0.0;
+            share_lo = at_lo > 0 ? (grad_offset - grad_scale) / 2 / at_lo : 0.0;
+        } else {
+            int ties = at_hi + at_lo;
+            share_hi = hi != 0.0f && ties > 0 ? grad_scale / ties : 0.0;
+            share_lo = -share_hi;
+        }
+        /* selects, not branches: the loop vectorizes */
+        float to_hi = (float)share_hi, to_lo = (float)share_lo;
+        for (int64_t i = 0; i < size; i++) y[i] = gi[i] / s + (x[i] == hi ? to_hi : 0.0f) + (x[i] == lo ? to_lo : 0.0f);
+        if (last && pad) /* the padding copies' shares */
+            y[size - 1] += (float)pad * ((x[size - 1] == hi ? to_hi : 0.0f) + (x[size - 1] == lo ? to_lo : 0.0f));
+    }
+}
