@@ -78,11 +78,11 @@ class Options:
     eval_window: int = 256
     eval_windows: int = 24
     batch_size: int = 4
-    steps: int = 50
+    steps: int = 64
     lr: float = 3e-4
     new_tokens: int = 20
     seed: int = 0
-    parts: tuple[str, ...] = ("baselines", "dkm", "coreml-dkm")
+    parts: tuple[str, ...] = ("dkm", "baselines", "coreml-dkm")
     tiny_model: bool = False
     out: Path = RESULTS
     name: str = "llm"
@@ -387,7 +387,7 @@ def run(opts: Options) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = experiment_parser(__doc__, "a tiny random LLaMA, every method in seconds")
-    parser.add_argument("--steps", type=int, help="DKM distillation steps per target (default 50)")
+    parser.add_argument("--steps", type=int, help="DKM distillation steps per target (default 64)")
     parser.add_argument("--targets", type=float, nargs="+", help="bits per weight, all in (default 4 3 2.5 2)")
     parser.add_argument("--lr", type=float)
     parser.add_argument("--parts", nargs="+", choices=tuple(PARTS), help="what to run (default: all)")

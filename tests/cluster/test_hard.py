@@ -6,7 +6,16 @@ import pytest
 import torch
 
 from torchdkm.cluster import hard
-from torchdkm.cluster.hard import counts, distortion, lloyd, nearest, nearest_two, reseed_empty, squared_norms
+from torchdkm.cluster.hard import (
+    counts,
+    distortion,
+    lloyd,
+    nearest,
+    nearest_scalars,
+    nearest_two,
+    reseed_empty,
+    squared_norms,
+)
 
 F64 = torch.float64
 
@@ -120,3 +129,23 @@ def test_squared_norms():
     assert torch.allclose(squared_norms(x), (x * x).sum(-1))
     wide = torch.randn(1, 5, 20, dtype=F64)
     assert torch.allclose(squared_norms(wide), (wide * wide).sum(-1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k", [4, 5, 16, 64])
+def test_scalar_search_equals_the_scan_bit_for_bit(dtype, k):
+    """Binary search among sorted centroids = the k-pass scan: same index (ties to the lower index,
+    equal centroids to the lowest) and the same distance, also at exact midpoints and on centroids."""
+    torch.manual_seed(k)
+    c = torch.randn(3, k, 1, dtype=dtype)
+    c[:, 2] = c[:, 0]  # duplicate centroids, not adjacent in index
+    c[:, k - 1] = c[:, 0]
+    x = torch.randn(3, 5000, 1, dtype=dtype) * 2
+    x[:, :40, 0] = ((c[:, 0] + c[:, 1]) / 2)  # exact midpoints
+    x[:, 40:80, 0] = c[:, 1]  # on a centroid
+    x[:, 80:120, 0] = c[:, 0]  # on a triplicated centroid
+    scan = torch.stack([(c[..., 0].unsqueeze(1) - x).square()[..., j] for j in range(k)], -1)  # (G, n, k)
+    want_dist, want_index = scan.min(-1)  # min returns the first (lowest) index among equals
+    index, dist = nearest_scalars(x, c)
+    assert torch.equal(index, want_index) and torch.equal(dist, want_dist)
+    assert torch.equal(index, nearest(x, c, 1 << 20)[0])

@@ -19,8 +19,54 @@ def nearest(x: Tensor, c: Tensor, rows: int) -> tuple[Tensor, Tensor]:
 
     In chunks of at most ``CACHE_ROWS`` rows (each row's result is its own, so the chunking changes no
     bit): the ``k x rows`` scores then stay in cache (1.7x faster than 64 MiB chunks on 4M scalars).
+    Scalars with more than :data:`SEARCH_FROM_K` centroids are looked up among the sorted centroids
+    instead (:func:`nearest_scalars`, the same result bit for bit, ``O(n log k)``).
     """
+    if x.shape[-1] == 1 and c.shape[1] >= SEARCH_FROM_K:
+        return nearest_scalars(x, c)
     index, dist, _ = _nearest(x, c, min(rows, CACHE_ROWS), False)
+    return index, dist
+
+
+#: From this many centroids on, scalars find their nearest by binary search (measured on 28M weights: k=4 ~equal,
+#: k=16 several times faster than the k-pass scan).
+SEARCH_FROM_K = 4
+#: Scalars per chunk of :func:`nearest_scalars` (its temporaries are a few values per scalar).
+SEARCH_ROWS = 1 << 20
+
+
+def nearest_scalars(x: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`nearest` for scalars ``(G, n, 1)``, by binary search among the sorted centroids.
+
+    The bucket found between midpoints is only a candidate (a rounded midpoint can
+    misplace a scalar next to it), so its neighbours are compared too, by the
+    same exact ``(c - x)**2`` as the scan; equal centroids are represented by
+    their lowest index and equal distances go to the lower index, as the scan's
+    first maximum does.
+    """
+    g, n, _ = x.shape
+    k = c.shape[1]
+    values, order = c[..., 0].sort(dim=1, stable=True)
+    position = torch.arange(k, device=c.device).expand(g, k)
+    starts = torch.where(values == values.roll(1, 1), torch.zeros_like(position), position)
+    starts[:, 0] = 0
+    first = order.gather(1, starts.cummax(1).values)  # (G, k): lowest index among equal centroids
+    mids = ((values[:, :-1] + values[:, 1:]) / 2).contiguous()
+    index = torch.empty(g, n, dtype=torch.long, device=x.device)
+    dist = torch.empty(g, n, dtype=x.dtype, device=x.device)
+    for s in row_chunks(n, SEARCH_ROWS):
+        xs = x[:, s, 0].contiguous()
+        bucket = torch.searchsorted(mids, xs)
+        best_d, best_i = None, None
+        for shift in (-1, 0, 1):
+            candidate = first.gather(1, (bucket + shift).clamp_(0, k - 1))
+            d = (c[..., 0].gather(1, candidate) - xs).square_()
+            if best_d is None:
+                best_d, best_i = d, candidate
+            else:
+                better = (d < best_d) | ((d == best_d) & (candidate < best_i))
+                best_d, best_i = torch.where(better, d, best_d), torch.where(better, candidate, best_i)
+        index[:, s], dist[:, s] = best_i, best_d
     return index, dist
 
 
