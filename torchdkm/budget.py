@@ -9,7 +9,10 @@ error (the clusterer's own ``init`` + ``snap``): ``||W_q - W||^2 / ||W||^2``,
 each input channel weighted, when calibration inputs are given, by the mean
 square of the activations entering it (the relative output error
 ``||X (W_q - W)^T||^2 / ||X W^T||^2`` with ``X^T X`` taken diagonal).  Relative
-errors make layers of any scale and kind comparable; every layer counts alike.  All-in means every byte the file holds: packed indices,
+errors make layers of any scale and kind comparable, and each counts by its number of weights: the
+plan buys the largest drop of relative error per bit wherever it is, as if every weight counted alike
+(counting every layer alike instead starved SmolLM2-135M's 28M-weight tied embedding, a fifth of the
+model, to 1 bit in a 4-bit-per-weight plan, while 174 small layers took 5).  All-in means every byte the file holds: packed indices,
 LUTs, block scales and offsets, every tensor left dense (biases, norms, layers
 no rule selects, a dense copy beside a tied clustered weight), and an allowance
 for the file's header.
@@ -169,13 +172,13 @@ def _check_fits(plan: SizePlan, target_bpw: float) -> None:
 
 
 def _spend(plan: SizePlan) -> None:
-    """Greedy: upgrade the layer whose next better option removes the most error per extra byte, while it fits."""
+    """Greedy: upgrade the layer whose next option removes the most weight-counted error per extra byte, while it fits."""
     while True:
         best, best_gain = None, 0.0
         for layer in plan.layers:
             for j in range(layer.chosen + 1, len(layer.options)):
                 _, cost, error = layer.options[j]
-                extra, gain = cost - layer.bytes, layer.error - error
+                extra, gain = cost - layer.bytes, (layer.error - error) * layer.numel
                 if gain > 0 and plan.bytes + extra <= plan.target_bytes and gain / max(extra, 1) > best_gain:
                     best, best_gain = (layer, j), gain / max(extra, 1)
         if best is None:
