@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import math
 import tempfile
 import time
@@ -309,25 +310,44 @@ def summary_of(plan: torchdkm.SizePlan) -> str:
     return f"plan for {plan.bits_per_weight:.3f} bits per weight: {parts}"
 
 
-def write_report(ex: Experiment) -> Path:
-    """The markdown table, the completions and the plot."""
-    rows = sorted(ex.results.records, key=lambda r: (r.method != "fp32", r.method, -r.bytes))
+def write_report(results: Results, out: Path) -> Path:
+    """The markdown table, the completions and the plot of ``results``."""
+    rows = sorted(results.records, key=lambda r: (r.method != "fp32", r.method, -r.bytes))
     fp32 = next(r.metrics["perplexity"] for r in rows if r.method == "fp32")
     table = markdown_table(
         ("method", "setting", "bits/weight (all in)", "size", "perplexity", "x fp32", "steps", "time (s)"),
         [(r.method, r.setting, f"{r.bits_per_weight:.3f}", f"{r.bytes / 1e6:.1f} MB", f"{r.metrics['perplexity']:.2f}",
           f"{r.metrics['perplexity'] / fp32:.2f}", r.steps or "-", f"{r.seconds:.0f}") for r in rows],
     )  # fmt: skip
-    said = ex.results.config["completions"]
+    said = results.config.get("completions", {})
     samples = "\n".join(f"- **{key}**: " + " / ".join(repr(t) for t in texts) for key, texts in said.items())
-    verdict = "\n".join(verdicts(ex.results.records, fp32))
-    text = (f"# Language models: SmolLM2-135M ({ex.opts.name})\n\n`python -m experiments.llm` "
-            f"(held-out: {', '.join(EVAL_FILES)}; training: {', '.join(TRAIN_FILES)})\n\n{table}\n\n"
-            f"## Against the targets\n\n{verdict}\n\n## Greedy completions\n\nPrompts: {PROMPTS}\n\n{samples}\n")  # fmt: skip
-    path = ex.opts.out / f"{ex.opts.name}.md"
+    notes = "\n".join(f"- {r.method} {r.setting}: {r.note}" for r in rows if r.note)
+    text = (f"# Language models: SmolLM2-135M ({results.name})\n\n`python -m experiments.llm` "
+            f"(held-out: {', '.join(EVAL_FILES)}; training: {', '.join(TRAIN_FILES)})\n\n{table}\n\n{notes}\n\n"
+            f"## Against the targets\n\n" + "\n".join(verdicts(results.records, fp32)) + "\n\n"
+            f"## Greedy completions\n\nPrompts: {PROMPTS}\n\n{samples}\n")  # fmt: skip
+    path = out / f"{results.name}.md"
     path.write_text(text)
-    plot(ex.results.records, ex.opts.out / f"{ex.opts.name}_tradeoff.png", fp32)
+    plot(results.records, out / f"{results.name}_tradeoff.png", fp32)
     return path
+
+
+def merge(paths: list[Path], name: str, out: Path) -> Path:
+    """One result from parts run in separate processes (``--parts``): their records (fp32 once) and completions."""
+    results = Results(name, {"merged_from": [str(p) for p in paths], "completions": {}})
+    runs = []
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        runs.append({"file": str(path), "config": {k: v for k, v in data["config"].items() if k != "completions"},
+                     "environment": data["environment"], "wall_seconds": data["wall_seconds"]})  # fmt: skip
+        results.config["completions"].update(data["config"].get("completions", {}))
+        for r in data["records"]:
+            r.pop("factor", None)
+            if r["method"] != "fp32" or not any(x.method == "fp32" for x in results.records):
+                results.add(Record(**r))
+    results.config["runs"] = runs
+    results.write(out)
+    return write_report(results, out)
 
 
 def verdicts(records: list[Record], fp32: float) -> list[str]:
@@ -382,7 +402,7 @@ def run(opts: Options) -> Path:
     for part in opts.parts:
         PARTS[part](ex)
     ex.results.write(opts.out)
-    return write_report(ex)
+    return write_report(ex.results, opts.out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -392,7 +412,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float)
     parser.add_argument("--parts", nargs="+", choices=tuple(PARTS), help="what to run (default: all)")
     parser.add_argument("--name", help="results file name (default llm)")
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="JSON", help="combine parts run apart into --name")
     args = parser.parse_args(argv)
+    if args.merge:
+        print(f"wrote {merge(args.merge, args.name or 'llm', args.out)}")
+        return 0
     changes: dict[str, Any] = {"out": args.out, "progress": not args.no_progress}
     changes.update({k: v for k, v in (("name", args.name), ("parts", tuple(args.parts or ()))) if v})
     changes.update({k: v for k, v in (("steps", args.steps), ("lr", args.lr)) if v is not None})

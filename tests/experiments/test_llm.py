@@ -77,3 +77,17 @@ def test_tiny_run_records_every_method_with_sizes_and_completions(tmp_path: Path
     text = path.read_text()
     assert "## Against the targets" in text and "Greedy completions" in text
     assert (tmp_path / "llm_tiny_tradeoff.png").stat().st_size > 0
+
+
+def test_parts_run_apart_merge_into_one_report(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    from experiments.llm import main
+
+    opts = dict(out=tmp_path, progress=False, round_grid=((3, 32),), hqq_grid=(), tensor_bits=(), coreml_bits=())
+    run(Options.tiny(parts=("baselines",), name="a", **opts))
+    run(Options.tiny(parts=("dkm",), name="b", targets=(4.5,), **opts))
+    assert main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--name", "both", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "both.json").read_text())
+    assert [r["method"] for r in data["records"]] == ["fp32", "round-to-nearest", "k-means planned", "DKM (torchdkm)"]
+    assert len(data["config"]["runs"]) == 2 and len(data["config"]["completions"]) == 4
+    assert "DKM 4.5 bpw" in (tmp_path / "both.md").read_text()
