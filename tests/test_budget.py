@@ -82,3 +82,16 @@ def test_retarget_spends_the_same_measurements_for_another_size():
     assert [layer.chosen for layer in wide.layers] != [layer.chosen for layer in wide.retarget(3.0).layers]
     with pytest.raises(TorchdkmError, match="over the target"):
         wide.retarget(1.0)
+
+
+def test_a_llama_file_with_block_scales_and_offsets_fits_its_target(tmp_path):
+    """Long tensor names and four tensors per layer (indices, LUT, scales, offsets): the header allowance covers them."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    for target in (5.0, 6.0):
+        plan = plan_to_size(model, target, "fc:4/1#32a, emb:4/1#32a", bits=(2, 3, 4), blocks=(32, None), offset=True)
+        torchdkm.save(torchdkm.kmeans_compress(copy.deepcopy(model), plan.config), tmp_path / "m.dkm.safetensors")
+        assert (tmp_path / "m.dkm.safetensors").stat().st_size <= plan.target_bytes
