@@ -31,3 +31,12 @@ def test_the_vision_table_is_copied_whole() -> None:
 def test_plots_linked_from_the_readme_exist() -> None:
     for link in re.findall(r"\((results/[\w.-]+\.png)\)", results_section()):
         assert (ROOT / link).read_bytes()[:4] == b"\x89PNG", link
+
+
+def test_the_language_model_rows_are_copied_from_results() -> None:
+    text = results_section()
+    start = text.index("### Language models")
+    section = text[start : text.index("\n### ", start + 1)]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+    saved = (ROOT / "results" / "llm.md").read_text(encoding="utf-8")
+    assert len(rows) >= 8 and [row for row in rows if row not in saved] == []
