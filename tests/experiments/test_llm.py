@@ -91,3 +91,15 @@ def test_parts_run_apart_merge_into_one_report(tmp_path: Path) -> None:
     assert [r["method"] for r in data["records"]] == ["fp32", "round-to-nearest", "k-means planned", "DKM (torchdkm)"]
     assert len(data["config"]["runs"]) == 2 and len(data["config"]["completions"]) == 4
     assert "DKM 4.5 bpw" in (tmp_path / "both.md").read_text()
+
+
+def test_coremltools_dkm_past_its_wall_time_cap_is_killed_and_said(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    opts = Options.tiny(out=tmp_path, progress=False, parts=("coreml-dkm",), coreml_dkm_minutes=0.0,
+                        coreml_grace_minutes=0.01)  # fmt: skip
+    path = run(opts)
+    data = json.loads((tmp_path / "llm_tiny.json").read_text())
+    assert [r["method"] for r in data["records"]] == ["fp32"]
+    assert "killed at its 0.01-minute wall-time cap" in data["config"]["unfinished"][0]
+    assert "coremltools DKM: no result" in path.read_text()
+    assert not (tmp_path / "llm_tiny_coreml_dkm.json").exists()
