@@ -270,9 +270,8 @@ def run_coreml_dkm(ex: Experiment) -> None:
         process.terminate()
         process.join()
     data = json.loads(path.read_text()) if path.is_file() else {"records": [], "config": {}}
-    for r in data["records"]:
-        r.pop("factor", None)
-        ex.results.add(Record(**r))
+    for record in saved_records(data):
+        ex.results.add(record)
     ex.results.config.setdefault("completions", {}).update(data["config"].get("completions", {}))
     if not data["records"]:
         why = f"killed at its {cap / 60:g}-minute wall-time cap" if killed else f"its process failed (exit {process.exitcode})"
@@ -372,6 +371,11 @@ def write_report(results: Results, out: Path) -> Path:
     return path
 
 
+def saved_records(data: dict) -> list[Record]:
+    """The records of a results JSON (:meth:`Results.write` adds the derived ``factor``)."""
+    return [Record(**{k: v for k, v in r.items() if k != "factor"}) for r in data["records"]]
+
+
 def merge(paths: list[Path], name: str, out: Path) -> Path:
     """One result from parts run in separate processes (``--parts``): their records (fp32 once) and completions."""
     results = Results(name, {"merged_from": [str(p) for p in paths], "completions": {}})
@@ -382,10 +386,9 @@ def merge(paths: list[Path], name: str, out: Path) -> Path:
                      "environment": data["environment"], "wall_seconds": data["wall_seconds"]})  # fmt: skip
         results.config["completions"].update(data["config"].get("completions", {}))
         results.config.setdefault("unfinished", []).extend(data["config"].get("unfinished", []))
-        for r in data["records"]:
-            r.pop("factor", None)
-            if r["method"] != "fp32" or not any(x.method == "fp32" for x in results.records):
-                results.add(Record(**r))
+        for record in saved_records(data):
+            if record.method != "fp32" or not any(x.method == "fp32" for x in results.records):
+                results.add(record)
     results.config["runs"] = runs
     results.write(out)
     return write_report(results, out)

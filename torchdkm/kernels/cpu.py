@@ -221,31 +221,24 @@ def _floats(weight: Tensor, *tensors: Tensor | None) -> list[Tensor | None]:
 
 def normalise(weight: Tensor, block: int, safe: Tensor, offset: Tensor | None) -> Tensor:
     """``(weight - offset) / safe`` per block, bit for bit as the torch kernel, in one pass."""
-    weight = weight.contiguous()
-    safe, offset = _floats(weight, safe, offset)
-    out = torch.empty_like(weight)
-    rows, row_len = weight.shape
-    function = _loops().tdkm_normalise_f32
-
-    def loop(first: int, end: int) -> None:
-        args = (_opt(safe, first), _opt(offset, first), _ptr(out, first * row_len))
-        function(_ptr(weight, first * row_len), end - first, row_len, block, *args)
-
-    _by_rows(rows, row_len, loop)
-    return out
+    return _per_block(_loops().tdkm_normalise_f32, weight, block, safe, offset)
 
 
 def rescale(normalised: Tensor, block: int, scale: Tensor, offset: Tensor | None) -> Tensor:
     """``normalised * scale + offset`` per block, bit for bit as the torch kernel, in one pass."""
-    normalised = normalised.contiguous()
-    scale, offset = _floats(normalised, scale, offset)
-    out = torch.empty_like(normalised)
-    rows, row_len = normalised.shape
-    function = _loops().tdkm_rescale_f32
+    return _per_block(_loops().tdkm_rescale_f32, normalised, block, scale, offset)
+
+
+def _per_block(function, x: Tensor, block: int, table: Tensor, offset: Tensor | None) -> Tensor:
+    """Run an elementwise per-block loop (``x``, a value and an optional offset per block) over row ranges."""
+    x = x.contiguous()
+    table, offset = _floats(x, table, offset)
+    out = torch.empty_like(x)
+    rows, row_len = x.shape
 
     def loop(first: int, end: int) -> None:
-        args = (_opt(scale, first), _opt(offset, first), _ptr(out, first * row_len))
-        function(_ptr(normalised, first * row_len), end - first, row_len, block, *args)
+        args = (_opt(table, first), _opt(offset, first), _ptr(out, first * row_len))
+        function(_ptr(x, first * row_len), end - first, row_len, block, *args)
 
     _by_rows(rows, row_len, loop)
     return out
