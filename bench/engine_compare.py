@@ -15,9 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 from pathlib import Path
+
+from bench.checkouts import git_head, run_in
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -54,13 +54,7 @@ print(json.dumps(statistics.median(times)))
 
 
 def time_step(checkout: Path, case: tuple, steps: int) -> float:
-    args = json.dumps([case[1], case[2], case[3], case[4], case[5], steps])
-    done = subprocess.run([sys.executable, "-c", STEP, args], cwd=checkout, capture_output=True, text=True, check=True)
-    return float(done.stdout.strip().splitlines()[-1])
-
-
-def git_head(checkout: Path) -> str:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=checkout, capture_output=True, text=True).stdout.strip()
+    return float(run_in(checkout, STEP, [case[1], case[2], case[3], case[4], case[5], steps]))
 
 
 def main(argv: list[str] | None = None) -> int:

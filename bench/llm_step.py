@@ -19,9 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 from pathlib import Path
+
+from bench.checkouts import git_head, run_in
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -63,14 +63,8 @@ print(json.dumps([median_step(plain), median_step(model)]))
 
 
 def time_case(checkout: Path, case: tuple, steps: int, threads: int) -> tuple[float, float]:
-    args = json.dumps([case[1], case[2], case[3], case[4], steps, threads])
-    done = subprocess.run([sys.executable, "-c", STEP, args], cwd=checkout, capture_output=True, text=True, check=True)
-    plain, dkm = json.loads(done.stdout.strip().splitlines()[-1])
+    plain, dkm = run_in(checkout, STEP, [case[1], case[2], case[3], case[4], steps, threads])
     return plain, dkm
-
-
-def git_head(checkout: Path) -> str:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=checkout, capture_output=True, text=True).stdout.strip()
 
 
 def main(argv: list[str] | None = None) -> int:
