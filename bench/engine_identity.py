@@ -6,7 +6,8 @@
 
 Every case clusters one seeded weight through the public ``WeightClusterer`` (init, one soft
 step, the weight's gradient of a fixed upstream, the snapped weight) and a small model through
-``prepare`` / three SGD steps / ``finalize``.  The cases cover every path of the engine: dense
+``prepare`` / three SGD steps / ``finalize``, with its small layers stepping together (the default)
+and alone (``model-alone``).  The cases cover every path of the engine: dense
 (``top_m=None``), sparse top-m, uniquified 16-bit (bf16 weights, fp32 rounded to fp16), exact
 float64, LUT groups and padded partial vectors, native loops on and off.  One thread, so the
 comparison is of the arithmetic, not of the thread split.
@@ -61,14 +62,20 @@ def run_cases() -> dict[str, list[torch.Tensor]]:
     return out
 
 
-def run_model() -> list[torch.Tensor]:
+def run_model(alone: bool = False) -> list[torch.Tensor]:
+    """``alone``: every layer steps alone (``prepare(batch_numel=0)``; checkouts without batching always do)."""
+    import inspect
+
     import torchdkm
 
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 10)
     )
-    torchdkm.prepare(model, torchdkm.DKMConfig.parse("cv:2/2, fc:3/1", min_numel=0))
+    batching = "batch_numel" in inspect.signature(torchdkm.prepare).parameters
+    torchdkm.prepare(
+        model, torchdkm.DKMConfig.parse("cv:2/2, fc:3/1", min_numel=0), **({"batch_numel": 0} if alone and batching else {})
+    )
     opt = torch.optim.SGD(model.parameters(), 0.05)
     x = torch.randn(16, 1, 12, 12, generator=torch.Generator().manual_seed(1))
     y = torch.randint(0, 10, (16,), generator=torch.Generator().manual_seed(2))
@@ -112,6 +119,7 @@ def main() -> None:
             for name, tensors in run_cases().items():
                 results[f"{name}/native={native}"] = tensors
             results[f"model/native={native}"] = run_model()
+            results[f"model-alone/native={native}"] = run_model(alone=True)
     finally:
         if before is None:
             os.environ.pop("TORCHDKM_NATIVE", None)

@@ -173,6 +173,7 @@ class Row:
     step: Callable[[], None] = field(repr=False)
     skipped: dict[str, str] = field(default_factory=dict)  # weight left dense -> why
     note: str = ""
+    alone: bool = False  # torchdkm with every layer stepping alone (``prepare(batch_numel=0)``)
     first_steps_s: list[float] = field(default_factory=list)
     times_s: list[float] = field(default_factory=list)  # this row's median per round
 
@@ -195,15 +196,22 @@ def torchdkm_clustered(model: nn.Module) -> list[str]:
 
 
 def torchdkm_row(
-    setting: str, args: argparse.Namespace, x: Tensor, y: Tensor, dense: tuple[str, ...] = (), label: str = ""
+    setting: str,
+    args: argparse.Namespace,
+    x: Tensor,
+    y: Tensor,
+    dense: tuple[str, ...] = (),
+    label: str = "",
+    alone: bool = False,
 ) -> Row:
-    model = torchdkm.prepare(build_model(args.seed), torchdkm_config(setting, args.iters, dense))
+    alone_kw = {"batch_numel": 0} if alone else {}  # (else prepare's default: small layers step together)
+    model = torchdkm.prepare(build_model(args.seed), torchdkm_config(setting, args.iters, dense), **alone_kw)
     clustered = torchdkm_clustered(model)
     expected = [name for name in weight_modules(model) if name not in dense]
     if clustered != expected:
         raise RuntimeError(f"torchdkm {setting}: clustered {clustered}, expected {expected}")
     skipped = {name: "left dense to match coremltools" for name in dense}
-    return Row("torchdkm", setting, label or f"torchdkm {setting}", clustered, make_step(model, x, y), skipped)
+    return Row("torchdkm", setting, label or f"torchdkm {setting}", clustered, make_step(model, x, y), skipped, alone=alone)
 
 
 def coremltools_skips(setting: str) -> dict[str, str]:
@@ -284,6 +292,7 @@ def build_rows(args: argparse.Namespace, x: Tensor, y: Tensor) -> list[Row]:
     for setting in args.settings:
         if args.only != "coremltools":
             rows.append(torchdkm_row(setting, args, x, y))
+            rows.append(torchdkm_row(setting, args, x, y, label=f"torchdkm {setting}, each layer alone", alone=True))
         if args.only != "torchdkm":
             cml = coremltools_row(setting, args, x, y)
             if cml.skipped and args.only != "coremltools":
@@ -341,6 +350,7 @@ def summarize(rows: list[Row]) -> list[dict[str, Any]]:
                 "clustered": row.clustered,
                 "skipped": row.skipped,
                 "note": row.note,
+                "alone": row.alone,
                 "first_steps_s": row.first_steps_s,
                 "round_step_s": row.times_s,
                 "step_s": statistics.median(row.times_s),
@@ -366,12 +376,13 @@ def compare(results: list[dict[str, Any]], settings: list[str]) -> list[dict[str
         if cml is None or not mine:
             continue
         for tdkm in mine:
-            primary = not tdkm["skipped"]
+            primary = not tdkm["skipped"] and not tdkm["alone"]
             ratio = tdkm["overhead_s"] / cml["overhead_s"] if cml["overhead_s"] > 0 else None
+            basis = "coremltools' layers" if tdkm["skipped"] else "all 8 weights"
             out.append(
                 {
                     "setting": setting,
-                    "basis": "all 8 weights" if primary else "coremltools' layers",
+                    "basis": basis + (", each layer alone" if tdkm["alone"] else ""),
                     "torchdkm_layers": tdkm["layers_clustered"],
                     "coremltools_layers": cml["layers_clustered"],
                     "torchdkm_overhead_s": tdkm["overhead_s"],
@@ -696,7 +707,9 @@ def profile_setting(args: argparse.Namespace) -> dict[str, Any]:
     steps = args.profile_steps
     print(f"profiling torchdkm {setting} against the plain step: batch {args.batch}, {steps} steps each", flush=True)
     phases = {"plain": phase_times(plain, x, y, steps), "torchdkm": phase_times(model, x, y, steps)}
-    layers = per_layer_times(model, steps)
+    alone = torchdkm.prepare(build_model(args.seed), torchdkm_config(setting, args.iters), batch_numel=0)
+    layers = per_layer_times(alone, steps)
+    together = per_layer_times(model, steps)[0]  # reading one weight runs the step of all eight
     plain_step, dkm_step = make_step(plain, x, y), make_step(model, x, y)
     ops = {"plain": aten_ops(plain_step, min(steps, 3)), "torchdkm": aten_ops(dkm_step, min(steps, 3))}
     added_ops = Counter({k: ops["torchdkm"][k] - ops["plain"].get(k, 0) for k in ops["torchdkm"]})
@@ -724,6 +737,7 @@ def profile_setting(args: argparse.Namespace) -> dict[str, Any]:
         "iters": args.iters,
         "phases": phases,
         "layers": layers,
+        "together": {"forward_s": together["forward_s"], "backward_s": together["backward_s"]},
         "aten_ops_per_step": {name: sum(counter.values()) for name, counter in ops.items()},
         "aten_ops_added_per_layer": sum(added_ops.values()) / len(clustered),
         "top_added_aten_ops": [{"op": k, "per_step": v} for k, v in added_ops.most_common(args.top)],
@@ -752,7 +766,8 @@ def render_profile(p: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "Each clustered weight alone (`module.weight`: the DKM forward; `weight.backward(g)`: its backward):",
+        "Each clustered weight stepping alone (`prepare(batch_numel=0)`; `module.weight`: the DKM forward; "
+        "`weight.backward(g)`: its backward), and all eight in the one step they share by default:",
         "",
         "| layer | weights | DKM forward ms | DKM backward ms |",
         "|---|---|---|---|",
@@ -763,8 +778,10 @@ def render_profile(p: dict[str, Any]) -> str:
         )
     fwd = sum(layer["forward_s"] for layer in p["layers"])
     bwd = sum(layer["backward_s"] for layer in p["layers"])
+    together = p["together"]
     lines += [
-        f"| all 8 | | {ms(fwd, '.2f')} | {ms(bwd, '.2f')} |",
+        f"| all 8, each alone | | {ms(fwd, '.2f')} | {ms(bwd, '.2f')} |",
+        f"| all 8, one shared step | | {ms(together['forward_s'], '.2f')} | {ms(together['backward_s'], '.2f')} |",
         "",
         "- ops dispatched per step below autograd (a `TorchDispatchMode`; forward / backward / optimizer): plain "
         + " / ".join(str(p["dispatched_ops"]["plain"][k]) for k in ("forward", "backward", "optimizer"))

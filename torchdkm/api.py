@@ -14,8 +14,10 @@ from torch import nn
 from torch.nn.utils import parametrize
 from tqdm import tqdm
 
+from .cluster.batch import BATCH_NUMEL
 from .config import DKMConfig
 from .errors import TorchdkmError
+from .nn.batching import batch_layers
 from .nn.palettized import palettize_module, palettized_modules, set_submodule
 from .nn.parametrization import (
     DKMParametrization,
@@ -28,7 +30,9 @@ from .pack import pack
 from .select import few, is_transposed, select, skip_warning
 
 
-def prepare(model: nn.Module, config: DKMConfig | str, *, progress: bool = False) -> nn.Module:
+def prepare(
+    model: nn.Module, config: DKMConfig | str, *, progress: bool = False, batch_numel: int = BATCH_NUMEL
+) -> nn.Module:
     """Attach DKM to the weights ``config`` selects, in place; returns ``model``.
 
     ``config`` may be a :class:`DKMConfig` or its shorthand (``"cv:6/6, fc:6/4"``).
@@ -37,13 +41,21 @@ def prepare(model: nn.Module, config: DKMConfig | str, *, progress: bool = False
     rule covers but that stay dense (below ``min_numel``, an unsupported module
     type, a rule-excluded holder of a tied tensor) are listed in one
     ``UserWarning``, so nothing is skipped silently.  A tensor several modules
-    share (tied weights) is clustered once and stays shared.  Train the model afterwards with your own loop and
-    loss; nothing else changes.
+    share (tied weights) is clustered once and stays shared.
+
+    Layers with at most ``batch_numel`` weights whose attention settings agree
+    (bits, dim, path, stopping rule) take their training steps together, one
+    engine run for all (:mod:`torchdkm.nn.batching`): a small layer's step costs
+    milliseconds of fixed overhead alone.  Each layer gets its own step's result
+    to float rounding; ``0`` steps every layer alone.  Train the model
+    afterwards with your own loop and loss; nothing else changes.
     """
     if isinstance(config, str):
         config = DKMConfig.parse(config)
     if not isinstance(config, DKMConfig):
         raise TorchdkmError(f"prepare: config must be a DKMConfig or a string, got {type(config).__name__}")
+    if isinstance(batch_numel, bool) or not isinstance(batch_numel, int) or batch_numel < 0:
+        raise TorchdkmError(f"prepare: batch_numel={batch_numel!r} is invalid: must be an integer >= 0")
     selection = select(model, config)
     if selection.skipped:
         warnings.warn(skip_warning(selection.skipped), UserWarning, stacklevel=2)
@@ -53,6 +65,7 @@ def prepare(model: nn.Module, config: DKMConfig | str, *, progress: bool = False
             + (f"; left dense: {', '.join(s.key for s in selection.skipped[:5])}" if selection.skipped else "")
         )
     chosen = tqdm(selection.chosen, desc="k-means init", unit="layer", disable=not progress, leave=False)
+    prepared = []
     for name, module, param, layer in chosen:
         weight = getattr(module, param)
         dkm = DKMParametrization(name, layer, weight.detach(), transposed=is_transposed(module))
@@ -61,6 +74,8 @@ def prepare(model: nn.Module, config: DKMConfig | str, *, progress: bool = False
             parametrize.register_parametrization(holder_module, holder_param, dkm, unsafe=True)
             dkm.holders.append((holder, holder_param))
             cache_while_forward(holder_module)
+        prepared.append((dkm, module.parametrizations[param]))
+    batch_layers(prepared, batch_numel)
     return model
 
 

@@ -29,7 +29,7 @@ def test_engine_identity_compares_saved_runs(tmp_path, monkeypatch, capsys):
     identity = importlib.import_module("bench.engine_identity")
     monkeypatch.setenv("TORCHDKM_NATIVE", "1")
     monkeypatch.setattr(identity, "CASES", {"tiny": ((8, 6), torch.float32, dict(bits=2, top_m=None))})
-    monkeypatch.setattr(identity, "run_model", lambda: [torch.zeros(1)])
+    monkeypatch.setattr(identity, "run_model", lambda alone=False: [torch.full((1,), float(alone))])
     out = tmp_path / "a.pt"
     monkeypatch.setattr(sys, "argv", ["engine_identity", "--out", str(out)])
     identity.main()

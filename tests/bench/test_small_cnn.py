@@ -59,7 +59,14 @@ def test_torchdkm_rows_cluster_all_eight_weights(small_cnn: ModuleType, tmp_path
     assert "git_head" in env and env["torch_threads"] == 1
     assert report["config"]["batch"] == 32 and report["config"]["rounds"] == 1
     rows = report["results"]
-    assert [(r["library"], r["setting"]) for r in rows] == [("plain", "-"), ("torchdkm", "2/1"), ("torchdkm", "4/4")]
+    assert [(r["library"], r["setting"], r["alone"]) for r in rows] == [
+        ("plain", "-", False),
+        ("torchdkm", "2/1", False),
+        ("torchdkm", "2/1", True),
+        ("torchdkm", "4/4", False),
+        ("torchdkm", "4/4", True),
+    ]
+    assert rows[2]["label"] == "torchdkm 2/1, each layer alone"
     for row in rows[1:]:
         assert row["layers_clustered"] == 8 and row["clustered"] == WEIGHTS and row["skipped"] == {}
         assert len(row["round_step_s"]) == 1 and row["step_s"] > 0 and row["plain_s"] == rows[0]["step_s"]
@@ -81,12 +88,16 @@ def test_coremltools_rows_and_ratios(small_cnn: ModuleType, tmp_path: Path) -> N
     assert rows["torchdkm 4/4"]["layers_clustered"] == 8
     assert rows["torchdkm 4/4, same layers as coremltools"]["clustered"] == WEIGHTS[:-1]
     comparisons = report["comparisons"]
-    assert [c["basis"] for c in comparisons] == ["all 8 weights", "coremltools' layers"]
+    assert [c["basis"] for c in comparisons] == [
+        "all 8 weights",
+        "all 8 weights, each layer alone",
+        "coremltools' layers",
+    ]
     primary = comparisons[0]
     if primary["coremltools_overhead_s"] > 0:
         assert primary["ratio"] == pytest.approx(primary["torchdkm_overhead_s"] / primary["coremltools_overhead_s"])
         assert primary["passes"] == (primary["ratio"] <= 0.5)
-    assert comparisons[1]["passes"] is None
+    assert comparisons[1]["passes"] is None and comparisons[2]["passes"] is None
     assert "left dense" in (tmp_path / "small_cnn.md").read_text()
 
 
@@ -95,6 +106,7 @@ def test_profile_mode(small_cnn: ModuleType, tmp_path: Path) -> None:
     assert small_cnn.main(argv) == 0
     found = json.loads((tmp_path / "small_cnn_profile_2_1.json").read_text())["profile"]
     assert found["setting"] == "2/1" and [layer["name"] for layer in found["layers"]] == WEIGHTS
+    assert found["together"]["forward_s"] > 0 and "one shared step" in (tmp_path / "small_cnn_profile_2_1.md").read_text()
     assert set(found["phases"]["torchdkm"]) == {"forward", "backward", "optimizer", "step"}
     ops = found["dispatched_ops"]
     assert (

@@ -108,12 +108,12 @@ class WeightClusterer:
                 f"distances overflow {dtype}; rescale the layer or train it in float64"
             )
 
-    def _distinct(self, weight: Tensor, dtype: torch.dtype, plan: Plan) -> Distinct:
+    def uniquify(self, weight: Tensor, dtype: torch.dtype, plan: Plan) -> Distinct:
         found = distinct(weight.detach(), self.layout, dtype, plan.compute, plan.kernels)
         if not bool(torch.isfinite(found.values).all()):
             overflow = dtype == torch.float16 and weight.dtype not in (torch.float16, torch.bfloat16)
             if overflow and self.config.cluster_dtype == "auto" and bool(torch.isfinite(weight).all()):
-                return self._distinct(weight, torch.bfloat16, plan)  # beyond float16's range: bfloat16's is float32's
+                return self.uniquify(weight, torch.bfloat16, plan)  # beyond float16's range: bfloat16's is float32's
             raise TorchdkmError(
                 f"layer {self.name!r}: weight has NaN/Inf values, or values beyond the range of "
                 f"cluster_dtype {dtype}; use finite weights or cluster_dtype='bfloat16'/'exact'"
@@ -122,13 +122,17 @@ class WeightClusterer:
             self.check_magnitude(float(found.values.abs().amax()), found.values.dtype)
         return found
 
-    def _vectors(self, weight: Tensor, plan: Plan) -> tuple[Tensor, Tensor | None]:
+    def vectors(self, weight: Tensor, plan: Plan) -> tuple[Tensor, Tensor | None]:
         x = self.layout.to_vectors(weight.to(plan.compute))
         return x, self.layout.multiplicity(x.dtype, x.device)
 
+    def thresholds(self, scale: Tensor) -> tuple[Tensor, Tensor]:
+        """The absolute temperature and stopping move per group, from the margin ``scale``."""
+        return self.config.tau * scale, self.config.tol * scale.sqrt()
+
     def _problem(self, x: Tensor, m: Tensor | None, scale: Tensor, plan: Plan) -> Problem:
         cfg = self.config
-        tau, tol = cfg.tau * scale, cfg.tol * scale.sqrt()
+        tau, tol = self.thresholds(scale)
         return Problem(x, m, cfg.k, tau, tol, cfg.max_iters, cfg.tol, plan.budget)
 
     def normalised(self, weight: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
@@ -158,7 +162,7 @@ class WeightClusterer:
         """The absolute softmax temperature per group, ``tau x margin``, for these centroids."""
         weight = self.normalised(weight.detach())[0]
         plan = self.plan(weight)
-        x, m = self._vectors(weight, plan)
+        x, m = self.vectors(weight, plan)
         _, scale = margin(x, m, centroids.to(x.dtype), plan.rows)
         return self.config.tau * scale
 
@@ -168,14 +172,14 @@ class WeightClusterer:
         weight = self.normalised(weight.detach())[0]
         plan = self.plan(weight)
         self.check_finite(weight, plan)
-        x, m = self._vectors(weight, plan)
+        x, m = self.vectors(weight, plan)
         pair = None
         if self.config.dim == 1:
             dtype = plan.cluster_dtype
             if dtype is None and self.layout.numel > DP_EXACT_LIMIT:
                 dtype = torch.float16 if float(weight.abs().max()) <= _FP16_MAX else torch.bfloat16
             if dtype is not None:
-                found = self._distinct(weight, dtype, plan)
+                found = self.uniquify(weight, dtype, plan)
                 pair = (found.values[..., 0], found.counts)
         return init_centroids(x, m, self.config.k, plan.rows, distinct=pair)
 
@@ -193,13 +197,13 @@ class WeightClusterer:
         c0 = centroids.detach().to(plan.compute)
         if plan.path == "unique":
             assert plan.cluster_dtype is not None
-            found = self._distinct(weight, plan.cluster_dtype, plan)
+            found = self.uniquify(weight, plan.cluster_dtype, plan)
             c0, scale = margin(found.values, found.counts, c0, plan.rows)
             problem = self._problem(found.values, found.counts, scale, plan)
             out, c = run(weight, UniqueAttention(problem, found, weight.shape, weight.dtype), c0)
             return SoftResult(out, c.detach())
         self.check_finite(weight, plan)
-        x, m = self._vectors(weight, plan)
+        x, m = self.vectors(weight, plan)
         attention: Attention
         if plan.path == "sparse":  # the sparse attention ranks the centroids for every vector: the margin reads it too
             assert plan.top is not None
@@ -230,7 +234,7 @@ class WeightClusterer:
     def _assign(self, weight: Tensor, centroids: Tensor) -> Tensor:
         plan = self.plan(weight)
         self.check_finite(weight, plan)
-        x, _ = self._vectors(weight, plan)
+        x, _ = self.vectors(weight, plan)
         c = centroids.to(x.dtype)
         index, _ = nearest(x, c, plan.rows)
         partial = self.layout.partial_mask(x.device)

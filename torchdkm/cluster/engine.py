@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .problem import Problem, gram_terms
+from .problem import Problem, gram_terms, per_member
 
 #: A centroid whose total attention mass is below this (in vectors) is empty:
 #: it keeps its value instead of becoming 0/0.
@@ -112,13 +112,25 @@ class Attention(ABC):
 
 
 def iterate(attention: Attention, c: Tensor) -> tuple[Tensor, int]:
-    """Iterate ``c <- F(c)``; stop when every group's largest move is within its ``tol``."""
+    """Iterate ``c <- F(c)``; stop when every group's largest move is within its ``tol``.
+
+    With several members (layers batched into one problem), each member stops on its own:
+    its groups keep the centroids of the iteration at which all of them settled.
+    """
     problem = attention.problem
+    live: Tensor | None = None  # (G,) groups still iterating (members only)
     for done in range(1, problem.max_iters + 1):
         new = attention.update(c)
         moved = (new - c).abs().amax(dim=(1, 2))
-        c = new
-        if bool((moved <= problem.tol).all()):
+        if problem.members is None:
+            c = new
+            if bool((moved <= problem.tol).all()):
+                return c, done
+            continue
+        c = new if live is None else torch.where(live[:, None, None], new, c)
+        unsettled = per_member(problem, (moved > problem.tol).to(moved.dtype))[problem.members] > 0
+        live = unsettled if live is None else live & unsettled
+        if not bool(live.any()):
             return c, done
     return c, problem.max_iters
 
@@ -133,22 +145,56 @@ def backward(attention: Attention, c: Tensor, grad_w: Tensor | None, grad_c: Ten
     full = (den > EMPTY_MASS).unsqueeze(-1)
     inv_den = torch.where(full, 1.0 / den.clamp_min(EMPTY_MASS).unsqueeze(-1), torch.zeros_like(found.gc))
     inv_den = inv_den.to(c.dtype)
+    gc = found.gc
     if found.grams is not None:
         jac = jacobian(found.grams, found.sums, c.to(algebra), (2.0 / problem.tau).to(algebra))
         eye = torch.eye(k * d, dtype=algebra, device=c.device)
-        v = torch.linalg.solve((eye - jac).transpose(1, 2), found.gc.reshape(g, k * d, 1)).view(g, k, d)
-        if bool(torch.isfinite(v).all()) and float(v.norm()) <= MAX_AMPLIFICATION * float(found.gc.norm()) + 1e-30:
+        v = torch.linalg.solve((eye - jac).transpose(1, 2), gc.reshape(g, k * d, 1)).view(g, k, d)
+        solved = _solved(problem, v, gc)
+        if solved is None:
             attention.adjoint_pass(c, v.to(c.dtype) * inv_den, False)
             return attention.input_grad()
-    u = found.gc.to(c.dtype) * inv_den  # gradient per unit of mass
-    first = float(u.norm())
-    for _ in range(max(problem.max_iters, 1)):
-        if first == 0.0:
-            break
-        u = attention.adjoint_pass(c, u, True) * inv_den
-        if float(u.norm()) <= problem.grad_tol * first:
-            break
+        if bool(solved.any()):  # members whose solve held: one adjoint pass; the others sum the series
+            attention.adjoint_pass(c, torch.where(solved[:, None, None], v, 0).to(c.dtype) * inv_den, False)
+            gc = torch.where(solved[:, None, None], 0, gc)
+    _neumann(attention, c, gc.to(c.dtype) * inv_den, inv_den)
     return attention.input_grad()
+
+
+def _solved(problem: Problem, v: Tensor, gc: Tensor) -> Tensor | None:
+    """``None`` when every member's solve is finite and within ``MAX_AMPLIFICATION``; else ``(G,)`` which are."""
+    if problem.members is None:
+        ok = bool(torch.isfinite(v).all()) and float(v.norm()) <= MAX_AMPLIFICATION * float(gc.norm()) + 1e-30
+        return None if ok else torch.zeros(v.shape[0], dtype=torch.bool, device=v.device)
+    finite = per_member(problem, (~torch.isfinite(v)).flatten(1).any(1).to(v.dtype)) == 0
+    v_norm = per_member(problem, torch.nan_to_num(v * v, posinf=0.0).sum((1, 2))).sqrt()
+    g_norm = per_member(problem, (gc * gc).sum((1, 2))).sqrt()
+    ok = finite & (v_norm <= MAX_AMPLIFICATION * g_norm + 1e-30)
+    return None if bool(ok.all()) else ok[problem.members]
+
+
+def _neumann(attention: Attention, c: Tensor, u: Tensor, inv_den: Tensor) -> None:
+    """Sum ``sum_t (dF/dc)^T^t`` applied to ``u`` (per unit of mass), one adjoint pass per term.
+
+    A member stops when its term falls below ``grad_tol`` times its first (its ``u`` is then zero).
+    """
+    problem = attention.problem
+    if problem.members is None:
+        first = float(u.norm())
+        for _ in range(max(problem.max_iters, 1)):
+            if first == 0.0:
+                break
+            u = attention.adjoint_pass(c, u, True) * inv_den
+            if float(u.norm()) <= problem.grad_tol * first:
+                break
+        return
+    first = per_member(problem, (u * u).sum((1, 2)).double()).sqrt()
+    for _ in range(max(problem.max_iters, 1)):
+        live = (per_member(problem, (u * u).sum((1, 2)).double()).sqrt() > problem.grad_tol * first) & (first > 0)
+        if not bool(live.any()):
+            break
+        u = torch.where(live[problem.members][:, None, None], u, 0)
+        u = attention.adjoint_pass(c, u, True) * inv_den
 
 
 def second_moments(packed: Tensor, d: int) -> Tensor:

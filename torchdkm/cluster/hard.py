@@ -151,22 +151,41 @@ MARGIN_CLIP = 100.0
 MEDIAN_SAMPLE = 4096
 
 
-def clipped_mean(values: Tensor, m: Tensor | None, groups: int | None = None) -> Tensor:
+def clipped_mean(values: Tensor, m: Tensor | None, groups: int | None = None, picks: Tensor | None = None) -> Tensor:
     """Per-row mean of ``values`` (R, n) clipped at ``MARGIN_CLIP`` times their (sampled) median.
 
     ``groups``: the groups the sample is shared among (default: the rows; rows that stack several
     quantities of the same groups give the groups, so each row is sampled as it would be alone).
+    ``picks``: each row's sample positions instead (-1: none), from :func:`median_picks`.
     """
     g, n = values.shape
-    per_group = max(16, MEDIAN_SAMPLE // max(groups or g, 1))
-    pick = torch.linspace(0, n - 1, per_group, device=values.device).long() if n > per_group else None
-    sample = values if pick is None else values[:, pick]
-    if m is not None:
-        real = m if pick is None else m[:, pick]
-        sample = torch.where(real > 0, sample, torch.full_like(sample, float("nan")))
+    if picks is not None:
+        sample = values.gather(1, picks.clamp_min(0))
+        real = picks >= 0 if m is None else (picks >= 0) & (m.gather(1, picks.clamp_min(0)) > 0)
+        sample = torch.where(real, sample, torch.full_like(sample, float("nan")))
+    else:
+        per_group = max(16, MEDIAN_SAMPLE // max(groups or g, 1))
+        pick = torch.linspace(0, n - 1, per_group, device=values.device).long() if n > per_group else None
+        sample = values if pick is None else values[:, pick]
+        if m is not None:
+            real = m if pick is None else m[:, pick]
+            sample = torch.where(real > 0, sample, torch.full_like(sample, float("nan")))
     median = sample.nanmedian(dim=1).values
     cap = torch.where(median > 0, MARGIN_CLIP * median, torch.full_like(median, float("inf")))
     return distortion(torch.minimum(values, cap[:, None]), m)
+
+
+def median_picks(lengths: list[int], groups: list[int], device: torch.device) -> Tensor:
+    """:func:`clipped_mean`'s sample positions for layers stacked as groups, each sampled as it would be alone.
+
+    Layer ``i`` has ``groups[i]`` groups of ``lengths[i]`` rows; the result is ``(sum groups, s)``, -1-padded.
+    """
+    rows = []
+    for n, g in zip(lengths, groups):
+        per_group = max(16, MEDIAN_SAMPLE // max(g, 1))
+        pick = torch.linspace(0, n - 1, per_group).long() if n > per_group else torch.arange(n)
+        rows += [pick] * g
+    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=-1).to(device)
 
 
 def reseed_empty(x: Tensor, m: Tensor | None, c: Tensor, index: Tensor, dist: Tensor) -> Tensor:

@@ -4,6 +4,8 @@ Shapes: ``x`` is ``(G, n, d)`` (G independent groups of n vectors), ``m`` is
 ``(G, n)`` vector multiplicities (1 for an ordinary vector, the count of a
 distinct value when uniquified, 0 for padding; ``None`` means all 1), the
 centroids are ``(G, k, d)`` and ``tau`` is ``(G,)`` absolute temperatures.
+Several small layers may share one problem (:mod:`.batch`): ``members`` then
+says which layer each group belongs to, and the stopping rules apply per layer.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ class Problem:
     max_iters: int
     grad_tol: float
     budget: float
+    #: ``(G,)`` int64: the layer each group belongs to, numbered from 0 in order (``None``: one layer)
+    members: Tensor | None = None
 
     @property
     def groups(self) -> int:
@@ -46,6 +50,13 @@ class Problem:
     def rows(self) -> int:
         """Rows per chunk of the dense passes (:func:`rows_for` of the budget)."""
         return rows_for(self.budget, self.groups, self.k, self.dim, self.x.element_size())
+
+
+def per_member(problem: Problem, per_group: Tensor) -> Tensor:
+    """Sum ``(G,)`` values over each member's groups: ``(members,)``."""
+    assert problem.members is not None
+    count = int(problem.members[-1]) + 1
+    return per_group.new_zeros(count).index_add_(0, problem.members, per_group)
 
 
 def gram_terms(dim: int) -> int:

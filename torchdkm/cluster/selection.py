@@ -134,6 +134,9 @@ def choose(
     score = (second - nearest).mul_(inv_tau).sub_(log_hard)
     # hard: the mass off the nearest is below eps exp(-HARD_MARGIN)
     hard = score >= HARD_MARGIN - math.log(eps)
+    pad = None if data.m is None else take(data.m, pos) <= 0
+    if pad is not None:  # padding rows weigh nothing: hard, so no pass evaluates their attention
+        hard |= pad
     slack = slack_of(score, second, nearest, inv_tau, eps)
     near = found[:, 0] & mask
     put(sel.index[:, 0], pos, near)
@@ -153,8 +156,7 @@ def choose(
                 put(sel.index[:, t], at, full[:, t] & mask)
         if sel.soft is not None:
             sel.soft.append(soft_chunk_of(data, take(hard, soft), at, xs, full[:, :top] & mask, k, tau))
-    if data.m is not None:
-        pad = take(data.m, pos) <= 0
+    if pad is not None:
         slack.masked_fill_(pad, math.inf)
         score.masked_fill_(pad, math.inf)
     put(sel.hard, pos, hard)

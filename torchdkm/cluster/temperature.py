@@ -23,11 +23,17 @@ MARGIN_FLOOR = 1e-6
 
 
 def margin(
-    x: Tensor, m: Tensor | None, c: Tensor, rows: int, two: tuple[Tensor, Tensor, Tensor] | None = None
+    x: Tensor,
+    m: Tensor | None,
+    c: Tensor,
+    rows: int,
+    two: tuple[Tensor, Tensor, Tensor] | None = None,
+    picks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Re-seed empty centroids; return them and the layer's margin per group ``(G,)``.
 
-    ``two``: :func:`.hard.nearest_two` of ``x`` at ``c``, if already known.
+    ``two``: :func:`.hard.nearest_two` of ``x`` at ``c``, if already known; ``picks``: the
+    median's sample positions per group (:func:`.hard.median_picks`, for layers stacked as groups).
     """
     with torch.no_grad():
         index, first, second = nearest_two(x, c, rows) if two is None else two
@@ -36,7 +42,12 @@ def margin(
             c = reseeded
             _, first, second = nearest_two(x, c, rows)
         g = x.shape[0]  # (both clipped means in one call: every op works row by row)
-        both = clipped_mean(torch.cat([squared_norms(x), second - first]), None if m is None else m.repeat(2, 1), g)
+        both = clipped_mean(
+            torch.cat([squared_norms(x), second - first]),
+            None if m is None else m.repeat(2, 1),
+            g,
+            None if picks is None else picks.repeat(2, 1),
+        )
         mean_sq, gap = both[:g], both[g:]
         scale = gap.clamp_min(MARGIN_FLOOR * mean_sq + 1e-30)
     return c, scale

@@ -203,6 +203,47 @@ def distinct(weight: Tensor, layout: Layout, dtype: torch.dtype, compute: torch.
     return Distinct(values.view(groups, width, 1), mass.view(groups, width), keys, slots, table_size, table)
 
 
+class StackedDistinct:
+    """Several layers' :class:`Distinct` values as the groups of one ``(G, U)`` table (:mod:`.batch`).
+
+    The weights are the layers' flattened weights one after another; every pass
+    runs on each layer's own table and keys, so it matches what
+    :class:`UniqueAttention` does with one layer's :class:`Distinct`.
+    """
+
+    def __init__(self, parts: list[Distinct], numels: list[int]):
+        self.parts, self.numels = parts, numels
+        self.groups = [part.values.shape[0] for part in parts]
+        self.width = max(part.values.shape[1] for part in parts)
+        self.values = torch.cat([self._pad(part.values) for part in parts])
+        self.counts = torch.cat([self._pad(part.counts) for part in parts])
+
+    def _pad(self, per_slot: Tensor) -> Tensor:
+        """``(G_i, U_i, ...)`` padded with zeros to the common width."""
+        extra = self.width - per_slot.shape[1]
+        return (
+            per_slot
+            if extra == 0
+            else torch.cat([per_slot, per_slot.new_zeros(per_slot.shape[0], extra, *per_slot.shape[2:])], 1)
+        )
+
+    def _split(self, per_slot: Tensor) -> list[Tensor]:
+        """Each layer's ``(G_i, U_i, ...)`` share of a stacked ``(G, U, ...)`` tensor."""
+        return [t[:, : p.values.shape[1]] for t, p in zip(per_slot.split(self.groups), self.parts)]
+
+    def expand(self, per_slot: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        return torch.cat([p.expand(t, dtype) for p, t in zip(self.parts, self._split(per_slot))])
+
+    def sum_per_slot(self, per_weight: Tensor, dtype: torch.dtype) -> Tensor:
+        pieces = per_weight.reshape(-1).split(self.numels)
+        return torch.cat([self._pad(p.sum_per_slot(w, dtype)) for p, w in zip(self.parts, pieces)])
+
+    def gather_affine(self, shift_per_slot: Tensor, slope_per_slot: Tensor, grad: Tensor) -> Tensor:
+        shifts, slopes = self._split(shift_per_slot), self._split(slope_per_slot)
+        pieces = grad.reshape(-1).split(self.numels)
+        return torch.cat([p.gather_affine(a, b, g) for p, a, b, g in zip(self.parts, shifts, slopes, pieces)])
+
+
 class UniqueAttention(DenseAttention):
     """The dense attention over the distinct values (counts as multiplicities), gathered back to every weight.
 
@@ -213,7 +254,7 @@ class UniqueAttention(DenseAttention):
     The 16-bit rounding is straight-through.
     """
 
-    def __init__(self, problem: Problem, found: Distinct, shape: torch.Size, dtype: torch.dtype):
+    def __init__(self, problem: Problem, found: Distinct | StackedDistinct, shape: torch.Size, dtype: torch.dtype):
         super().__init__(problem)
         self.found, self.shape, self.dtype = found, shape, dtype
         self.slope: Tensor | None = None

@@ -24,6 +24,7 @@ from ..cluster import WeightClusterer
 from ..cluster.clusterer import HardResult
 from ..cluster.scales import STORED
 from ..config import LayerConfig
+from .batching import StepBatch
 from .palettized import PaletteSpec
 
 
@@ -54,6 +55,8 @@ class DKMParametrization(nn.Module):
         self.refresh = True
         #: ``(module name, parameter)`` of every module it is registered on (``prepare`` fills it), the owner first.
         self.holders: list[tuple[str, str]] = []
+        #: the small layers it shares its DKM steps with (:mod:`.batching`; ``prepare`` sets it), if any
+        self.batch: StepBatch | None = None
 
     def view(self, weight: Tensor) -> Tensor:
         """The weight as it is clustered: output channels first."""
@@ -66,8 +69,12 @@ class DKMParametrization(nn.Module):
     def forward(self, weight: Tensor) -> Tensor:
         if not self.training:
             return self.export(weight)[0]
+        if self.batch is not None:
+            batched = self.batch.soft(self, weight)
+            if batched is not None:
+                return batched
         shared = len(self.holders) > 1
-        if shared and self._soft is not None and self._soft[0] == self._key(weight):
+        if shared and self._soft is not None and self._soft[0] == self.step_key(weight):
             return self._soft[1]
         result = self.clusterer.soft(self.view(weight), self.centroids)
         with torch.no_grad():
@@ -76,10 +83,11 @@ class DKMParametrization(nn.Module):
         if shared:
             if out.requires_grad:
                 out.register_hook(self._forget)  # backward frees the graph: the next forward steps again
-            self._soft = (self._key(weight), out)
+            self._soft = (self.step_key(weight), out)
         return out
 
-    def _key(self, weight: Tensor) -> tuple:
+    def step_key(self, weight: Tensor) -> tuple:
+        """What a kept soft weight depends on: the weight, the centroids and the grad mode."""
         return (weight.data_ptr(), weight._version, self.centroids._version, torch.is_grad_enabled())
 
     def _forget(self, grad: Tensor) -> None:
