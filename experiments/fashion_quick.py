@@ -71,10 +71,13 @@ def compare(
     lr: float,
     coreml_seconds: float,
     progress: bool,
+    bn_batches: int = 0,
 ) -> Results:
     """Every method at 1 bit per weight from ``fp32``; writes ``<out>/<name>.json`` and ``.md``."""
-    opts = vision.Options(seeds=(seed,), dkm_epochs=1, lr=lr, coreml_seconds=coreml_seconds, progress=progress)
-    config = {"model": model, "steps": steps, "seed": seed, "lr": lr, "images": len(data.y_train)}
+    opts = vision.Options(
+        seeds=(seed,), dkm_epochs=1, lr=lr, coreml_seconds=coreml_seconds, progress=progress, bn_batches=bn_batches
+    )
+    config = {"model": model, "steps": steps, "seed": seed, "lr": lr, "images": len(data.y_train), "bn_batches": bn_batches}
     results = Results(name, config)
     report = torchdkm.report(fp32, show=False)
     fp32_accuracy = vision.accuracy(fp32, data)
@@ -82,7 +85,7 @@ def compare(
     log_line(f"{model} fp32: {100 * fp32_accuracy:.2f} %")
     dkm_model, record = vision.dkm(fp32, VECTOR_SETTING, data, seed, opts)
     results.add(record)
-    results.add(vision.kmeans(fp32, VECTOR_SETTING, data, seed))
+    results.add(vision.kmeans(fp32, VECTOR_SETTING, data, seed, opts))
     record, dense = vision.coreml(fp32, VECTOR_SETTING, data, seed, opts, torchdkm.report(dkm_model, show=False))
     results.add(record)
     if dense:
@@ -91,7 +94,7 @@ def compare(
         results.add(replace(record, method=vision.MATCHED, setting=VECTOR_SETTING, note=matched))
     _, record = vision.dkm(fp32, SCALAR_SETTING, data, seed, opts)
     results.add(record)
-    results.add(vision.kmeans(fp32, SCALAR_SETTING, data, seed))
+    results.add(vision.kmeans(fp32, SCALAR_SETTING, data, seed, opts))
     for qat in (False, True):
         results.add(vision.uniform(fp32, SCALAR_SETTING, data, seed, opts, qat))
     for setting in (VECTOR_SETTING, SCALAR_SETTING):
@@ -111,7 +114,15 @@ def table(results: Results, config: dict) -> str:
     )
     notes = sorted({f"{r.method}, {r.setting}: {r.note}" for r in results.records if r.note})
     timing = [f"{r.method}, {r.setting}: {r.seconds:.0f} s, {r.steps} steps" for r in results.records if r.steps]
-    return "\n".join([pivot_table(rows, METHODS, (VECTOR_SETTING, SCALAR_SETTING), label), "", *notes, "", *timing])
+    tables = [pivot_table(rows, METHODS, (VECTOR_SETTING, SCALAR_SETTING), label)]
+    bn_rows = results.summary("accuracy_bn")
+    if bn_rows:
+        bn_label = (
+            f"### The same models after re-estimating their BatchNorm statistics on {config['bn_batches']} training "
+            f"batches of 64 with the compressed weights (`torch.optim.swa_utils.update_bn`)"
+        )
+        tables += ["", pivot_table(bn_rows, METHODS, (VECTOR_SETTING, SCALAR_SETTING), bn_label)]
+    return "\n".join([*tables, "", *notes, "", *timing])
 
 
 def cli(argv: list[str] | None = None) -> int:
@@ -121,6 +132,12 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=400, help="fine-tuning steps of 64 images (default %(default)s)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--coreml-seconds", type=float, default=600.0)
+    parser.add_argument(
+        "--bn-batches",
+        type=int,
+        default=100,
+        help="also score every model after re-estimating its BatchNorm statistics on this many batches (0: off)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data-dir", type=Path, default=DATA_DIR)
     parser.add_argument("--checkpoints", type=Path, default=CHECKPOINTS)
@@ -142,6 +159,7 @@ def cli(argv: list[str] | None = None) -> int:
     results = compare(
         fp32, data, model=args.model, steps=args.steps, seed=args.seed, out=args.out, lr=args.lr,
         name=f"fashion_quick_{args.model}", coreml_seconds=args.coreml_seconds, progress=not args.no_progress,
+        bn_batches=args.bn_batches,
     )  # fmt: skip
     print(table(results, results.config))
     print(f"run time: {time.perf_counter() - start:.0f} s")

@@ -101,6 +101,10 @@ class Options:
     iteration_caps: tuple[int, ...] = ITERATION_CAPS
     dims: tuple[str, ...] = DIMS_AT_1_BIT
     coreml_seconds: float = 300.0  # wall-time cap per coremltools run; it reports how far it got
+    #: > 0: also report ``accuracy_bn``, the compressed model's accuracy after its BatchNorm statistics are
+    #: re-estimated on this many training batches (``torch.optim.swa_utils.update_bn``; they were gathered
+    #: on the weights as trained, soft ones for DKM, not on the weights shipped)
+    bn_batches: int = 0
     out: Path = RESULTS
     name: str = "vision"
     progress: bool = True
@@ -126,6 +130,21 @@ def accuracy(model: nn.Module, data: Data) -> float:
     model.eval()
     with torch.no_grad():
         return float((model(data.x_test).argmax(1) == data.y_test).float().mean())
+
+
+def scores(model: nn.Module, data: Data, opts: Options | None = None) -> dict[str, float]:
+    """``accuracy``, and with ``opts.bn_batches`` ``accuracy_bn`` (on a copy whose BatchNorm statistics are
+    re-estimated on the first ``bn_batches`` training batches of the compressed weights)."""
+    out = {"accuracy": accuracy(model, data)}
+    if opts is not None and opts.bn_batches > 0:
+        if not any(getattr(m, "running_mean", None) is not None for m in model.modules()):
+            return out
+        copy_ = copy.deepcopy(model)
+        batches = [data.x_train[i : i + BATCH_SIZE] for i in range(0, len(data.y_train), BATCH_SIZE)]
+        with torch.no_grad():
+            torch.optim.swa_utils.update_bn(batches[: opts.bn_batches], copy_)
+        out["accuracy_bn"] = accuracy(copy_, data)
+    return out
 
 
 def loss_fn(data: Data):
@@ -157,7 +176,7 @@ def dkm(fp32: nn.Module, setting: str, data: Data, seed: int, opts: Options, **f
     model = torchdkm.finalize(model)
     seconds = time.perf_counter() - start
     report = torchdkm.report(model, show=False)
-    metrics = {"accuracy": accuracy(model, data), "gap": gap, "ms_per_step": 1e3 * seconds / max(steps, 1)}
+    metrics = {**scores(model, data, opts), "gap": gap, "ms_per_step": 1e3 * seconds / max(steps, 1)}
     record = Record(
         "DKM",
         setting,
@@ -172,7 +191,7 @@ def dkm(fp32: nn.Module, setting: str, data: Data, seed: int, opts: Options, **f
     return model, record
 
 
-def kmeans(fp32: nn.Module, setting: str, data: Data, seed: int) -> Record:
+def kmeans(fp32: nn.Module, setting: str, data: Data, seed: int, opts: Options | None = None) -> Record:
     start = time.perf_counter()
     model = torchdkm.kmeans_compress(copy.deepcopy(fp32), setting)
     report = torchdkm.report(model, show=False)
@@ -180,7 +199,7 @@ def kmeans(fp32: nn.Module, setting: str, data: Data, seed: int) -> Record:
         "k-means",
         setting,
         seed,
-        {"accuracy": accuracy(model, data)},
+        scores(model, data, opts),
         report.compressed_bytes,
         report.fp32_bytes,
         report.bits_per_weight,
@@ -236,7 +255,7 @@ def coreml(
     if dense:
         size_bytes = size_with_dense(size, dense)
         note = f"{note}; left dense by coremltools: {', '.join(n for n, _ in dense)}".lstrip("; ")
-    metrics = {"accuracy": accuracy(model, data), "ms_per_step": 1e3 * seconds / max(steps, 1)}
+    metrics = {**scores(model, data, opts), "ms_per_step": 1e3 * seconds / max(steps, 1)}
     record = Record(
         "coremltools DKM",
         setting,
@@ -266,7 +285,7 @@ def uniform(fp32: nn.Module, setting: str, data: Data, seed: int, opts: Options,
         "uniform QAT" if qat else "uniform PTQ",
         setting,
         seed,
-        {"accuracy": accuracy(model, data)},
+        scores(model, data, opts),
         size,
         fp32_bytes,
         bits,

@@ -35,8 +35,10 @@ GEMV_ROWS = int(os.environ.get("TORCHDKM_GEMV_ROWS", "16"))
 #: Weights per decoded tile above :data:`GEMV_ROWS` (float32: 4 MiB). Fewer, larger GEMM calls: on a busy
 #: 2-core machine each call pays its OpenMP barrier (measured ~8 ms per call when another process runs).
 TILE = 1 << 20
-#: Below this much work (weights x rows of ``x``) a call runs on one thread: starting jobs costs ~20 us.
-MIN_PARALLEL = 1 << 18
+#: Below this much work (weights x rows of ``x``) a call runs on one thread.  Handing jobs to the pool and
+#: waiting for them cost ~250 us per call on this 2-core machine (a 576x1536 3-bit GEMV: 387 us split in two,
+#: 145 us on one thread); the split pays off only from ~16M weights (`python -m bench.inference`, SmolLM2 row).
+MIN_PARALLEL = 1 << 24
 
 
 def available() -> bool:
