@@ -12,6 +12,9 @@ them), for float32 inputs on the CPU; other dtypes go to the torch kernels.  The
   ~10x fewer bytes than float32 weights.
 * more rows: the loops decode :data:`TILE` weights (a 4 MiB float32 buffer, reused for every tile) and a
   GEMM (``torch.mm``) multiplies each tile, so the compute is the BLAS's and the extra memory one tile.
+  A weight that fits one tile is decoded whole and multiplied as a dense ``Linear`` would be (``x W^T +
+  b`` in one ``addmm``, no transposed output to copy back: 6-13 % less time on MiniLM's 1536x384 and
+  384x384 layers at 8 x 64 rows).  What remains over dense is the decode itself (~1 ns a weight).
 """
 
 from __future__ import annotations
@@ -120,6 +123,13 @@ def lut_linear(
             library.tdkm_lut_gemv(ctypes.byref(spec), start, stop, flat.data_ptr(), row_len, n, y.data_ptr(), out_features)
 
         run_jobs([lambda s=s: product(*s) for s in _spans(out_features, out_features * row_len * n)])
+    elif out_features * row_len <= TILE:  # one tile holds the weight: decode it, then a dense Linear's GEMM
+        buffer = torch.empty(out_features, row_len, dtype=torch.float32)
+        rows = torch.arange(out_features, dtype=torch.int64)
+        library.tdkm_lut_rows(ctypes.byref(spec), rows.data_ptr(), out_features, buffer.data_ptr())
+        del keep
+        y = torch.nn.functional.linear(flat, buffer, None if bias is None else bias.to(torch.float32))
+        return y.reshape(*x.shape[:-1], out_features)
     else:
         out = torch.empty(out_features, n, dtype=torch.float32)  # y transposed: a tile's rows are one block
         tile = max(1, min(out_features, TILE // max(row_len, 1)))
