@@ -198,3 +198,17 @@ def test_a_member_of_another_dtype_switches_the_batch_off():
     model.head.parametrizations.weight[0].centroids.data = model.head.parametrizations.weight[0].centroids.float()
     model.conv1.weight  # noqa: B018
     assert members(model)["conv1"].batch.enabled is False
+
+
+def test_another_parametrization_switches_the_batch_off():
+    """The batch reads every member's trainable tensor: another parametrization on a weight would be skipped."""
+    from torch.nn.utils import parametrize
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    model = prepared()
+    parametrize.register_parametrization(model.conv1, "weight", Double())  # (torch evaluates the list once)
+    train(model, steps=2)  # the second step's weights are new: a new round, which checks the members
+    assert members(model)["conv2"].batch.enabled is False

@@ -14,8 +14,9 @@ its round (a module called twice) steps alone, as it would unbatched.  A round
 steps every member, read or not: a layer a forward skips (an unused branch)
 has its centroids moved by that step as if it had been read.  Members
 must hold plain tensors of one dtype on one device when the round starts
-(an FSDP-sharded weight, say, is not): otherwise the batch switches itself off
-and every member steps alone from then on.
+(an FSDP-sharded weight, say, is not), each DKM the only parametrization of
+its weight: otherwise the batch switches itself off and every member steps
+alone from then on.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ class StepBatch:
         keys = [_weight_key(w) for w in originals]
         if self._opened == keys:  # read again within its round
             return None
-        if not self._compatible(originals):
+        if weight is not originals[index] or not self._compatible(originals):
             self.enabled = False
             self._end()
             return None
@@ -72,10 +73,10 @@ class StepBatch:
         entry = self._entries.pop(index)
         return entry[1]
 
-    @staticmethod
-    def _compatible(originals: list[Tensor]) -> bool:
+    def _compatible(self, originals: list[Tensor]) -> bool:
+        """Plain tensors of one dtype on one device, each the only parametrization of its weight."""
         first = originals[0]
-        return all(
+        return all(len(plist) == 1 for _, plist in self.members) and all(
             type(w) in (torch.Tensor, nn.Parameter) and w.dtype == first.dtype and w.device == first.device
             for w in originals
         )
