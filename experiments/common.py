@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import platform
 import statistics
 import subprocess
@@ -274,6 +275,21 @@ def plot_histograms(before: Tensor, after: Tensor, centroids: Tensor, path: Path
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def run_capped(target: Callable[..., None], args: tuple, cap: float) -> tuple[bool, int | None]:
+    """Run ``target(*args)`` in a spawned child process killed after ``cap`` seconds: ``(killed, exit code)``.
+
+    coremltools' runs go here: their loops stop only between steps, and one step can outlast any budget.
+    """
+    process = multiprocessing.get_context("spawn").Process(target=target, args=args)
+    process.start()
+    process.join(cap)
+    killed = process.is_alive()
+    if killed:
+        process.kill()
+        process.join()
+    return killed, process.exitcode
 
 
 def log_line(text: str) -> None:

@@ -38,7 +38,6 @@ import copy
 import importlib.util
 import json
 import math
-import multiprocessing
 import tempfile
 import time
 import warnings
@@ -51,7 +50,16 @@ from torch import Tensor, nn
 
 import torchdkm
 from experiments import llm_baselines as base
-from experiments.common import RESULTS, Record, Results, experiment_parser, fit, log_line, markdown_table
+from experiments.common import (
+    RESULTS,
+    Record,
+    Results,
+    experiment_parser,
+    fit,
+    log_line,
+    markdown_table,
+    run_capped,
+)
 from torchdkm.integrations.causal import kl_next_token, perplexity, token_windows
 from torchdkm.integrations.distill import train_mode
 
@@ -262,19 +270,13 @@ def run_coreml_dkm(ex: Experiment) -> None:
     path = opts.out / f"{opts.name}.json"
     path.unlink(missing_ok=True)
     cap = 60 * (opts.coreml_dkm_minutes + opts.coreml_grace_minutes)
-    process = multiprocessing.get_context("spawn").Process(target=coreml_child, args=(opts,))
-    process.start()
-    process.join(cap)
-    killed = process.is_alive()
-    if killed:
-        process.terminate()
-        process.join()
+    killed, exitcode = run_capped(coreml_child, (opts,), cap)
     data = json.loads(path.read_text()) if path.is_file() else {"records": [], "config": {}}
     for record in saved_records(data):
         ex.results.add(record)
     ex.results.config.setdefault("completions", {}).update(data["config"].get("completions", {}))
     if not data["records"]:
-        why = f"killed at its {cap / 60:g}-minute wall-time cap" if killed else f"its process failed (exit {process.exitcode})"
+        why = f"killed at its {cap / 60:g}-minute wall-time cap" if killed else f"its process failed (exit {exitcode})"
         reason = f"coremltools DKM: no result, {why} (prepare and first step: k-means of every layer)"
         ex.results.config.setdefault("unfinished", []).append(reason)
         log_line(reason)

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import copy
 import json
-import multiprocessing
 import queue
 import sys
 import tempfile
@@ -64,6 +63,7 @@ from experiments.common import (
     minibatches,
     plot_histograms,
     plot_tradeoff,
+    run_capped,
     run_from_cli,
 )
 from experiments.fortunes import FORTUNES_DIR, Fortunes, Split, load_fortunes
@@ -380,18 +380,12 @@ class CoremlRunner:
             "threads": 1 if self.parallel else torch.get_num_threads(),
             **files,
         }
-        process = multiprocessing.get_context("spawn").Process(target=coreml_job, args=(spec,))
         cap = self.opts.coreml_seconds + self.opts.coreml_grace
         start = time.perf_counter()
-        process.start()
-        process.join(cap)
-        killed = process.is_alive()
-        if killed:
-            process.kill()
-            process.join()
+        killed, exitcode = run_capped(coreml_job, (spec,), cap)
         return {
             "killed": killed,
-            "exitcode": process.exitcode,
+            "exitcode": exitcode,
             "cap": cap,
             "seconds": time.perf_counter() - start,
             "progress": _read(files["progress"]) or {"steps": 0, "phase": "start-up"},

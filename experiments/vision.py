@@ -140,9 +140,9 @@ def scores(model: nn.Module, data: Data, opts: Options | None = None) -> dict[st
         if not any(getattr(m, "running_mean", None) is not None for m in model.modules()):
             return out
         copy_ = copy.deepcopy(model)
-        batches = [data.x_train[i : i + BATCH_SIZE] for i in range(0, len(data.y_train), BATCH_SIZE)]
+        starts = range(0, min(len(data.y_train), opts.bn_batches * BATCH_SIZE), BATCH_SIZE)
         with torch.no_grad():
-            torch.optim.swa_utils.update_bn(batches[: opts.bn_batches], copy_)
+            torch.optim.swa_utils.update_bn([data.x_train[i : i + BATCH_SIZE] for i in starts], copy_)
         out["accuracy_bn"] = accuracy(copy_, data)
     return out
 

@@ -79,7 +79,7 @@ def _stack(parts: list[Tensor]) -> Tensor:
 
 
 def _problem(
-    clusterers: list[WeightClusterer], x: Tensor, m: Tensor, c0: Tensor, scale: Tensor, plan: Plan, groups: list[int]
+    clusterers: list[WeightClusterer], x: Tensor, m: Tensor, scale: Tensor, plan: Plan, groups: list[int]
 ) -> Problem:
     cfg = clusterers[0].config
     tau, tol = (torch.cat(t) for t in zip(*(cl.thresholds(s) for cl, s in zip(clusterers, scale.split(groups)))))
@@ -110,11 +110,11 @@ def _vectors(
         ranked = rank_vectors(x.detach(), c)
         c, scale = margin(x, m, c, _rows(plan, x, k), ranked.nearest_two(), picks)
         attention = SparseAttention(
-            _problem(clusterers, x, m, c, scale, plan, groups), plan.top, plan.kernels.scatter, ranked
+            _problem(clusterers, x, m, scale, plan, groups), plan.top, plan.kernels.scatter, ranked
         )
     else:
         c, scale = margin(x, m, c, _rows(plan, x, k), picks=picks)
-        attention = DenseAttention(_problem(clusterers, x, m, c, scale, plan, groups))
+        attention = DenseAttention(_problem(clusterers, x, m, scale, plan, groups))
     w, c = run(x, attention, c)
     out = []
     for cl, weight, (xi, _), wi, ci, tau in zip(
@@ -133,7 +133,7 @@ def _unique(clusterers: list[WeightClusterer], weights: list[Tensor], c0: list[T
     picks = median_picks([p.values.shape[1] for p in parts], groups, stacked.values.device)
     rows = _rows(plan, stacked.values, clusterers[0].config.k)
     c, scale = margin(stacked.values, stacked.counts, torch.cat(c0), rows, picks=picks)
-    problem = _problem(clusterers, stacked.values, stacked.counts, c, scale, plan, groups)
+    problem = _problem(clusterers, stacked.values, stacked.counts, scale, plan, groups)
     source = torch.cat([w.reshape(-1) for w in weights])
     out, c = run(source, UniqueAttention(problem, stacked, source.shape, weights[0].dtype), c)
     pieces = out.split([w.numel() for w in weights])

@@ -164,8 +164,7 @@ def clipped_mean(values: Tensor, m: Tensor | None, groups: int | None = None, pi
         real = picks >= 0 if m is None else (picks >= 0) & (m.gather(1, picks.clamp_min(0)) > 0)
         sample = torch.where(real, sample, torch.full_like(sample, float("nan")))
     else:
-        per_group = max(16, MEDIAN_SAMPLE // max(groups or g, 1))
-        pick = torch.linspace(0, n - 1, per_group, device=values.device).long() if n > per_group else None
+        pick = sample_positions(n, groups or g, values.device)
         sample = values if pick is None else values[:, pick]
         if m is not None:
             real = m if pick is None else m[:, pick]
@@ -175,6 +174,13 @@ def clipped_mean(values: Tensor, m: Tensor | None, groups: int | None = None, pi
     return distortion(torch.minimum(values, cap[:, None]), m)
 
 
+def sample_positions(n: int, groups: int, device: torch.device | None = None) -> Tensor | None:
+    """Where a row of ``n`` values is sampled for its median when ``groups`` rows share ``MEDIAN_SAMPLE``:
+    evenly spaced positions, or ``None`` (every value) when the row is no longer than its share."""
+    per_group = max(16, MEDIAN_SAMPLE // max(groups, 1))
+    return torch.linspace(0, n - 1, per_group, device=device).long() if n > per_group else None
+
+
 def median_picks(lengths: list[int], groups: list[int], device: torch.device) -> Tensor:
     """:func:`clipped_mean`'s sample positions for layers stacked as groups, each sampled as it would be alone.
 
@@ -182,9 +188,8 @@ def median_picks(lengths: list[int], groups: list[int], device: torch.device) ->
     """
     rows = []
     for n, g in zip(lengths, groups):
-        per_group = max(16, MEDIAN_SAMPLE // max(g, 1))
-        pick = torch.linspace(0, n - 1, per_group).long() if n > per_group else torch.arange(n)
-        rows += [pick] * g
+        pick = sample_positions(n, g)
+        rows += [torch.arange(n) if pick is None else pick] * g
     return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=-1).to(device)
 
 

@@ -43,6 +43,7 @@ class StepBatch:
     def __init__(self, members: list[tuple[DKMParametrization, nn.Module]]):
         #: each member and the ``ParametrizationList`` holding its trainable ``original``
         self.members = members
+        self._index = {member: i for i, (member, _) in enumerate(members)}  # (modules hash by identity)
         self.enabled = True
         self._entries: dict[int, tuple[tuple, Tensor]] = {}  # member index -> (its step key, its soft weight)
         self._opened: list[tuple] | None = None  # the members' weight keys when the round started
@@ -57,7 +58,7 @@ class StepBatch:
         """``member``'s soft weight from the current round (starting one if due); ``None``: step alone."""
         if not self.enabled:
             return None
-        index = next(i for i, (m, _) in enumerate(self.members) if m is member)
+        index = self._index[member]
         entry = self._entries.pop(index, None)
         if entry is not None and entry[0] == member.step_key(weight):
             return entry[1]
