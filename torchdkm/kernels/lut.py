@@ -13,8 +13,8 @@ them), for float32 inputs on the CPU; other dtypes go to the torch kernels.  The
 * more rows: the loops decode :data:`TILE` weights (a 4 MiB float32 buffer, reused for every tile) and a
   GEMM (``torch.mm``) multiplies each tile, so the compute is the BLAS's and the extra memory one tile.
   A weight that fits one tile is decoded whole and multiplied as a dense ``Linear`` would be (``x W^T +
-  b`` in one ``addmm``, no transposed output to copy back: 6-13 % less time on MiniLM's 1536x384 and
-  384x384 layers at 8 x 64 rows).  What remains over dense is the decode itself (~1 ns a weight).
+  b`` in one ``addmm``, no transposed output to copy back: MiniLM at batch 8 x 64 went from 0.65x to
+  0.85x fp32 in ``python -m bench.inference``).  What remains over dense is the decode itself.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ GEMV_ROWS = int(os.environ.get("TORCHDKM_GEMV_ROWS", "16"))
 #: 2-core machine each call pays its OpenMP barrier (measured ~8 ms per call when another process runs).
 TILE = 1 << 20
 #: Below this much work (weights x rows of ``x``) a call runs on one thread.  Handing jobs to the pool and
-#: waiting for them cost ~250 us per call on this 2-core machine (a 576x1536 3-bit GEMV: 387 us split in two,
-#: 145 us on one thread); the split pays off only from ~16M weights (`python -m bench.inference`, SmolLM2 row).
+#: waiting for them cost more than a small product on a 2-core machine: at 2**18 the 576x1536 batch-1 rows
+#: of ``python -m bench.inference`` ran at 0.27x fp32 and SmolLM2 decoded at 0.62x; from 2**24 the split pays.
 MIN_PARALLEL = 1 << 24
 
 
