@@ -22,8 +22,8 @@ def problem(x, m, c0, tau, *, rows, max_iters=5, tol=None, grad_tol=1e-4) -> Pro
     return Problem(x, m, c0.shape[1], tau, tol, max_iters, grad_tol, budget(x, c0.shape[1], rows))
 
 
-def scatter(backend: str | None, dtype: torch.dtype = torch.float32):
-    return select("cpu", dtype, backend).scatter
+def kernels(backend: str | None, dtype: torch.dtype = torch.float32):
+    return select("cpu", dtype, backend)
 
 
 def dkm(x, m, c0, tau, *, rows, max_iters, tol, grad_tol=1e-4) -> tuple[Tensor, Tensor]:
@@ -37,14 +37,14 @@ def dkm_sparse(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The sparse op: ``(A~ c*, c*, dropped-mass bound)``."""
     p = problem(x, m, c0, tau, rows=rows, max_iters=max_iters, tol=tol, grad_tol=grad_tol)
-    attention = SparseAttention(p, top, scatter(backend, x.dtype), ranked)
+    attention = SparseAttention(p, top, kernels(backend, x.dtype), ranked)
     w, c = run(x, attention, c0)
     return w, c, attention.dropped
 
 
 def sparse_iterate(x, m, c0, tau, max_iters, tol, rows, top, backend=None) -> tuple[Tensor, SparseAttention]:
     """The sparse iterations alone: the centroids and the attention, its selection still held."""
-    attention = SparseAttention(problem(x, m, c0, tau, rows=rows, max_iters=max_iters, tol=tol), top, scatter(backend))
+    attention = SparseAttention(problem(x, m, c0, tau, rows=rows, max_iters=max_iters, tol=tol), top, kernels(backend, x.dtype))
     c, _ = engine.iterate(attention, c0)
     return c, attention
 
@@ -54,7 +54,7 @@ def dense_iterate(x, m, c0, tau, max_iters, tol, rows) -> Tensor:
 
 
 def data(x, m, k, rows, backend=None) -> Data:
-    return Data.of(x, m, k, budget(x, k, rows), scatter(backend, x.dtype))
+    return Data.of(x, m, k, budget(x, k, rows), kernels(backend, x.dtype))
 
 
 def dkm_unrolled(x: Tensor, m: Tensor | None, c0: Tensor, tau: Tensor, iters: int) -> tuple[Tensor, Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 import warnings
 
@@ -272,3 +273,108 @@ def test_sum_refuses_to_lose_a_key_missing_from_the_live_ones(loops):
     live = torch.unique(keys)[1:]  # one key that occurs is left out
     with pytest.raises(ValueError, match="not among the live keys"):
         loops.sum_per_key(w.view(torch.uint16), 100, torch.ones(100), live, PATTERNS, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("d", [1, 2, 4, 5])
+@pytest.mark.parametrize("first", ["all", "second"])
+@pytest.mark.parametrize("multiplicity", [False, True], ids=["m=1", "m"])
+def test_gram_scatter_equals_the_torch_kernel_bit_for_bit(loops, dtype, d, first, multiplicity):
+    g = torch.Generator().manual_seed(d)
+    start = 0 if first == "all" else 1 + d
+    terms = 1 + d + d * (d + 1) // 2 - start
+    xf = torch.randn(d, 3, 700, generator=g).to(dtype)
+    xt = xf[:, :, 100:600]  # (d, G, r), strided like the selection's rows
+    m = torch.rand(3, 700, generator=g).to(dtype)[:, 100:600] if multiplicity else None
+    if m is not None:
+        m[:, ::9] = 0  # padding rows (skipped by the loop: they add zeros)
+    keys = torch.randint(0, 11, (3 * 500,), generator=g)
+    expected, got = torch.zeros(terms, 11, dtype=torch.float64), torch.zeros(terms, 11, dtype=torch.float64)
+    default.gram_scatter(expected, keys, xt, m, start)
+    loops.gram_scatter(got, keys, xt, m, start)
+    assert torch.equal(got, expected)
+    flat, flat_m = xf.reshape(d, -1)[:, :500], None if m is None else m.reshape(-1)[:500]  # (d, r) rows
+    expected.zero_(), got.zero_()
+    default.gram_scatter(expected, keys[:500], flat, flat_m, start)
+    loops.gram_scatter(got, keys[:500], flat, flat_m, start)
+    assert torch.equal(got, expected)
+
+
+def test_gram_scatter_rejects_a_key_out_of_range_and_adds_nothing(loops):
+    sums = torch.zeros(3, 4, dtype=torch.float64)
+    with pytest.raises(IndexError, match="key 4 at row 1 is outside"):
+        loops.gram_scatter(sums, torch.tensor([0, 4]), torch.ones(1, 2), None, 0)
+    assert not sums.any()
+    with pytest.raises(ValueError, match="sums"):
+        loops.gram_scatter(torch.zeros(2, 4, dtype=torch.float64), torch.tensor([0, 1]), torch.ones(1, 2), None, 0)
+
+
+def row_sets_case(dtype, g=3, d=4, r=600, k=16, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    xt = torch.randn(d, g, r, generator=gen).to(dtype).transpose(0, 1)  # (G, d, r), coordinate-major like the rows
+    c = (torch.randn(g, k, d, generator=gen) * 0.8).to(dtype)
+    inv_tau = (1.0 / torch.tensor([0.05, 0.002, 0.3])[:g]).to(dtype).view(-1, 1)  # soft, mostly hard, soft
+    pad = torch.zeros(g, r, dtype=torch.bool)
+    pad[-1, -40:] = True
+    eps = torch.finfo(dtype).eps
+    return xt, c, inv_tau, pad, 8.0 - math.log(eps), 1.0
+
+
+def exact_distances(xt, c):
+    """(G, k, r) squared distances in float64 from the differences."""
+    return (xt.double().unsqueeze(1) - c.double().unsqueeze(-1)).square().sum(2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("top", [1, 2, 4])
+def test_row_sets_is_the_torch_kernel_with_tighter_bounds(loops, threads, dtype, top):
+    """Same sets, hard rows a superset of the torch kernel's, scores at least as high, and every bound safe."""
+    xt, c, inv_tau, pad, hard_score, reselect = row_sets_case(dtype)
+    ti, th, ts, tl = default.row_sets(xt, c, inv_tau, top, pad, None, hard_score, reselect)
+    ni, nh, ns, nl = loops.row_sets(xt, c, inv_tau, top, pad, None, hard_score, reselect)
+    real = ~pad
+    assert 0 < int(th[real].sum()) < int(real.sum()), "the case should have hard and soft rows"
+    assert bool((nh >= th).all()) and torch.equal(nh[pad], pad[pad])
+    assert torch.equal(ni[:, 0][real], ti[:, 0][real])  # no near-ties in random data
+    soft = real & ~nh
+    assert torch.equal(ni.permute(1, 0, 2)[:, soft], ti.permute(1, 0, 2)[:, soft])
+    assert bool((ns[real] >= ts[real] - 1e-4 * ts[real].abs().clamp_min(1)).all())
+    assert bool(torch.isinf(ns[pad]).all()) and bool(torch.isinf(nl[pad]).all())
+    # the bounds behind the scores hold for the exact distances
+    dist = exact_distances(xt, c)
+    sorted_dist = dist.sort(1).values
+    k = c.shape[1]
+    bound = torch.where(nh, sorted_dist[:, 1], sorted_dist[:, min(top, k - 1)])
+    log_out = torch.where(nh, math.log(k - 1), math.log(k - top))
+    exact_score = (bound - sorted_dist[:, 0]) * inv_tau.double() - log_out
+    assert bool((ns.double()[real] <= exact_score[real] + 1e-6 * exact_score[real].abs() + 1e-6).all())
+    assert bool((nl[real] >= 0).all()) and bool((nl[real] <= bound[real].sqrt().to(dtype) * (1 + 1e-6)).all())
+
+
+def test_row_sets_rounds_no_hard_row_soft(loops):
+    """A row the torch kernel scores hard is hard here too, also when it is all but a tie."""
+    xt, c, inv_tau, pad, hard_score, reselect = row_sets_case(torch.float32, g=1, r=50)
+    c[0, 1] = c[0, 0] + 1e-4  # two centroids almost on top of each other: the rows near them soft
+    _, th, _, _ = default.row_sets(xt, c, inv_tau, 4, None, None, hard_score, reselect)
+    _, nh, _, _ = loops.row_sets(xt, c, inv_tau, 4, None, None, hard_score, reselect)
+    assert bool((nh >= th).all()) and not bool(nh.all())
+
+
+def test_sparse_steps_agree_across_backends():
+    """One sparse DKM step (forward and backward) with the native kernels and with the torch kernels."""
+    if build.library() is None:
+        pytest.skip("no native loops here")
+    from torchdkm.cluster import WeightClusterer
+    from torchdkm.config import LayerConfig
+
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(48, 64, generator=gen, dtype=torch.float64) * 0.05
+    results = {}
+    for backend in ("native", "torch"):
+        cl = WeightClusterer("layer", LayerConfig(bits=4, dim=4, max_iters=3, top_m=4), weight.shape, backend=backend)
+        w = weight.clone().requires_grad_()
+        out = cl.soft(w, cl.init(weight)).weight
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        results[backend] = (out.detach(), w.grad)
+    for a, b in zip(results["native"], results["torch"]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

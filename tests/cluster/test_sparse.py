@@ -13,9 +13,9 @@ from torch.autograd import gradcheck
 
 from torchdkm.cluster import selection
 from torchdkm.cluster.hard import nearest_two
-from torchdkm.cluster.ranking import coordinate_major, rank_vectors, smallest
 from torchdkm.cluster.rows import attention_floor, gather_rows, soft_layout
 from torchdkm.config import LayerConfig
+from torchdkm.kernels.ranking import coordinate_major, rank_vectors, smallest
 
 F64 = torch.float64
 BACKEND = {"name": None}

@@ -8,6 +8,7 @@ attention (:class:`DenseAttention`, :class:`SparseAttention`,
 of them with the shared fixed-point backward.
 """
 
+from ..kernels.ranking import Ranking, rank_vectors
 from .clusterer import SoftResult, WeightClusterer
 from .dense import DenseAttention, Shard, ShardedAttention
 from .engine import Attention, ClusterFunction, GramSums, run
@@ -15,7 +16,6 @@ from .init import init_centroids, kmeans_pp, optimal_1d
 from .layout import Layout
 from .plan import Plan, make_plan
 from .problem import Problem, rows_for
-from .ranking import Ranking, rank_vectors
 from .sparse import SparseAttention
 from .unique import Distinct, UniqueAttention, distinct
 

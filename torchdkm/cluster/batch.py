@@ -16,17 +16,19 @@ partial vectors are applied per layer, before and after.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
 from ..config import LayerConfig
+from ..kernels.ranking import rank_vectors
 from .clusterer import SoftResult, WeightClusterer
 from .dense import DenseAttention
 from .engine import Attention, run
 from .hard import median_picks
 from .plan import Plan
 from .problem import Problem, rows_for
-from .ranking import rank_vectors
 from .sparse import SparseAttention
 from .temperature import margin
 from .unique import StackedDistinct, UniqueAttention
@@ -81,10 +83,17 @@ def _stack(parts: list[Tensor]) -> Tensor:
 def _problem(
     clusterers: list[WeightClusterer], x: Tensor, m: Tensor, scale: Tensor, plan: Plan, groups: list[int]
 ) -> Problem:
-    cfg = clusterers[0].config
-    tau, tol = (torch.cat(t) for t in zip(*(cl.thresholds(s) for cl, s in zip(clusterers, scale.split(groups)))))
-    members = torch.repeat_interleave(torch.arange(len(groups), device=x.device), torch.tensor(groups, device=x.device))
-    return Problem(x, m, cfg.k, tau, tol, cfg.max_iters, cfg.tol, plan.budget, members)
+    cfg = clusterers[0].config  # (every member's tol is the same: it is in the batch key)
+    taus = tuple(cl.config.tau for cl in clusterers)
+    tau = _per_group(taus, tuple(groups), scale.dtype, scale.device) * scale
+    members = _per_group(tuple(range(len(groups))), tuple(groups), torch.int64, x.device)
+    return Problem(x, m, cfg.k, tau, cfg.tol * scale.sqrt(), cfg.max_iters, cfg.tol, plan.budget, members)
+
+
+@functools.lru_cache(maxsize=64)
+def _per_group(values: tuple, groups: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Each member's value repeated over its groups (the same every step: made once, read-only)."""
+    return torch.tensor([v for v, g in zip(values, groups) for _ in range(g)], dtype=dtype, device=device)
 
 
 def _rows(plan: Plan, x: Tensor, k: int) -> int:
@@ -110,7 +119,7 @@ def _vectors(
         ranked = rank_vectors(x.detach(), c)
         c, scale = margin(x, m, c, _rows(plan, x, k), ranked.nearest_two(), picks)
         attention = SparseAttention(
-            _problem(clusterers, x, m, scale, plan, groups), plan.top, plan.kernels.scatter, ranked
+            _problem(clusterers, x, m, scale, plan, groups), plan.top, plan.kernels, ranked
         )
     else:
         c, scale = margin(x, m, c, _rows(plan, x, k), picks=picks)

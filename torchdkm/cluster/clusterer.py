@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ..config import LayerConfig
 from ..errors import TorchdkmError
+from ..kernels.ranking import rank_vectors
 from .dense import DenseAttention, Shard, ShardedAttention
 from .engine import Attention, run
 from .hard import nearest
@@ -25,7 +26,6 @@ from .init import init_centroids
 from .layout import Layout
 from .plan import Plan, make_plan
 from .problem import Problem
-from .ranking import rank_vectors
 from .scales import BlockScales
 from .sparse import SparseAttention
 from .temperature import margin
@@ -210,7 +210,7 @@ class WeightClusterer:
             ranked = rank_vectors(x.detach(), c0)
             c0, scale = margin(x, m, c0, plan.rows, ranked.nearest_two())
             # (re-seeded centroids: the sparse attention ranks the vectors again)
-            attention = SparseAttention(self._problem(x, m, scale, plan), plan.top, plan.kernels.scatter, ranked)
+            attention = SparseAttention(self._problem(x, m, scale, plan), plan.top, plan.kernels, ranked)
         else:
             c0, scale = margin(x, m, c0, plan.rows)
             problem = self._problem(x, m, scale, plan)

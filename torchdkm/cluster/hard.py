@@ -7,11 +7,13 @@ work chunk by chunk so memory stays bounded.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
+from ..kernels.ranking import INT_OF, rank, unpack
 from .problem import row_chunks
-from .ranking import INT_OF, rank, unpack
 
 
 def nearest(x: Tensor, c: Tensor, rows: int) -> tuple[Tensor, Tensor]:
@@ -73,7 +75,7 @@ def nearest_scalars(x: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
 def nearest_two(x: Tensor, c: Tensor, rows: int) -> tuple[Tensor, Tensor, Tensor]:
     """Like :func:`nearest`, plus the squared distance to the second-nearest centroid.
 
-    In float32/float64 the distances are ranked as integers (:mod:`.ranking`):
+    In float32/float64 the distances are ranked as integers (:mod:`torchdkm.kernels.ranking`):
     near-ties go to the lower index, and the distances lose their lowest
     ``ceil(log2 k)`` bits (truncated towards 0).
     """
@@ -185,7 +187,13 @@ def median_picks(lengths: list[int], groups: list[int], device: torch.device) ->
     """:func:`clipped_mean`'s sample positions for layers stacked as groups, each sampled as it would be alone.
 
     Layer ``i`` has ``groups[i]`` groups of ``lengths[i]`` rows; the result is ``(sum groups, s)``, -1-padded.
+    Layers that step together ask for the same picks every step: they are made once (read-only).
     """
+    return _median_picks(tuple(lengths), tuple(groups), torch.device(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _median_picks(lengths: tuple[int, ...], groups: tuple[int, ...], device: torch.device) -> Tensor:
     rows = []
     for n, g in zip(lengths, groups):
         pick = sample_positions(n, g)

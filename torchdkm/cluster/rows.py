@@ -11,14 +11,14 @@ key per row (:class:`RowLayout`).  Everything here works coordinate-major,
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .problem import gram_terms, row_chunks, rows_for
-from .ranking import coordinate_major
+from ..kernels import Kernels
+from ..kernels.ranking import coordinate_major
+from .problem import row_chunks, rows_for
 
 #: Rows per chunk at most (per-row work: selection scores, soft rows' attention).
 MAX_ROWS = 65536
@@ -40,8 +40,8 @@ class Data:
     written in that layout.  ``xf`` is the one transposed copy (elementwise
     ops on the strided view cost several times more).  ``rows`` is the rows per
     chunk of a pass, ``budget`` the bytes of temporaries the problem allows
-    (what the backward keeps across chunks stays within it), ``scatter`` the
-    float64 scatter-add kernel (:mod:`torchdkm.kernels`).
+    (what the backward keeps across chunks stays within it), ``kernels`` the
+    layer's (:mod:`torchdkm.kernels`: the float64 scatter-adds, the set choice).
     """
 
     x: Tensor
@@ -50,17 +50,15 @@ class Data:
     flat: Tensor
     rows: int
     budget: float
-    scatter: Callable[[Tensor, Tensor, Tensor], None]
+    kernels: Kernels
 
     @staticmethod
-    def of(
-        x: Tensor, m: Tensor | None, k: int, budget: float, scatter: Callable, xf: Tensor | None = None
-    ) -> Data:
+    def of(x: Tensor, m: Tensor | None, k: int, budget: float, kernels: Kernels, xf: Tensor | None = None) -> Data:
         """``xf``: :func:`coordinate_major` ``(x)``, if already made."""
         g, n, d = x.shape
-        rows = rows_for(budget, g, k, d, x.element_size())
+        rows = max(1, min(rows_for(budget, g, k, d, x.element_size()), MAX_ROWS))
         xf = coordinate_major(x) if xf is None else xf
-        return Data(x, m, xf, x.reshape(g * n, d), max(1, min(rows, MAX_ROWS)), budget, scatter)
+        return Data(x, m, xf, x.reshape(g * n, d), rows, budget, kernels)
 
     def at(self, pos: slice | Tensor) -> Tensor:
         """``(d, G, r)``: the vectors at positions ``pos`` of every group (a view for a slice)."""
@@ -91,31 +89,6 @@ def gather_rows(table: Tensor, index: Tensor) -> Tensor:
     for a in range(d):
         torch.index_select(table[:, a], 0, index, out=out[:, a])
     return out
-
-
-def row_weights(xt: Tensor, m: Tensor | None) -> Tensor:
-    """``(P, ..., r)``: the terms of :func:`.dense.gram_weights`, ``m, m x_a, m x_a x_b (a <= b)``, for ``xt`` ``(d, ..., r)``.
-
-    Written in place into one buffer (``stack``/``cat`` of the terms cost several times more).
-    """
-    d = xt.shape[0]
-    out = xt.new_empty(gram_terms(d), *xt.shape[1:])
-    if m is None:
-        out[0].fill_(1.0)
-        out[1 : 1 + d].copy_(xt)
-    else:
-        out[0].copy_(m)
-        torch.mul(m, xt, out=out[1 : 1 + d])
-    pos = 1 + d
-    for a in range(d):  # m x_a x_b for b >= a
-        torch.mul(out[1 + a], xt[a:], out=out[pos : pos + d - a])
-        pos += d - a
-    return out
-
-
-def second_row_weights(xt: Tensor, m: Tensor | None) -> Tensor:
-    """``(d (d + 1) / 2, ..., r)``: ``m x_a x_b (a <= b)``, the last terms of :func:`row_weights`."""
-    return row_weights(xt, m)[1 + xt.shape[0] :]
 
 
 def take(t: Tensor, pos: slice | Tensor) -> Tensor:

@@ -3,9 +3,10 @@
 See :mod:`.sparse` for the guarantees.  A row's set is its ``top`` nearest
 centroids, or its nearest alone (a *hard* row) when the mass on every other
 centroid is provably below ``eps * exp(-HARD_MARGIN)``.  The sets come from one
-ranking pass (:mod:`.ranking`); they are kept while the centroids move within
-each row's *slack*, and the rows whose slack the centroids outran are chosen
-again (:func:`current`).
+pass of the layer's ``row_sets`` kernel (:mod:`torchdkm.kernels`: packed
+ranking in torch, exact distances in the native loop); they are kept while the
+centroids move within each row's *slack*, and the rows whose slack the
+centroids outran are chosen again (:func:`current`).
 """
 
 from __future__ import annotations
@@ -16,19 +17,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..kernels.ranking import Ranking
 from .problem import gram_terms, row_chunks
-from .ranking import Bounds, Ranking, index_bits, rank
-from .rows import Data, SoftChunk, attention_floor, put, row_weights, soft_layout, take, without_rows
+from .rows import Data, SoftChunk, attention_floor, put, soft_layout, take, without_rows
 
 #: An evaluation is redone on new sets when the centroids' moves have raised the dropped-mass
 #: bound above ``exp(RESELECT)`` times its value at selection (and above the float resolution).
 RESELECT = 1.0
 #: A row is one-hot ("hard") when, at selection, its mass off the nearest centroid is provably
 #: below ``eps * exp(-HARD_MARGIN)``: the margin lets the centroids move before that bound reaches ``eps``.
-#: A row is one-hot ("hard") when, at selection, its mass off the nearest centroid is provably
-#: below ``eps * exp(-HARD_MARGIN)``: the margin lets the centroids move before that bound reaches ``eps``.
 HARD_MARGIN = 8.0
-#: Rows per chunk at most (per-row work: selection scores, soft rows' attention).
 
 
 @dataclass
@@ -76,21 +74,21 @@ def add_hard_rows(
 ) -> None:
     """Add the hard rows at positions ``pos`` to ``sel.hard_sums`` (and remove them as they were, ``old``).
 
-    Every Gram weight (:func:`row_weights`) is summed here, once per
-    selection: the iterations use the first ``1 + d``, the backward all.
+    Every Gram weight (the ``gram_scatter`` kernel's) is summed here, once
+    per selection: the iterations use the first ``1 + d``, the backward all.
     ``vectors`` (d, G, r) are the rows', ``hard`` / ``near`` (G, r) their
     flags and nearest centroids, ``old`` the flags and nearest centroids
     they had.  The soft rows' terms go to a spare bin, dropped.
     """
     g, k = sel.hard.shape[0], sel.ref.shape[1]
-    weights = row_weights(vectors, None if data.m is None else take(data.m, pos))  # (P, G, r)
+    m = None if data.m is None else take(data.m, pos)
     bins = sel.hard_sums.shape[0], g * k + 1
     for (flags, nearest), sign in [((hard, near), 1.0)] + ([] if old is None else [(old, -1.0)]):
         keys = nearest.long()
         if g > 1:
             keys = keys + (torch.arange(g, device=keys.device) * k).view(g, 1)
         sums = torch.zeros(bins, dtype=sel.hard_sums.dtype, device=keys.device)
-        data.scatter(sums, keys.masked_fill_(~flags, g * k).view(-1), weights)
+        data.kernels.gram_scatter(sums, keys.masked_fill_(~flags, g * k).view(-1), vectors, m, 0)
         sel.hard_sums.add_(sums[:, : g * k], alpha=sign)
 
 
@@ -111,58 +109,31 @@ def choose(
     ``(root^2 - near^2) / tau - log(centroids outside)``.  Centroids that
     moved by at most ``delta`` lower it to ``((root - delta)^2 - (near +
     delta)^2) / tau - ...``, linear in ``delta``: ``slack`` is the ``delta``
-    that brings it down to ``min(-log eps, score - RESELECT)``.
-
-    The nearest two (``found``, the rows' :func:`rank` at ``c`` if already
-    known) decide which rows are hard; only the others are ranked further.
-    ``again``: the rows were chosen before (their hard rows leave the sums).
+    that brings it down to ``min(-log eps, score - RESELECT)``.  A row is hard
+    when its score with the nearest alone reaches ``HARD_MARGIN - log eps``.
+    The layer's ``row_sets`` kernel computes all four per row
+    (:mod:`torchdkm.kernels`); ``found`` is the rows' ranking at ``c`` if
+    already known (the torch kernel reuses it).  ``again``: the rows were
+    chosen before (their hard rows leave the sums).
     """
     k, top = c.shape[1], sel.top
-    mask = (1 << index_bits(k)) - 1
     eps = torch.finfo(c.dtype).eps
     vectors = data.at(pos)
     xt = vectors.transpose(0, 1)  # (G, d, r)
     old = (take(sel.hard, pos).clone(), take(sel.index[:, 0], pos).clone()) if again else None
-    if found is None:
-        found = rank(xt, c, 1)
-    packed = Bounds.of(xt, k)
-    second = packed.lower(found[:, 1])
-    nearest = packed.upper(found[:, 0])
+    pad = None if data.m is None else take(data.m, pos) <= 0  # padding rows weigh nothing: made hard
     inv_tau = (1.0 / tau).view(-1, 1)
-    log_soft, log_hard = math.log(k - top), math.log(k - 1)
-    # every row as if hard (the set its nearest alone, the first centroid left out the second nearest) ...
-    score = (second - nearest).mul_(inv_tau).sub_(log_hard)
-    # hard: the mass off the nearest is below eps exp(-HARD_MARGIN)
-    hard = score >= HARD_MARGIN - math.log(eps)
-    pad = None if data.m is None else take(data.m, pos) <= 0
-    if pad is not None:  # padding rows weigh nothing: hard, so no pass evaluates their attention
-        hard |= pad
-    slack = slack_of(score, second, nearest, inv_tau, eps)
-    near = found[:, 0] & mask
-    put(sel.index[:, 0], pos, near)
-    soft = (~hard).any(0).nonzero().squeeze(1)
-    if soft.numel():  # ... then the rows soft in some group: their top nearest, scored on the (top + 1)-th
-        xs = take(xt, soft)
-        at = soft + pos.start if isinstance(pos, slice) else take(pos, soft)
-        full = take(found, soft)
-        if top > 1:
-            full = rank(xs, c, top)
-            hard_s, second_s, nearest_s = take(hard, soft), take(second, soft), take(nearest, soft)
-            bound_s = torch.where(hard_s, second_s, Bounds.of(xs, k).lower(full[:, top]))
-            score_s = (bound_s - nearest_s).mul_(inv_tau).sub_(torch.where(hard_s, log_hard, log_soft))
-            score.index_copy_(1, soft, score_s)
-            slack.index_copy_(1, soft, slack_of(score_s, bound_s, nearest_s, inv_tau, eps))
-            for t in range(1, top):  # (the hard rows' other slots are not read)
-                put(sel.index[:, t], at, full[:, t] & mask)
-        if sel.soft is not None:
-            sel.soft.append(soft_chunk_of(data, take(hard, soft), at, xs, full[:, :top] & mask, k, tau))
-    if pad is not None:
-        slack.masked_fill_(pad, math.inf)
-        score.masked_fill_(pad, math.inf)
+    index, hard, score, slack = data.kernels.row_sets(xt, c, inv_tau, top, pad, found, HARD_MARGIN - math.log(eps), RESELECT)
+    put(sel.index, pos, index)
+    if sel.soft is not None:
+        soft = (~hard).any(0).nonzero().squeeze(1)
+        if soft.numel():
+            at = soft + pos.start if isinstance(pos, slice) else take(pos, soft)
+            sel.soft.append(soft_chunk_of(data, take(hard, soft), at, take(xt, soft), take(index, soft), k, tau))
     put(sel.hard, pos, hard)
     put(sel.slack, pos, slack)
     sel.base = torch.maximum(sel.base, dropped_bound(score))
-    add_hard_rows(data, sel, pos, vectors, hard, near, old)
+    add_hard_rows(data, sel, pos, vectors, hard, index[:, 0], old)
 
 
 def soft_chunk_of(data: Data, hard: Tensor, at: Tensor, xs: Tensor, slots: Tensor, k: int, tau: Tensor) -> SoftChunk:
@@ -181,13 +152,6 @@ def soft_chunk_of(data: Data, hard: Tensor, at: Tensor, xs: Tensor, slots: Tenso
     m = None if data.m is None else data.m.reshape(-1).index_select(0, rows)
     inv_tau = 1.0 / tau
     return SoftChunk(rows, keys, xt, m, inv_tau if group is None else inv_tau.index_select(0, group))
-
-
-def slack_of(score: Tensor, bound_sq: Tensor, nearest: Tensor, inv_tau: Tensor, eps: float) -> Tensor:
-    """The move after which a row's score could fall to ``max(-log eps, score - RESELECT)`` (see :func:`choose`)."""
-    room = (score + math.log(eps)).clamp_min_(RESELECT)  # score less the floor it may drop to
-    root = bound_sq.sqrt()
-    return torch.minimum(room.div_(inv_tau).div_((root + nearest.sqrt()).mul_(2.0)), root)
 
 
 def select(data: Data, c: Tensor, tau: Tensor, top: int, ranked: Ranking | None = None) -> Selection:

@@ -40,17 +40,22 @@ very slow on CPUs, out of every product).  :attr:`SparseAttention.dropped`
 holds, per group, a bound on ``dropped_i`` over the real rows
 (multiplicity > 0) and every attention evaluation of the call.
 
-Selection.  The sets come from one ``(k x rows)`` pass of squared distances (a
-matmul for vectors, exact differences for scalars) whose float bits carry the
-centroid index in their lowest ``ceil(log2 k)`` bits (used for ranking only; the
-bounds use the packed values rounded the safe way), and rounds of an ``amin``
-along the centroid axis, each followed by an integer rotation that sends what
-it found to the top (no sort, no strided ``topk``): two rounds for every row
-decide which rows are hard, ``top + 1`` for the others.  The nearest two are
-what the layer's temperature reads too (:func:`.ranking.rank_vectors`,
-passed in as ``ranked``).  The kept logits are then recomputed exactly from ``x_i - c_j``.  The sets are chosen at the centroids the call starts from and
-kept while the centroids move: moves of at most ``delta`` lower ``L_i`` to
-``(sqrt(L_i) - delta)^2`` and raise ``D_i`` to ``(sqrt(D_i) + delta)^2``, so
+Selection.  The sets come from the layer's ``row_sets`` kernel
+(:mod:`torchdkm.kernels`).  The torch kernel makes one ``(k x rows)`` pass of
+squared distances (a matmul for vectors, exact differences for scalars) whose
+float bits carry the centroid index in their lowest ``ceil(log2 k)`` bits
+(used for ranking only; the bounds use the packed values rounded the safe
+way), and rounds of an ``amin`` along the centroid axis, each followed by an
+integer rotation that sends what it found to the top (no sort, no strided
+``topk``): two rounds for every row decide which rows are hard, ``top + 1``
+for the others; the nearest two are what the layer's temperature reads too
+(:func:`~torchdkm.kernels.ranking.rank_vectors`, passed in as ``ranked``).
+The native loop computes each row's distances in double from the
+differences, so its bounds are tighter (a row hard for the torch kernel is
+hard for it), and scores the row in the same pass.  The kept logits are then
+recomputed exactly from ``x_i - c_j``.  The sets are chosen at the centroids
+the call starts from and kept while the centroids move: moves of at most
+``delta`` lower ``L_i`` to ``(sqrt(L_i) - delta)^2`` and raise ``D_i`` to ``(sqrt(D_i) + delta)^2``, so
 each row has a *slack*, the move after which its bound could exceed both
 ``eps`` and ``exp(RESELECT)`` times its value when chosen.  Before each
 evaluation, the rows whose slack the centroids have outrun are chosen again at
@@ -68,9 +73,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..kernels import Kernels
+from ..kernels.default import row_weights
+from ..kernels.ranking import Ranking, no_autocast
 from .engine import EMPTY_MASS, Attention, GramSums, explicit
 from .problem import Problem, gram_terms, row_chunks
-from .ranking import Ranking, no_autocast
 from .rows import (
     Data,
     RowLayout,
@@ -79,8 +86,6 @@ from .rows import (
     gather_rows,
     layout_bytes,
     row_layout,
-    row_weights,
-    second_row_weights,
     with_spare,
 )
 from .selection import Selection, current, select
@@ -91,19 +96,22 @@ class SparseAttention(Attention):
 
     ``dropped`` (G,) bounds, after the forward, the attention mass any real row
     (multiplicity > 0) left out in any evaluation (0 when ``top >= k``).
-    ``ranked``: :func:`.ranking.rank_vectors` of the vectors at the first
+    ``kernels``: the layer's (:func:`torchdkm.kernels.select`; the sets come from
+    its ``row_sets``, every sum from its ``scatter``).  ``ranked``:
+    :func:`~torchdkm.kernels.ranking.rank_vectors` of the vectors at the first
     centroids, when the caller has it (ignored if ranked at other centroids).
     """
 
-    def __init__(self, problem: Problem, top: int, scatter, ranked: Ranking | None = None):
+    def __init__(self, problem: Problem, top: int, kernels: Kernels, ranked: Ranking | None = None):
         if top < 1:
             raise ValueError(f"top must be >= 1, got {top}")
         self.problem = problem
         self.top = min(top, problem.k)
         self.ranked = ranked
-        self.scatter = scatter
+        self.kernels = kernels
+        self.scatter = kernels.scatter
         self.data: Data | None = Data.of(
-            problem.x, problem.m, problem.k, problem.budget, scatter, None if ranked is None else ranked.xf
+            problem.x, problem.m, problem.k, problem.budget, kernels, None if ranked is None else ranked.xf
         )
         self.sel: Selection | None = None
         self.soft: list | None = None
@@ -174,7 +182,7 @@ class SparseAttention(Attention):
         if self.layout is not None and self.data is not None:
             return self.data, self.layout
         p = self.problem
-        data = Data.of(p.x, p.m, p.k, p.budget, self.scatter)
+        data = Data.of(p.x, p.m, p.k, p.budget, self.kernels)
         return data, row_layout(data, self.index, self.hard, p.k, p.tau, order=self.order)
 
     def gram_pass(self, c: Tensor, grad_w: Tensor | None, grad_c: Tensor | None) -> GramSums:
@@ -266,11 +274,11 @@ class SparseAttention(Attention):
         sums = torch.zeros(p_terms, bins + 1, dtype=torch.float64, device=data.xf.device)  # + the spare bin
         if first is not None:
             sums[: 1 + d, :bins] = first
-        part = sums[1 + d :] if first is not None else sums
-        weights = second_row_weights if first is not None else row_weights
+        start = 1 + d if first is not None else 0
         xf = data.xf.reshape(d, -1)  # (the spare bin takes the soft rows' terms)
         for s in row_chunks(lay.hard_keys.numel(), data.rows):
-            self.scatter(part, lay.hard_keys[s], weights(xf[:, s], None if lay.hard_m is None else lay.hard_m[s]))
+            m = None if lay.hard_m is None else lay.hard_m[s]
+            self.kernels.gram_scatter(sums[start:], lay.hard_keys[s], xf[:, s], m, start)
         return sums[:, :bins]
 
     def adjoint_pass(self, c: Tensor, u: Tensor, want_next: bool) -> Tensor | None:

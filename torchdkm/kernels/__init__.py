@@ -1,8 +1,8 @@
 """Kernels: each declared once, implemented per backend, chosen when a layer is prepared.
 
 A kernel is a named pass over tensors (``count``, ``present``, ``expand``,
-``sum_per_key``, ``affine``, ``scatter``: the uniquified and sparse paths'
-passes over the weights).  Each has a torch implementation
+``sum_per_key``, ``affine``, ``scatter``, ``gram_scatter``, ``row_sets``:
+the uniquified and sparse paths' passes over the weights).  Each has a torch implementation
 (:mod:`.default`, any device, any dtype) and, on the CPU, a native one
 (:mod:`.cpu`, C loops built on first use, for the dtypes :data:`.cpu.DTYPES`
 lists).  Each is also declared once as a PyTorch custom op,
@@ -28,7 +28,7 @@ import torch
 from . import build, cpu, default, lut
 
 BACKENDS = ("native", "torch")
-NAMES = ("count", "present", "expand", "sum_per_key", "affine", "scatter")
+NAMES = ("count", "present", "expand", "sum_per_key", "affine", "scatter", "gram_scatter", "row_sets")
 #: The block scales' kernels (:mod:`torchdkm.cluster.scales`), for weights of the layer's dtype.
 BLOCK_NAMES = ("normalise", "rescale", "rescale_grad", "normalise_grad")
 
@@ -44,6 +44,8 @@ class Kernels:
     sum_per_key: Callable
     affine: Callable
     scatter: Callable
+    gram_scatter: Callable
+    row_sets: Callable
     normalise: Callable
     rescale: Callable
     rescale_grad: Callable
@@ -70,7 +72,8 @@ def select(device: torch.device | str, dtype: torch.dtype, backend: str | None =
         raise RuntimeError(f"the native loops cannot run here (device {device}, built: {build.library() is not None})")
     native = backend == "native" or (backend is None and on_cpu and native_available())
     compute = torch.float64 if dtype == torch.float64 else torch.float32
-    checked = {"sum_per_key": dtype, "affine": dtype, "scatter": compute} | dict.fromkeys(BLOCK_NAMES, dtype)
+    checked = {"sum_per_key": dtype, "affine": dtype, "scatter": compute, "gram_scatter": compute, "row_sets": compute}
+    checked |= dict.fromkeys(BLOCK_NAMES, dtype)
     chosen = {name: _implementation(name, native, checked.get(name)) for name in NAMES + BLOCK_NAMES}
     table = cpu.TABLE_DTYPE if chosen["affine"] is cpu.affine else None
     return Kernels("native" if native else "torch", affine_table=table, **chosen)
@@ -108,6 +111,15 @@ _SCHEMAS = {
         lambda patterns, group_numel, shift, slope, grad: grad.dtype if shift.dtype == cpu.TABLE_DTYPE else None,
     ),
     "scatter": ("(Tensor(a!) sums, Tensor keys, Tensor src) -> ()", lambda sums, keys, src: src.dtype),
+    "gram_scatter": (
+        "(Tensor(a!) sums, Tensor keys, Tensor xt, Tensor? m, int first) -> ()",
+        lambda sums, keys, xt, *rest: xt.dtype,
+    ),
+    "row_sets": (
+        "(Tensor xt, Tensor c, Tensor inv_tau, int top, Tensor? pad, Tensor? found, float hard_score, float reselect)"
+        " -> (Tensor, Tensor, Tensor, Tensor)",
+        lambda xt, c, *rest: c.dtype,
+    ),
     "normalise": ("(Tensor weight, int block, Tensor safe, Tensor? offset) -> Tensor", lambda weight, *rest: weight.dtype),
     "rescale": ("(Tensor normalised, int block, Tensor scale, Tensor? offset) -> Tensor", lambda n, *rest: n.dtype),
     "rescale_grad": (

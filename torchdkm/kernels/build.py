@@ -111,7 +111,7 @@ def _compile(compiler: str, target: Path, source: Path = SOURCE) -> None:
     os.close(handle)
     try:
         done = subprocess.run(
-            [compiler, *FLAGS, str(source), "-o", partial], capture_output=True, text=True, timeout=120
+            [compiler, *FLAGS, str(source), "-o", partial, "-lm"], capture_output=True, text=True, timeout=120
         )
         if done.returncode != 0:
             raise subprocess.SubprocessError(done.stderr.strip()[-2000:] or f"{compiler} exited {done.returncode}")
@@ -147,6 +147,16 @@ def _declare(library: ctypes.CDLL) -> None:
         function = getattr(library, f"tdkm_{name}")
         extra = [ctypes.c_void_p] if "grad" in name else []  # (the gradient comes first)
         function.argtypes, function.restype = extra + shape + rest, None
+    for name in ("row_sets_f32", "row_sets_f64"):  # (x and its 3 strides, centroids, 1 / tau, 7 sizes, pad flags,
+        function = getattr(library, f"tdkm_{name}")  # 3 thresholds, work space, 4 outputs)
+        function.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 7
+        function.argtypes += [ctypes.c_void_p] + [ctypes.c_double] * 3 + [ctypes.c_void_p] * 5
+        function.restype = None
+    for name in ("gram_scatter_f32", "gram_scatter_f64"):  # (keys, x and 3 strides, m and 2 strides, groups, rows,
+        function = getattr(library, f"tdkm_{name}")  # d, first term, sums, bins, sums row stride, work space)
+        function.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p]
+        function.argtypes += [ctypes.c_int64] * 6 + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+        function.restype = ctypes.c_int64
     for name in ("sum_f32", "sum_bf16"):  # (values, live keys, how many, float32 partial table, table)
         function = getattr(library, f"tdkm_{name}")
         function.argtypes = head + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]

@@ -11,6 +11,7 @@ or summing into its own table.
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import Tensor
 
+from . import default
 from .build import library
 
 PATTERN_BITS = 16
@@ -29,6 +31,8 @@ DTYPES: dict[str, tuple[torch.dtype, ...] | None] = {
     "sum_per_key": (torch.float32, torch.bfloat16),  # values
     "affine": (torch.float32, torch.bfloat16),  # grad (tables: float32)
     "scatter": (torch.float32, torch.float64),  # src
+    "row_sets": (torch.float32, torch.float64),  # the rows and centroids
+    "gram_scatter": (torch.float32, torch.float64),  # the rows
     "normalise": (torch.float32,),  # the weight (and its block tables)
     "rescale": (torch.float32,),
     "rescale_grad": (torch.float32,),
@@ -191,6 +195,81 @@ def scatter(sums: Tensor, keys: Tensor, src: Tensor) -> None:
     )
     if bad >= 0:
         raise IndexError(f"scatter: key {int(keys[bad])} at item {bad} is outside [0, {bins})")
+
+
+def gram_scatter(sums: Tensor, keys: Tensor, xt: Tensor, m: Tensor | None, first: int) -> None:
+    """The torch kernel's sums (:func:`.default.gram_scatter`), bit for bit, without the ``(P, rows)`` weights.
+
+    ``xt`` is ``(d, r)`` or ``(d, G, r)`` (any strides), ``m`` ``(r,)`` or ``(G, r)``, ``keys`` ``G r`` in
+    row order.  Rows of multiplicity 0 (padding) are skipped: for finite rows, whose terms are then all 0,
+    the sums are the same.  A key outside ``sums``' bins raises ``IndexError`` (nothing is added then).
+    """
+    if not (sums.dtype == torch.float64 and sums.dim() == 2 and sums.stride(1) == 1):
+        raise ValueError("gram_scatter: float64 (terms, bins) sums with contiguous rows expected")
+    d = xt.shape[0]
+    x3 = xt if xt.dim() == 3 else xt.unsqueeze(1)
+    m2 = None if m is None else (m if m.dim() == 2 else m.unsqueeze(0)).to(xt.dtype)
+    if sums.shape[0] != 1 + d + d * (d + 1) // 2 - first or keys.numel() != x3.shape[1] * x3.shape[2]:
+        raise ValueError(f"gram_scatter: {tuple(sums.shape)} sums, {keys.numel()} keys and {tuple(xt.shape)} rows")
+    keys = keys.reshape(-1).to(torch.int64).contiguous()
+    function = _loops().tdkm_gram_scatter_f32 if xt.dtype == torch.float32 else _loops().tdkm_gram_scatter_f64
+    mx = torch.empty(d, dtype=xt.dtype)
+    m_args = (None, 0, 0) if m2 is None else (m2.data_ptr(), m2.stride(0), m2.stride(1))
+    bad = function(
+        keys.data_ptr(), x3.data_ptr(), *x3.stride(), *m_args, x3.shape[1], x3.shape[2], d, first,
+        sums.data_ptr(), sums.shape[1], sums.stride(0), mx.data_ptr(),
+    )
+    if bad >= 0:
+        raise IndexError(f"gram_scatter: key {int(keys[bad])} at row {bad} is outside [0, {sums.shape[1]})")
+
+
+#: The largest ``top`` the set loop keeps on its stack (a larger one runs the torch kernel).
+ROW_SETS_MAX_TOP = 64
+
+
+def row_sets(
+    xt: Tensor,
+    c: Tensor,
+    inv_tau: Tensor,
+    top: int,
+    pad: Tensor | None,
+    found: Tensor | None,
+    hard_score: float,
+    reselect: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The torch kernel's result (:func:`.default.row_sets`) from exact distances, in one pass over the rows.
+
+    Where the torch kernel reads bounds off packed distances (a few ulps of ``|x|^2`` wide), the loop
+    computes each distance in double from the differences, so its bounds are tighter: a row hard for
+    the torch kernel is hard here, and the rows' sets agree but for near-ties.  ``found`` is not needed.
+    """
+    if top > ROW_SETS_MAX_TOP:
+        return default.row_sets(xt, c, inv_tau, top, pad, found, hard_score, reselect)
+    g, d, r = xt.shape
+    k = c.shape[1]
+    c, inv_tau = c.contiguous(), inv_tau.to(c.dtype).contiguous()
+    if xt.dtype != c.dtype:
+        raise ValueError(f"row_sets: rows of {xt.dtype} and centroids of {c.dtype}")
+    function = _loops().tdkm_row_sets_f32 if c.dtype == torch.float32 else _loops().tdkm_row_sets_f64
+    index = torch.empty(g, top, r, dtype=torch.int64)
+    hard = torch.empty(g, r, dtype=torch.bool)
+    score, slack = torch.empty(g, r, dtype=c.dtype), torch.empty(g, r, dtype=c.dtype)
+    flags = None if pad is None else pad.to(torch.bool).contiguous()
+    eps = torch.finfo(c.dtype).eps
+    strides = (xt.stride(1), xt.stride(0), xt.stride(2))  # coordinate, group, row
+    head = (xt.data_ptr(), *strides, c.data_ptr(), inv_tau.data_ptr(), g, d, k, r)
+    tail = (top, None if flags is None else flags.data_ptr(), hard_score, math.log(eps), reselect)
+    outputs = (index.data_ptr(), hard.data_ptr(), score.data_ptr(), slack.data_ptr())
+    spans = _chunks(r * k * d)
+    if len(spans) > 1:
+        step = -(-r // len(spans))
+        spans = [(start, min(start + step, r)) for start in range(0, r, step)]
+    else:
+        spans = [(0, r)]
+    work = torch.empty(len(spans), k * (d + 1) + d, dtype=torch.float64)  # each job's centroids, distances, row
+    jobs = [lambda span=span, w=w: function(*head, *span, *tail, w.data_ptr(), *outputs) for span, w in zip(spans, work)]
+    _run(jobs)
+    return index, hard, score, slack
 
 
 # -- block scales: (rows, row_len) float32 weights, (rows, blocks) float32 tables (see loops.c) -----------------

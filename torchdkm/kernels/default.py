@@ -13,10 +13,13 @@ its group.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
+
+from .ranking import Bounds, index_bits, rank
 
 PATTERNS = 1 << 16
 #: Weights per piece of a gather over the weights: the piece's patterns and temporaries stay in cache.
@@ -124,6 +127,35 @@ def scatter(sums: Tensor, keys: Tensor, src: Tensor) -> None:
     for part in pieces(items, SCATTER_ITEMS):
         piece = buffer[:, : part.stop - part.start]
         sums.scatter_add_(1, keys[part].long().expand(cols, -1), piece.copy_(src[:, part]))
+
+
+def row_weights(xt: Tensor, m: Tensor | None) -> Tensor:
+    """``(P, ..., r)``: each row's Gram weights ``m, m x_a, (m x_a) x_b (a <= b)`` for ``xt`` ``(d, ..., r)``.
+
+    The sparse path sums them per centroid (:func:`gram_scatter`).  Written in place into one
+    buffer (``stack``/``cat`` of the terms cost several times more).
+    """
+    d = xt.shape[0]
+    out = xt.new_empty(1 + d + d * (d + 1) // 2, *xt.shape[1:])
+    if m is None:
+        out[0].fill_(1.0)
+        out[1 : 1 + d].copy_(xt)
+    else:
+        out[0].copy_(m)
+        torch.mul(m, xt, out=out[1 : 1 + d])
+    pos = 1 + d
+    for a in range(d):  # m x_a x_b for b >= a
+        torch.mul(out[1 + a], xt[a:], out=out[pos : pos + d - a])
+        pos += d - a
+    return out
+
+
+def gram_scatter(sums: Tensor, keys: Tensor, xt: Tensor, m: Tensor | None, first: int) -> None:
+    """``sums[p - first, keys[i]] += w_p(row i)`` for the Gram weights ``w`` (:func:`row_weights`) from term ``first`` on.
+
+    ``xt`` (d, ..., r) the rows, ``m`` (..., r) their multiplicities or None, ``keys`` one per row.
+    """
+    scatter(sums, keys.reshape(-1), row_weights(xt, m)[first:])
 
 
 # -- palettized inference: a weight used from its packed indices and LUT (see lut.c for the layout) --------
@@ -255,3 +287,66 @@ def normalise_grad(
     if flat.shape[1] > row_len:  # the padding copies' shares go to the last value
         out[:, -1] += shares.reshape(rows, -1)[:, row_len:].sum(-1)
     return out
+
+
+# -- the sparse path's set choice (torchdkm/cluster/selection.py) -----------------------------------------------
+
+
+def row_sets(
+    xt: Tensor,
+    c: Tensor,
+    inv_tau: Tensor,
+    top: int,
+    pad: Tensor | None,
+    found: Tensor | None,
+    hard_score: float,
+    reselect: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Each row's set, whether it is hard, its score and its slack (see :func:`torchdkm.cluster.selection.choose`).
+
+    ``xt`` (G, d, r) the rows, ``c`` (G, k, d) the centroids (``top < k``), ``inv_tau`` (G, 1),
+    ``pad`` (G, r) the rows that weigh nothing (hard, with infinite score and slack) or None,
+    ``found`` the rows' :func:`.ranking.rank` ``(xt, c, 1)`` if already made.  Returns
+    ``(index (G, top, r) int64, hard (G, r) bool, score (G, r), slack (G, r))``; a hard row's
+    slots after the first are not meaningful.
+
+    The distances are packed (:mod:`.ranking`) and read back through :class:`.ranking.Bounds`
+    as safe bounds; every row is ranked to its nearest two, which decide the hard rows, and the
+    rows soft in some group to their ``top + 1`` nearest.
+    """
+    k, r = c.shape[1], xt.shape[2]
+    mask = (1 << index_bits(k)) - 1
+    eps = torch.finfo(c.dtype).eps
+    if found is None:
+        found = rank(xt, c, 1)
+    bounds = Bounds.of(xt, k)
+    second, nearest = bounds.lower(found[:, 1]), bounds.upper(found[:, 0])
+    log_soft, log_hard = math.log(k - top), math.log(k - 1)
+    score = (second - nearest).mul_(inv_tau).sub_(log_hard)  # every row as if hard
+    hard = score >= hard_score
+    if pad is not None:
+        hard |= pad
+    slack = _slack(score, second, nearest, inv_tau, eps, reselect)
+    index = torch.zeros(c.shape[0], top, r, dtype=torch.int64, device=c.device)
+    index[:, 0] = found[:, 0] & mask
+    soft = (~hard).any(0).nonzero().squeeze(1)
+    if soft.numel() and top > 1:  # the rows soft in some group: their top nearest, scored on the (top + 1)-th
+        xs = xt.reshape(-1, r).index_select(1, soft).view(*xt.shape[:2], -1)
+        full = rank(xs, c, top)
+        hard_s, second_s, nearest_s = (t.index_select(1, soft) for t in (hard, second, nearest))
+        bound_s = torch.where(hard_s, second_s, Bounds.of(xs, k).lower(full[:, top]))
+        score_s = (bound_s - nearest_s).mul_(inv_tau).sub_(torch.where(hard_s, log_hard, log_soft))
+        score.index_copy_(1, soft, score_s)
+        slack.index_copy_(1, soft, _slack(score_s, bound_s, nearest_s, inv_tau, eps, reselect))
+        index.view(-1, r).index_copy_(1, soft, (full[:, :top] & mask).reshape(-1, soft.numel()).long())
+    if pad is not None:
+        slack.masked_fill_(pad, math.inf)
+        score.masked_fill_(pad, math.inf)
+    return index, hard, score, slack
+
+
+def _slack(score: Tensor, bound: Tensor, nearest: Tensor, inv_tau: Tensor, eps: float, reselect: float) -> Tensor:
+    """The move after which a row's score could fall to ``max(-log eps, score - reselect)``."""
+    room = (score + math.log(eps)).clamp_min_(reselect)  # score less the floor it may drop to
+    root = bound.sqrt()
+    return torch.minimum(room.div_(inv_tau).div_((root + nearest.sqrt()).mul_(2.0)), root)

@@ -12,8 +12,8 @@ relative) go to the lower index, and the distances lose those low bits
 value back as a safe lower or upper bound on the true distance (the sparse
 path's guarantees need that).
 
-Used by :func:`.hard.nearest_two` (the temperature's margins) and by the sparse
-path's set selection (:mod:`.selection`).
+Used by :func:`torchdkm.cluster.hard.nearest_two` (the temperature's margins)
+and by the torch kernel of the sparse path's set choice (:func:`.default.row_sets`).
 """
 
 from __future__ import annotations
