@@ -220,6 +220,43 @@ def attend(ch: SoftChunk, ct: Tensor, out: Tensor | None = None) -> tuple[Tensor
     return a, dcx
 
 
+def merged(soft: list[SoftChunk], limit: int = SOFT_ROWS) -> list[SoftChunk]:
+    """``soft`` with consecutive chunks joined while a chunk holds at most ``limit`` rows.
+
+    Every evaluation costs a few tensor ops per chunk, and each choice of
+    stale rows adds one (small) chunk: joined, the rows and their order stay
+    the same.
+    """
+    out: list[SoftChunk] = []
+    run: list[SoftChunk] = []
+    size = 0
+    for ch in soft:
+        if run and size + ch.rows.numel() > limit:
+            out.append(_joined(run))
+            run, size = [], 0
+        run.append(ch)
+        size += ch.rows.numel()
+    if run:
+        out.append(_joined(run))
+    return out
+
+
+def _joined(chunks: list[SoftChunk]) -> SoftChunk:
+    if len(chunks) == 1:
+        return chunks[0]
+    if all(ch.inv_tau.numel() == 1 for ch in chunks):  # one group: one temperature
+        inv_tau = chunks[0].inv_tau
+    else:
+        inv_tau = torch.cat([ch.inv_tau.expand(ch.rows.numel()) for ch in chunks])
+    return SoftChunk(
+        torch.cat([ch.rows for ch in chunks]),
+        torch.cat([ch.keys for ch in chunks], 1),
+        torch.cat([ch.xt for ch in chunks], 1),
+        None if chunks[0].m is None else torch.cat([ch.m for ch in chunks]),
+        inv_tau,
+    )
+
+
 def without_rows(soft: list[SoftChunk], pos: Tensor, g: int, n: int) -> list[SoftChunk]:
     """``soft`` without the rows at positions ``pos`` (of any group)."""
     gone = torch.zeros(n, dtype=torch.bool, device=pos.device)

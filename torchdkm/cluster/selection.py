@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..kernels.ranking import Ranking
 from .problem import gram_terms, row_chunks
-from .rows import Data, SoftChunk, attention_floor, put, soft_layout, take, without_rows
+from .rows import Data, SoftChunk, attention_floor, merged, put, soft_layout, take, without_rows
 
 #: An evaluation is redone on new sets when the centroids' moves have raised the dropped-mass
 #: bound above ``exp(RESELECT)`` times its value at selection (and above the float resolution).
@@ -217,6 +217,8 @@ def repair(data: Data, sel: Selection, c: Tensor, tau: Tensor, stale: Tensor) ->
         sel.soft = without_rows(sel.soft, pos, *sel.hard.shape)
     for s in row_chunks(pos.numel(), data.rows):
         choose(data, sel, c, tau, pos[s], again=True)
+    if sel.soft is not None:
+        sel.soft = merged(sel.soft)
     return sel
 
 
