@@ -225,6 +225,8 @@ def gram_scatter(sums: Tensor, keys: Tensor, xt: Tensor, m: Tensor | None, first
 
 #: The largest ``top`` the set loop keeps on its stack (a larger one runs the torch kernel).
 ROW_SETS_MAX_TOP = 64
+#: Rows per block of the set loop (``loops.c``), for the size of its work space.
+ROW_SETS_BLOCK = 64
 
 
 def row_sets(
@@ -266,7 +268,7 @@ def row_sets(
         spans = [(start, min(start + step, r)) for start in range(0, r, step)]
     else:
         spans = [(0, r)]
-    work = torch.empty(len(spans), k * (d + 1) + d, dtype=torch.float64)  # each job's centroids, distances, row
+    work = torch.empty(len(spans), ROW_SETS_BLOCK * (d + k + 3), dtype=c.dtype)  # each job's block buffers
     jobs = [lambda span=span, w=w: function(*head, *span, *tail, w.data_ptr(), *outputs) for span, w in zip(spans, work)]
     _run(jobs)
     return index, hard, score, slack

@@ -451,98 +451,109 @@ void tdkm_normalise_grad_f32(const float *g, const float *w, int64_t rows, int64
 
 /* The sparse path's set choice (torchdkm/cluster/selection.py; the torch kernel is `row_sets` in
  * default.py).  For row i in [start, stop) of every group g (coordinate a at x[a * xa + g * xg + i * xi])
- * and the group's k centroids (c + g * k * d, row-major): the squared distances in double, differences
- * first (relative error below (d + 3) 2^-53, folded into the bounds below), and the top + 1 smallest in
+ * and the group's k centroids (c + g * k * d, row-major): the squared distances in `type`, differences
+ * first (relative error below (d + 3) eps, folded into the bounds below), and the top + 1 smallest in
  * order (ties to the lower index).  `near` bounds the nearest distance from above, `second` and `beyond`
  * bound from below every distance outside the nearest one and outside the nearest `top`.  A row is hard
  * when pad[g * r + i] is set or its score (second - near) / tau - log(k - 1) reaches `hard_score`; a soft
  * row's score is (beyond - near) / tau - log(k - top) (top > 1).  Its slack is the move after which the
  * score could fall to max(-log eps, score - reselect): min(room * tau / (2 (sqrt(bound) + sqrt(near))),
  * sqrt(bound)), room = max(score + log_eps, reselect).  Padding rows (pad set) weigh nothing: hard, slot
- * 0 everywhere, infinite score and slack, no distances computed.  Outputs: (G, top, r) int64 slots,
- * (G, r) bytes, (G, r) scores and slacks in the input's type (a hard row's slots after the first repeat
- * its nearest).  `work` holds k * (d + 1) + d doubles.
+ * 0 everywhere, infinite score and slack.  Outputs: (G, top, r) int64 slots, (G, r) bytes, (G, r) scores
+ * and slacks in the input's type (a hard row's slots after the first repeat its nearest).
+ *
+ * Rows go in blocks of ROW_SETS_BLOCK: the block's distances are computed centroid by centroid along the
+ * rows, and its nearest two kept per row with selects, so both loops run along rows (SIMD).  `work`
+ * holds d * ROW_SETS_BLOCK + ROW_SETS_BLOCK * (k + 3) values of `type`.
  */
 #define ROW_SETS_MAX_TOP 64
-#define ROW_SETS(name, type)                                                                                  \
+#define ROW_SETS_BLOCK 64
+#define ROW_SETS(name, type, eps)                                                                             \
     void name(const type *restrict x, int64_t xa, int64_t xg, int64_t xi, const type *restrict c,             \
               const type *restrict inv_tau, int64_t groups, int64_t d, int64_t k, int64_t r, int64_t start,   \
               int64_t stop, int64_t top, const uint8_t *restrict pad, double hard_score, double log_eps,      \
-              double reselect, double *restrict work, int64_t *restrict index, uint8_t *restrict hard,        \
+              double reselect, type *restrict work, int64_t *restrict index, uint8_t *restrict hard,          \
               type *restrict score, type *restrict slack) {                                                    \
-        double best[ROW_SETS_MAX_TOP + 1];                                                                     \
-        double *restrict cd = work, *restrict dist = work + k * d, *restrict xv = dist + k;                    \
+        enum { B = ROW_SETS_BLOCK };                                                                           \
+        type best[ROW_SETS_MAX_TOP + 1];                                                                       \
         int64_t which[ROW_SETS_MAX_TOP + 1];                                                                   \
-        const double rel = (double)(d + 4) * 0x1p-53, log_hard = log((double)(k - 1));                         \
+        type *restrict xb = work, *restrict dist = work + d * B, *restrict d0 = dist + k * B;                  \
+        type *restrict d1 = d0 + B, *restrict j0 = d1 + B;                                                     \
+        const double rel = (double)(d + 4) * (eps), log_hard = log((double)(k - 1));                           \
         const double log_soft = log((double)(k - top));                                                        \
         for (int64_t g = 0; g < groups; g++) {                                                                 \
-            for (int64_t j = 0; j < k; j++) /* coordinate-major: the distance loop runs along centroids */     \
-                for (int64_t a = 0; a < d; a++) cd[a * k + j] = (double)c[(g * k + j) * d + a];                \
+            const type *restrict cg = c + g * k * d;                                                           \
             const double it = (double)inv_tau[g];                                                              \
-            for (int64_t i = start; i < stop; i++) {                                                           \
-                const int64_t row = g * r + i;                                                                 \
-                if (pad != NULL && pad[row]) {                                                                 \
-                    for (int64_t t = 0; t < top; t++) index[(g * top + t) * r + i] = 0;                       \
-                    hard[row] = 1;                                                                             \
-                    score[row] = slack[row] = (type)INFINITY;                                                  \
-                    continue;                                                                                  \
+            for (int64_t i0 = start; i0 < stop; i0 += B) {                                                     \
+                const int64_t nb = stop - i0 < B ? stop - i0 : B;                                              \
+                for (int64_t a = 0; a < d; a++)                                                                \
+                    for (int64_t q = 0; q < nb; q++) xb[a * B + q] = x[a * xa + g * xg + (i0 + q) * xi];       \
+                for (int64_t q = 0; q < B; q++) {                                                              \
+                    d0[q] = d1[q] = (type)INFINITY;                                                            \
+                    j0[q] = 0;                                                                                 \
                 }                                                                                              \
-                for (int64_t a = 0; a < d; a++) xv[a] = (double)x[a * xa + g * xg + i * xi];                   \
-                for (int64_t j = 0; j < k; j++) dist[j] = 0.0;                                                 \
-                for (int64_t a = 0; a < d; a++) {                                                              \
-                    const double xa_ = xv[a], *ca = cd + a * k;                                                \
-                    for (int64_t j = 0; j < k; j++) {                                                          \
-                        double diff = xa_ - ca[j];                                                             \
-                        dist[j] += diff * diff;                                                                \
-                    }                                                                                          \
-                }                                                                                              \
-                /* the nearest two decide whether the row is hard; only a soft row needs its top + 1 */        \
-                double d0 = dist[0], d1 = INFINITY;                                                            \
-                int64_t j0 = 0;                                                                                \
-                for (int64_t j = 1; j < k; j++) {                                                              \
-                    double s = dist[j];                                                                        \
-                    if (s < d0) {                                                                              \
-                        d1 = d0;                                                                               \
-                        d0 = s;                                                                                \
-                        j0 = j;                                                                                \
-                    } else if (s < d1) {                                                                       \
-                        d1 = s;                                                                                \
-                    }                                                                                          \
-                }                                                                                              \
-                const double near = d0 * (1.0 + rel), second = d1 * (1.0 - rel);                               \
-                double bound = second, sc = (second - near) * it - log_hard;                                   \
-                const int is_hard = sc >= hard_score;                                                          \
-                hard[row] = (uint8_t)is_hard;                                                                  \
-                index[g * top * r + i] = j0;                                                                   \
-                if (!is_hard && top > 1) {                                                                     \
-                    int64_t found = 0;                                                                         \
-                    for (int64_t j = 0; j < k; j++) {                                                          \
-                        double s = dist[j];                                                                    \
-                        if (found == top + 1 && !(s < best[top])) continue;                                    \
-                        int64_t at = found < top + 1 ? found++ : top;                                          \
-                        for (; at > 0 && s < best[at - 1]; at--) {                                             \
-                            best[at] = best[at - 1];                                                           \
-                            which[at] = which[at - 1];                                                         \
+                for (int64_t j = 0; j < k; j++) {                                                              \
+                    type *restrict dj = dist + j * B;                                                          \
+                    for (int64_t q = 0; q < B; q++) dj[q] = 0;                                                 \
+                    for (int64_t a = 0; a < d; a++) {                                                          \
+                        const type ca = cg[j * d + a], *restrict xq = xb + a * B;                              \
+                        for (int64_t q = 0; q < B; q++) {                                                      \
+                            type diff = xq[q] - ca;                                                            \
+                            dj[q] += diff * diff;                                                              \
                         }                                                                                      \
-                        best[at] = s;                                                                          \
-                        which[at] = j;                                                                         \
                     }                                                                                          \
-                    for (int64_t t = 0; t < top; t++) index[(g * top + t) * r + i] = which[t];                 \
-                    bound = best[top] * (1.0 - rel);                                                           \
-                    sc = (bound - near) * it - log_soft;                                                       \
-                } else {                                                                                       \
-                    for (int64_t t = 1; t < top; t++) index[(g * top + t) * r + i] = j0;                      \
+                    const type jj = (type)j;                                                                   \
+                    for (int64_t q = 0; q < B; q++) { /* the nearest two (ties to the lower index) */         \
+                        type s = dj[q], lo = d0[q];                                                            \
+                        int nearer = s < lo;                                                                   \
+                        d1[q] = nearer ? lo : (s < d1[q] ? s : d1[q]);                                         \
+                        d0[q] = nearer ? s : lo;                                                               \
+                        j0[q] = nearer ? jj : j0[q];                                                           \
+                    }                                                                                          \
                 }                                                                                              \
-                double room = sc + log_eps > reselect ? sc + log_eps : reselect;                               \
-                double root = sqrt(bound), move = room / it / (2.0 * (root + sqrt(near)));                     \
-                score[row] = (type)sc;                                                                         \
-                slack[row] = (type)(move < root ? move : root);                                                \
+                for (int64_t q = 0; q < nb; q++) {                                                             \
+                    const int64_t i = i0 + q, row = g * r + i, nearest = (int64_t)j0[q];                       \
+                    if (pad != NULL && pad[row]) {                                                             \
+                        for (int64_t t = 0; t < top; t++) index[(g * top + t) * r + i] = 0;                   \
+                        hard[row] = 1;                                                                         \
+                        score[row] = slack[row] = (type)INFINITY;                                              \
+                        continue;                                                                              \
+                    }                                                                                          \
+                    const double near = (double)d0[q] * (1.0 + rel), second = (double)d1[q] * (1.0 - rel);     \
+                    double bound = second, sc = (second - near) * it - log_hard;                               \
+                    const int is_hard = sc >= hard_score;                                                      \
+                    hard[row] = (uint8_t)is_hard;                                                              \
+                    index[g * top * r + i] = nearest;                                                          \
+                    if (!is_hard && top > 1) { /* a soft row: its top + 1 nearest, in order */                 \
+                        int64_t found = 0;                                                                     \
+                        for (int64_t j = 0; j < k; j++) {                                                      \
+                            type s = dist[j * B + q];                                                          \
+                            if (found == top + 1 && !(s < best[top])) continue;                                \
+                            int64_t at = found < top + 1 ? found++ : top;                                      \
+                            for (; at > 0 && s < best[at - 1]; at--) {                                         \
+                                best[at] = best[at - 1];                                                       \
+                                which[at] = which[at - 1];                                                     \
+                            }                                                                                  \
+                            best[at] = s;                                                                      \
+                            which[at] = j;                                                                     \
+                        }                                                                                      \
+                        for (int64_t t = 0; t < top; t++) index[(g * top + t) * r + i] = which[t];             \
+                        bound = (double)best[top] * (1.0 - rel);                                               \
+                        sc = (bound - near) * it - log_soft;                                                   \
+                    } else {                                                                                   \
+                        for (int64_t t = 1; t < top; t++) index[(g * top + t) * r + i] = nearest;              \
+                    }                                                                                          \
+                    double room = sc + log_eps > reselect ? sc + log_eps : reselect;                           \
+                    double root = sqrt(bound), move = room / it / (2.0 * (root + sqrt(near)));                 \
+                    score[row] = (type)sc;                                                                     \
+                    slack[row] = (type)(move < root ? move : root);                                            \
+                }                                                                                              \
             }                                                                                                  \
         }                                                                                                      \
     }
 
-ROW_SETS(tdkm_row_sets_f32, float)
-ROW_SETS(tdkm_row_sets_f64, double)
+ROW_SETS(tdkm_row_sets_f32, float, 0x1p-24)
+ROW_SETS(tdkm_row_sets_f64, double, 0x1p-53)
 
 /* The sparse path's Gram weights of rows, scattered (the torch kernel `gram_scatter` in default.py: its
  * `row_weights` then `scatter`).  Row (g, i), g < groups, i < r, has coordinates x[a * xa + g * xg + i *
