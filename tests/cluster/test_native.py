@@ -330,8 +330,8 @@ def exact_distances(xt, c):
 def test_row_sets_is_the_torch_kernel_with_tighter_bounds(loops, threads, dtype, top):
     """Same sets, hard rows a superset of the torch kernel's, scores at least as high, and every bound safe."""
     xt, c, inv_tau, pad, hard_score, reselect = row_sets_case(dtype)
-    ti, th, ts, tl = default.row_sets(xt, c, inv_tau, top, pad, None, hard_score, reselect)
-    ni, nh, ns, nl = loops.row_sets(xt, c, inv_tau, top, pad, None, hard_score, reselect)
+    ti, th, ts, tl = default.row_sets(xt, c, inv_tau, top, pad, None, None, None, hard_score, reselect)
+    ni, nh, ns, nl = loops.row_sets(xt, c, inv_tau, top, pad, None, None, None, hard_score, reselect)
     real = ~pad
     assert 0 < int(th[real].sum()) < int(real.sum()), "the case should have hard and soft rows"
     assert bool((nh >= th).all()) and torch.equal(nh[pad], pad[pad])
@@ -355,8 +355,8 @@ def test_row_sets_rounds_no_hard_row_soft(loops):
     """A row the torch kernel scores hard is hard here too, also when it is all but a tie."""
     xt, c, inv_tau, pad, hard_score, reselect = row_sets_case(torch.float32, g=1, r=50)
     c[0, 1] = c[0, 0] + 1e-4  # two centroids almost on top of each other: the rows near them soft
-    _, th, _, _ = default.row_sets(xt, c, inv_tau, 4, None, None, hard_score, reselect)
-    _, nh, _, _ = loops.row_sets(xt, c, inv_tau, 4, None, None, hard_score, reselect)
+    _, th, _, _ = default.row_sets(xt, c, inv_tau, 4, None, None, None, None, hard_score, reselect)
+    _, nh, _, _ = loops.row_sets(xt, c, inv_tau, 4, None, None, None, None, hard_score, reselect)
     assert bool((nh >= th).all()) and not bool(nh.all())
 
 
@@ -378,3 +378,18 @@ def test_sparse_steps_agree_across_backends():
         results[backend] = (out.detach(), w.grad)
     for a, b in zip(results["native"], results["torch"]):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k", [2, 16, 100])
+def test_nearest_two_is_the_torch_kernel_untruncated(loops, threads, dtype, k):
+    gen = torch.Generator().manual_seed(k)
+    xt = torch.randn(4, 3, 333, generator=gen).to(dtype).transpose(0, 1)  # (G, d, r), coordinate-major
+    c = torch.randn(3, k, 4, generator=gen).to(dtype)
+    ti, tf, ts = default.nearest_two(xt, c)
+    ni, nf, ns = loops.nearest_two(xt, c)
+    assert torch.equal(ni, ti)  # (no near-ties in random data)
+    exact = exact_distances(xt, c).sort(1).values
+    for got, packed, true in ((nf, tf, exact[:, 0]), (ns, ts, exact[:, 1])):
+        torch.testing.assert_close(got.double(), true, rtol=8 * torch.finfo(dtype).eps, atol=0)
+        torch.testing.assert_close(packed, got, rtol=1e-4, atol=1e-4)  # (a matmul's rounding, truncated)

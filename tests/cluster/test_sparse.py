@@ -15,6 +15,8 @@ from torchdkm.cluster import selection
 from torchdkm.cluster.hard import nearest_two
 from torchdkm.cluster.rows import attention_floor, gather_rows, soft_layout
 from torchdkm.config import LayerConfig
+from torchdkm.kernels import default
+from torchdkm.kernels import select as select_kernels
 from torchdkm.kernels.ranking import coordinate_major, rank_vectors, smallest
 
 F64 = torch.float64
@@ -257,19 +259,25 @@ def test_smallest_by_rotation_equals_a_sort(itype, k, top):
 
 
 def test_rank_feeds_the_temperature_and_the_selection():
-    """``rank`` reads back as ``hard.nearest_two`` does, and ``dkm_sparse`` given it matches one that ranks itself."""
+    """The ranking reads as ``hard.nearest_two`` does (the native kernel's distances untruncated), and
+    ``dkm_sparse`` given it matches one that ranks itself."""
     x, c0, tau = gaussian_layer(3000, 2, 16, seed=12, dtype=torch.float32)
-    ranked = rank_vectors(x, c0)
+    kernel = select_kernels("cpu", x.dtype, BACKEND["name"]).nearest_two
+    ranked = rank_vectors(x, c0, kernel)
     index, first, second = ranked.nearest_two()
     want = nearest_two(x, c0, 1000)
-    assert torch.equal(index.long(), want[0])
-    assert torch.equal(first, want[1]) and torch.equal(second, want[2])
+    assert torch.equal(index, want[0])
+    if kernel is default.nearest_two:
+        assert torch.equal(first, want[1]) and torch.equal(second, want[2])
+    else:  # the packed distances come from a matmul and lose their lowest 4 bits (k = 16)
+        torch.testing.assert_close(first, want[1], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(second, want[2], rtol=1e-4, atol=1e-5)
     kw = dict(top=4, max_iters=3, tol=torch.tensor(0.0), rows=500)
     fresh = run(dkm_sparse, x, None, c0, tau, gw=torch.ones_like(x), gc=torch.zeros_like(c0), **kw)
     given = run(
         dkm_sparse, x, None, c0, tau, gw=torch.ones_like(x), gc=torch.zeros_like(c0), ranked=ranked, **kw
     )
-    elsewhere = rank_vectors(x, c0 + 0.01)  # ranked at other centroids: ignored
+    elsewhere = rank_vectors(x, c0 + 0.01, kernel)  # ranked at other centroids: ignored
     other = run(
         dkm_sparse, x, None, c0, tau, gw=torch.ones_like(x), gc=torch.zeros_like(c0), ranked=elsewhere, **kw
     )

@@ -116,7 +116,7 @@ def _vectors(
     attention: Attention
     if plan.path == "sparse":
         assert plan.top is not None
-        ranked = rank_vectors(x.detach(), c)
+        ranked = rank_vectors(x.detach(), c, plan.kernels.nearest_two)
         c, scale = margin(x, m, c, _rows(plan, x, k), ranked.nearest_two(), picks)
         attention = SparseAttention(
             _problem(clusterers, x, m, scale, plan, groups), plan.top, plan.kernels, ranked

@@ -207,7 +207,7 @@ class WeightClusterer:
         attention: Attention
         if plan.path == "sparse":  # the sparse attention ranks the centroids for every vector: the margin reads it too
             assert plan.top is not None
-            ranked = rank_vectors(x.detach(), c0)
+            ranked = rank_vectors(x.detach(), c0, plan.kernels.nearest_two)
             c0, scale = margin(x, m, c0, plan.rows, ranked.nearest_two())
             # (re-seeded centroids: the sparse attention ranks the vectors again)
             attention = SparseAttention(self._problem(x, m, scale, plan), plan.top, plan.kernels, ranked)

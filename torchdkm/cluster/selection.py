@@ -98,7 +98,7 @@ def choose(
     c: Tensor,
     tau: Tensor,
     pos: slice | Tensor,
-    found: Tensor | None = None,
+    two: tuple[Tensor, Tensor, Tensor] | None = None,
     again: bool = False,
 ) -> None:
     """Choose the sets of the rows at positions ``pos`` (in every group) at centroids ``c``.
@@ -112,8 +112,8 @@ def choose(
     that brings it down to ``min(-log eps, score - RESELECT)``.  A row is hard
     when its score with the nearest alone reaches ``HARD_MARGIN - log eps``.
     The layer's ``row_sets`` kernel computes all four per row
-    (:mod:`torchdkm.kernels`); ``found`` is the rows' ranking at ``c`` if
-    already known (the torch kernel reuses it).  ``again``: the rows were
+    (:mod:`torchdkm.kernels`); ``two`` is the rows' nearest two at ``c`` if
+    already known (the torch kernel reuses them).  ``again``: the rows were
     chosen before (their hard rows leave the sums).
     """
     k, top = c.shape[1], sel.top
@@ -123,7 +123,9 @@ def choose(
     old = (take(sel.hard, pos).clone(), take(sel.index[:, 0], pos).clone()) if again else None
     pad = None if data.m is None else take(data.m, pos) <= 0  # padding rows weigh nothing: made hard
     inv_tau = (1.0 / tau).view(-1, 1)
-    index, hard, score, slack = data.kernels.row_sets(xt, c, inv_tau, top, pad, found, HARD_MARGIN - math.log(eps), RESELECT)
+    near = (None, None, None) if two is None else two
+    hard_score = HARD_MARGIN - math.log(eps)
+    index, hard, score, slack = data.kernels.row_sets(xt, c, inv_tau, top, pad, *near, hard_score, RESELECT)
     put(sel.index, pos, index)
     if sel.soft is not None:
         soft = (~hard).any(0).nonzero().squeeze(1)
@@ -168,7 +170,7 @@ def select(data: Data, c: Tensor, tau: Tensor, top: int, ranked: Ranking | None 
     index = torch.zeros(g, top, n, dtype=index_dtype, device=c.device)
     sel = Selection(index, hard, slack, c, hard_sums, c.new_zeros(g), soft=[])
     for s in row_chunks(n, data.rows):
-        choose(data, sel, c, tau, s, None if ranked is None else ranked.found[..., s])
+        choose(data, sel, c, tau, s, None if ranked is None else tuple(t[..., s] for t in ranked.nearest_two()))
     return sel
 
 

@@ -1,8 +1,8 @@
 """Kernels: each declared once, implemented per backend, chosen when a layer is prepared.
 
 A kernel is a named pass over tensors (``count``, ``present``, ``expand``,
-``sum_per_key``, ``affine``, ``scatter``, ``gram_scatter``, ``row_sets``:
-the uniquified and sparse paths' passes over the weights).  Each has a torch implementation
+``sum_per_key``, ``affine``, ``scatter``, ``gram_scatter``, ``nearest_two``,
+``row_sets``: the uniquified and sparse paths' passes over the weights).  Each has a torch implementation
 (:mod:`.default`, any device, any dtype) and, on the CPU, a native one
 (:mod:`.cpu`, C loops built on first use, for the dtypes :data:`.cpu.DTYPES`
 lists).  Each is also declared once as a PyTorch custom op,
@@ -28,7 +28,7 @@ import torch
 from . import build, cpu, default, lut
 
 BACKENDS = ("native", "torch")
-NAMES = ("count", "present", "expand", "sum_per_key", "affine", "scatter", "gram_scatter", "row_sets")
+NAMES = ("count", "present", "expand", "sum_per_key", "affine", "scatter", "gram_scatter", "nearest_two", "row_sets")
 #: The block scales' kernels (:mod:`torchdkm.cluster.scales`), for weights of the layer's dtype.
 BLOCK_NAMES = ("normalise", "rescale", "rescale_grad", "normalise_grad")
 
@@ -45,6 +45,7 @@ class Kernels:
     affine: Callable
     scatter: Callable
     gram_scatter: Callable
+    nearest_two: Callable
     row_sets: Callable
     normalise: Callable
     rescale: Callable
@@ -72,7 +73,7 @@ def select(device: torch.device | str, dtype: torch.dtype, backend: str | None =
         raise RuntimeError(f"the native loops cannot run here (device {device}, built: {build.library() is not None})")
     native = backend == "native" or (backend is None and on_cpu and native_available())
     compute = torch.float64 if dtype == torch.float64 else torch.float32
-    checked = {"sum_per_key": dtype, "affine": dtype, "scatter": compute, "gram_scatter": compute, "row_sets": compute}
+    checked = {"sum_per_key": dtype, "affine": dtype, "scatter": compute, "gram_scatter": compute, "nearest_two": compute, "row_sets": compute}
     checked |= dict.fromkeys(BLOCK_NAMES, dtype)
     chosen = {name: _implementation(name, native, checked.get(name)) for name in NAMES + BLOCK_NAMES}
     table = cpu.TABLE_DTYPE if chosen["affine"] is cpu.affine else None
@@ -115,9 +116,10 @@ _SCHEMAS = {
         "(Tensor(a!) sums, Tensor keys, Tensor xt, Tensor? m, int first) -> ()",
         lambda sums, keys, xt, *rest: xt.dtype,
     ),
+    "nearest_two": ("(Tensor xt, Tensor c) -> (Tensor, Tensor, Tensor)", lambda xt, c: c.dtype),
     "row_sets": (
-        "(Tensor xt, Tensor c, Tensor inv_tau, int top, Tensor? pad, Tensor? found, float hard_score, float reselect)"
-        " -> (Tensor, Tensor, Tensor, Tensor)",
+        "(Tensor xt, Tensor c, Tensor inv_tau, int top, Tensor? pad, Tensor? index, Tensor? first, Tensor? second,"
+        " float hard_score, float reselect) -> (Tensor, Tensor, Tensor, Tensor)",
         lambda xt, c, *rest: c.dtype,
     ),
     "normalise": ("(Tensor weight, int block, Tensor safe, Tensor? offset) -> Tensor", lambda weight, *rest: weight.dtype),

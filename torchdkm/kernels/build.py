@@ -152,6 +152,11 @@ def _declare(library: ctypes.CDLL) -> None:
         function.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 7
         function.argtypes += [ctypes.c_void_p] + [ctypes.c_double] * 3 + [ctypes.c_void_p] * 5
         function.restype = None
+    for name in ("nearest_two_f32", "nearest_two_f64"):  # (x and its 3 strides, centroids, 6 sizes, work, 3 outputs)
+        function = getattr(library, f"tdkm_{name}")
+        function.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] + [ctypes.c_int64] * 6
+        function.argtypes += [ctypes.c_void_p] * 4
+        function.restype = None
     for name in ("gram_scatter_f32", "gram_scatter_f64"):  # (keys, x and 3 strides, m and 2 strides, groups, rows,
         function = getattr(library, f"tdkm_{name}")  # d, first term, sums, bins, sums row stride, work space)
         function.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p]

@@ -32,6 +32,7 @@ DTYPES: dict[str, tuple[torch.dtype, ...] | None] = {
     "affine": (torch.float32, torch.bfloat16),  # grad (tables: float32)
     "scatter": (torch.float32, torch.float64),  # src
     "row_sets": (torch.float32, torch.float64),  # the rows and centroids
+    "nearest_two": (torch.float32, torch.float64),  # the rows and centroids
     "gram_scatter": (torch.float32, torch.float64),  # the rows
     "normalise": (torch.float32,),  # the weight (and its block tables)
     "rescale": (torch.float32,),
@@ -229,49 +230,91 @@ ROW_SETS_MAX_TOP = 64
 ROW_SETS_BLOCK = 64
 
 
+def _row_spans(r: int, k: int, d: int) -> list[tuple[int, int]]:
+    """The row ranges of a pass over ``r`` rows and ``k`` centroids of ``d`` values, one per thread when large."""
+    spans = _chunks(r * k * d)
+    if len(spans) == 1:
+        return [(0, r)]
+    step = -(-r // len(spans))
+    return [(start, min(start + step, r)) for start in range(0, r, step)]
+
+
+def _rows_and_centroids(xt: Tensor, c: Tensor) -> tuple[tuple, Tensor]:
+    """The loops' first arguments for rows ``xt`` (G, d, r) (any strides) and centroids ``c`` (G, k, d)."""
+    if xt.dtype != c.dtype:
+        raise ValueError(f"rows of {xt.dtype} and centroids of {c.dtype}")
+    c = c.contiguous()
+    return (xt.data_ptr(), xt.stride(1), xt.stride(0), xt.stride(2), c.data_ptr()), c  # coordinate, group, row
+
+
+def _work(spans: list, d: int, k: int, dtype: torch.dtype) -> Tensor:
+    """Each job's block buffers (``ROW_SETS_BLOCK`` rows: coordinates, distances, the nearest two)."""
+    return torch.empty(len(spans), ROW_SETS_BLOCK * (d + k + 3), dtype=dtype)
+
+
+def nearest_two(xt: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The torch kernel's ``(index, first, second)`` (:func:`.default.nearest_two`), from exact differences.
+
+    The distances are rounded once to the rows' dtype (the torch kernel's lose their lowest
+    ``ceil(log2 k)`` bits); near-ties go to the lower index in both.
+    """
+    g, d, r = xt.shape
+    k = c.shape[1]
+    head, c = _rows_and_centroids(xt, c)
+    function = _loops().tdkm_nearest_two_f32 if c.dtype == torch.float32 else _loops().tdkm_nearest_two_f64
+    index = torch.empty(g, r, dtype=torch.int64)
+    first, second = torch.empty(g, r, dtype=c.dtype), torch.empty(g, r, dtype=c.dtype)
+    outputs = (index.data_ptr(), first.data_ptr(), second.data_ptr())
+    spans = _row_spans(r, k, d)
+    work = _work(spans, d, k, c.dtype)
+    _run([lambda span=span, w=w: function(*head, g, d, k, r, *span, w.data_ptr(), *outputs) for span, w in zip(spans, work)])
+    return index, first, second
+
+
+#: The largest ``top`` the set loop keeps on its stack (a larger one runs the torch kernel).
+ROW_SETS_MAX_TOP = 64
+#: Rows per block of the set loops (``loops.c``), for the size of their work space.
+ROW_SETS_BLOCK = 64
+
+
 def row_sets(
     xt: Tensor,
     c: Tensor,
     inv_tau: Tensor,
     top: int,
     pad: Tensor | None,
-    found: Tensor | None,
+    index: Tensor | None,
+    first: Tensor | None,
+    second: Tensor | None,
     hard_score: float,
     reselect: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The torch kernel's result (:func:`.default.row_sets`) from exact distances, in one pass over the rows.
+    """The torch kernel's result (:func:`.default.row_sets`) from exact differences, in one pass over the rows.
 
     Where the torch kernel reads bounds off packed distances (a few ulps of ``|x|^2`` wide), the loop
-    computes each distance in double from the differences, so its bounds are tighter: a row hard for
-    the torch kernel is hard here, and the rows' sets agree but for near-ties.  ``found`` is not needed.
+    computes each distance from the differences (its rounding folded into the bounds), so its bounds
+    are tighter: a row hard for the torch kernel is hard here, and the rows' sets agree but for
+    near-ties.  The nearest two (``index``, ``first``, ``second``) are not needed.
     """
     if top > ROW_SETS_MAX_TOP:
-        return default.row_sets(xt, c, inv_tau, top, pad, found, hard_score, reselect)
+        return default.row_sets(xt, c, inv_tau, top, pad, index, first, second, hard_score, reselect)
     g, d, r = xt.shape
     k = c.shape[1]
-    c, inv_tau = c.contiguous(), inv_tau.to(c.dtype).contiguous()
-    if xt.dtype != c.dtype:
-        raise ValueError(f"row_sets: rows of {xt.dtype} and centroids of {c.dtype}")
+    head, c = _rows_and_centroids(xt, c)
+    inv_tau = inv_tau.to(c.dtype).contiguous()
     function = _loops().tdkm_row_sets_f32 if c.dtype == torch.float32 else _loops().tdkm_row_sets_f64
-    index = torch.empty(g, top, r, dtype=torch.int64)
+    slots = torch.empty(g, top, r, dtype=torch.int64)
     hard = torch.empty(g, r, dtype=torch.bool)
     score, slack = torch.empty(g, r, dtype=c.dtype), torch.empty(g, r, dtype=c.dtype)
     flags = None if pad is None else pad.to(torch.bool).contiguous()
     eps = torch.finfo(c.dtype).eps
-    strides = (xt.stride(1), xt.stride(0), xt.stride(2))  # coordinate, group, row
-    head = (xt.data_ptr(), *strides, c.data_ptr(), inv_tau.data_ptr(), g, d, k, r)
+    head += (inv_tau.data_ptr(), g, d, k, r)
     tail = (top, None if flags is None else flags.data_ptr(), hard_score, math.log(eps), reselect)
-    outputs = (index.data_ptr(), hard.data_ptr(), score.data_ptr(), slack.data_ptr())
-    spans = _chunks(r * k * d)
-    if len(spans) > 1:
-        step = -(-r // len(spans))
-        spans = [(start, min(start + step, r)) for start in range(0, r, step)]
-    else:
-        spans = [(0, r)]
-    work = torch.empty(len(spans), ROW_SETS_BLOCK * (d + k + 3), dtype=c.dtype)  # each job's block buffers
-    jobs = [lambda span=span, w=w: function(*head, *span, *tail, w.data_ptr(), *outputs) for span, w in zip(spans, work)]
-    _run(jobs)
-    return index, hard, score, slack
+    outputs = (slots.data_ptr(), hard.data_ptr(), score.data_ptr(), slack.data_ptr())
+    spans = _row_spans(r, k, d)
+    work = _work(spans, d, k, c.dtype)
+    _run([lambda span=span, w=w: function(*head, *span, *tail, w.data_ptr(), *outputs) for span, w in zip(spans, work)])
+    return slots, hard, score, slack
 
 
 # -- block scales: (rows, row_len) float32 weights, (rows, blocks) float32 tables (see loops.c) -----------------

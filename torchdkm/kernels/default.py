@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .ranking import Bounds, index_bits, rank
+from .ranking import Bounds, rank, unpack
 
 PATTERNS = 1 << 16
 #: Weights per piece of a gather over the weights: the piece's patterns and temporaries stay in cache.
@@ -292,43 +292,55 @@ def normalise_grad(
 # -- the sparse path's set choice (torchdkm/cluster/selection.py) -----------------------------------------------
 
 
+def nearest_two(xt: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Each row's nearest centroid and squared distances to the nearest two: ``(index, first, second)``, ``(G, r)``.
+
+    ``xt`` (G, d, r) the rows, ``c`` (G, k >= 2, d).  One packed ranking (:mod:`.ranking`): near-ties go
+    to the lower index, and the distances lose their lowest ``ceil(log2 k)`` bits (truncated towards 0).
+    """
+    k = c.shape[1]
+    found = rank(xt, c, 1)
+    index, first = unpack(found[:, 0], k)
+    return index.long(), first, unpack(found[:, 1], k)[1]
+
+
 def row_sets(
     xt: Tensor,
     c: Tensor,
     inv_tau: Tensor,
     top: int,
     pad: Tensor | None,
-    found: Tensor | None,
+    index: Tensor | None,
+    first: Tensor | None,
+    second: Tensor | None,
     hard_score: float,
     reselect: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Each row's set, whether it is hard, its score and its slack (see :func:`torchdkm.cluster.selection.choose`).
 
     ``xt`` (G, d, r) the rows, ``c`` (G, k, d) the centroids (``top < k``), ``inv_tau`` (G, 1),
-    ``pad`` (G, r) the rows that weigh nothing (hard, with infinite score and slack) or None,
-    ``found`` the rows' :func:`.ranking.rank` ``(xt, c, 1)`` if already made.  Returns
-    ``(index (G, top, r) int64, hard (G, r) bool, score (G, r), slack (G, r))``; a hard row's
-    slots after the first are not meaningful.
+    ``pad`` (G, r) the rows that weigh nothing (hard, with infinite score and slack) or None;
+    ``index``, ``first``, ``second``: the rows' :func:`nearest_two` at ``c`` if already made (else
+    all None).  Returns ``(index (G, top, r) int64, hard (G, r) bool, score (G, r), slack (G, r))``;
+    a hard row's slots after the first are not meaningful.
 
-    The distances are packed (:mod:`.ranking`) and read back through :class:`.ranking.Bounds`
-    as safe bounds; every row is ranked to its nearest two, which decide the hard rows, and the
-    rows soft in some group to their ``top + 1`` nearest.
+    The nearest two's distances are read back through :class:`.ranking.Bounds` as safe bounds
+    and decide the hard rows; the rows soft in some group are ranked to their ``top + 1`` nearest.
     """
     k, r = c.shape[1], xt.shape[2]
-    mask = (1 << index_bits(k)) - 1
     eps = torch.finfo(c.dtype).eps
-    if found is None:
-        found = rank(xt, c, 1)
+    if first is None or second is None or index is None:
+        index, first, second = nearest_two(xt, c)
     bounds = Bounds.of(xt, k)
-    second, nearest = bounds.lower(found[:, 1]), bounds.upper(found[:, 0])
+    second, nearest = bounds.below(second), bounds.above(first)
     log_soft, log_hard = math.log(k - top), math.log(k - 1)
     score = (second - nearest).mul_(inv_tau).sub_(log_hard)  # every row as if hard
     hard = score >= hard_score
     if pad is not None:
         hard |= pad
     slack = _slack(score, second, nearest, inv_tau, eps, reselect)
-    index = torch.zeros(c.shape[0], top, r, dtype=torch.int64, device=c.device)
-    index[:, 0] = found[:, 0] & mask
+    slots = torch.zeros(c.shape[0], top, r, dtype=torch.int64, device=c.device)
+    slots[:, 0] = index
     soft = (~hard).any(0).nonzero().squeeze(1)
     if soft.numel() and top > 1:  # the rows soft in some group: their top nearest, scored on the (top + 1)-th
         xs = xt.reshape(-1, r).index_select(1, soft).view(*xt.shape[:2], -1)
@@ -338,11 +350,11 @@ def row_sets(
         score_s = (bound_s - nearest_s).mul_(inv_tau).sub_(torch.where(hard_s, log_hard, log_soft))
         score.index_copy_(1, soft, score_s)
         slack.index_copy_(1, soft, _slack(score_s, bound_s, nearest_s, inv_tau, eps, reselect))
-        index.view(-1, r).index_copy_(1, soft, (full[:, :top] & mask).reshape(-1, soft.numel()).long())
+        slots.view(-1, r).index_copy_(1, soft, unpack(full[:, :top], k)[0].reshape(-1, soft.numel()).long())
     if pad is not None:
         slack.masked_fill_(pad, math.inf)
         score.masked_fill_(pad, math.inf)
-    return index, hard, score, slack
+    return slots, hard, score, slack
 
 
 def _slack(score: Tensor, bound: Tensor, nearest: Tensor, inv_tau: Tensor, eps: float, reselect: float) -> Tensor:

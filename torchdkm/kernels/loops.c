@@ -468,6 +468,36 @@ void tdkm_normalise_grad_f32(const float *g, const float *w, int64_t rows, int64
  */
 #define ROW_SETS_MAX_TOP 64
 #define ROW_SETS_BLOCK 64
+/* A block of rows i0 .. i0 + nb of group g (the arguments of row_sets): the block's coordinates in xb, its
+ * distances to every centroid in dist (centroid-major), and per row the nearest two (d0, d1) and the index of
+ * the nearest (j0), kept with selects so that every loop runs along the rows. */
+#define ROW_BLOCK_NEAREST_TWO(type)                                                                           \
+        for (int64_t a = 0; a < d; a++)                                                                       \
+            for (int64_t q = 0; q < B; q++) xb[a * B + q] = q < nb ? x[a * xa + g * xg + (i0 + q) * xi] : 0;  \
+        for (int64_t q = 0; q < B; q++) {                                                                     \
+            d0[q] = d1[q] = (type)INFINITY;                                                                   \
+            j0[q] = 0;                                                                                        \
+        }                                                                                                     \
+        for (int64_t j = 0; j < k; j++) {                                                                     \
+            type *restrict dj = dist + j * B;                                                                 \
+            for (int64_t q = 0; q < B; q++) dj[q] = 0;                                                        \
+            for (int64_t a = 0; a < d; a++) {                                                                 \
+                const type ca = cg[j * d + a], *restrict xq = xb + a * B;                                     \
+                for (int64_t q = 0; q < B; q++) {                                                             \
+                    type diff = xq[q] - ca;                                                                   \
+                    dj[q] += diff * diff;                                                                     \
+                }                                                                                             \
+            }                                                                                                 \
+            const type jj = (type)j;                                                                          \
+            for (int64_t q = 0; q < B; q++) { /* the nearest two (ties to the lower index) */                 \
+                type s = dj[q], lo = d0[q];                                                                   \
+                int nearer = s < lo;                                                                          \
+                d1[q] = nearer ? lo : (s < d1[q] ? s : d1[q]);                                                \
+                d0[q] = nearer ? s : lo;                                                                      \
+                j0[q] = nearer ? jj : j0[q];                                                                  \
+            }                                                                                                 \
+        }
+
 #define ROW_SETS(name, type, eps)                                                                             \
     void name(const type *restrict x, int64_t xa, int64_t xg, int64_t xi, const type *restrict c,             \
               const type *restrict inv_tau, int64_t groups, int64_t d, int64_t k, int64_t r, int64_t start,   \
@@ -486,31 +516,7 @@ void tdkm_normalise_grad_f32(const float *g, const float *w, int64_t rows, int64
             const double it = (double)inv_tau[g];                                                              \
             for (int64_t i0 = start; i0 < stop; i0 += B) {                                                     \
                 const int64_t nb = stop - i0 < B ? stop - i0 : B;                                              \
-                for (int64_t a = 0; a < d; a++)                                                                \
-                    for (int64_t q = 0; q < nb; q++) xb[a * B + q] = x[a * xa + g * xg + (i0 + q) * xi];       \
-                for (int64_t q = 0; q < B; q++) {                                                              \
-                    d0[q] = d1[q] = (type)INFINITY;                                                            \
-                    j0[q] = 0;                                                                                 \
-                }                                                                                              \
-                for (int64_t j = 0; j < k; j++) {                                                              \
-                    type *restrict dj = dist + j * B;                                                          \
-                    for (int64_t q = 0; q < B; q++) dj[q] = 0;                                                 \
-                    for (int64_t a = 0; a < d; a++) {                                                          \
-                        const type ca = cg[j * d + a], *restrict xq = xb + a * B;                              \
-                        for (int64_t q = 0; q < B; q++) {                                                      \
-                            type diff = xq[q] - ca;                                                            \
-                            dj[q] += diff * diff;                                                              \
-                        }                                                                                      \
-                    }                                                                                          \
-                    const type jj = (type)j;                                                                   \
-                    for (int64_t q = 0; q < B; q++) { /* the nearest two (ties to the lower index) */         \
-                        type s = dj[q], lo = d0[q];                                                            \
-                        int nearer = s < lo;                                                                   \
-                        d1[q] = nearer ? lo : (s < d1[q] ? s : d1[q]);                                         \
-                        d0[q] = nearer ? s : lo;                                                               \
-                        j0[q] = nearer ? jj : j0[q];                                                           \
-                    }                                                                                          \
-                }                                                                                              \
+                ROW_BLOCK_NEAREST_TWO(type)                                                                   \
                 for (int64_t q = 0; q < nb; q++) {                                                             \
                     const int64_t i = i0 + q, row = g * r + i, nearest = (int64_t)j0[q];                       \
                     if (pad != NULL && pad[row]) {                                                             \
@@ -590,3 +596,32 @@ ROW_SETS(tdkm_row_sets_f64, double, 0x1p-53)
 
 GRAM_SCATTER(tdkm_gram_scatter_f32, float)
 GRAM_SCATTER(tdkm_gram_scatter_f64, double)
+
+/* Each row's nearest centroid and its squared distances to the nearest two (the torch kernel `nearest_two`
+ * in default.py, which truncates packed distances): rows and centroids as in `row_sets` above, the same
+ * blocks and arithmetic, so the two agree on every row.  Outputs (G, r): int64 index, distances in `type`.
+ * `work` holds d * ROW_SETS_BLOCK + ROW_SETS_BLOCK * (k + 3) values of `type`.
+ */
+#define NEAREST_TWO(name, type)                                                                               \
+    void name(const type *restrict x, int64_t xa, int64_t xg, int64_t xi, const type *restrict c,             \
+              int64_t groups, int64_t d, int64_t k, int64_t r, int64_t start, int64_t stop,                   \
+              type *restrict work, int64_t *restrict index, type *restrict first, type *restrict second) {    \
+        enum { B = ROW_SETS_BLOCK };                                                                           \
+        type *restrict xb = work, *restrict dist = work + d * B, *restrict d0 = dist + k * B;                  \
+        type *restrict d1 = d0 + B, *restrict j0 = d1 + B;                                                     \
+        for (int64_t g = 0; g < groups; g++) {                                                                 \
+            const type *restrict cg = c + g * k * d;                                                           \
+            for (int64_t i0 = start; i0 < stop; i0 += B) {                                                     \
+                const int64_t nb = stop - i0 < B ? stop - i0 : B;                                              \
+                ROW_BLOCK_NEAREST_TWO(type)                                                                    \
+                for (int64_t q = 0; q < nb; q++) {                                                             \
+                    index[g * r + i0 + q] = (int64_t)j0[q];                                                    \
+                    first[g * r + i0 + q] = d0[q];                                                             \
+                    second[g * r + i0 + q] = d1[q];                                                            \
+                }                                                                                              \
+            }                                                                                                  \
+        }                                                                                                      \
+    }
+
+NEAREST_TWO(tdkm_nearest_two_f32, float)
+NEAREST_TWO(tdkm_nearest_two_f64, double)

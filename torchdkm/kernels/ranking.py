@@ -19,6 +19,7 @@ and by the torch kernel of the sparse path's set choice (:func:`.default.row_set
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -123,14 +124,23 @@ class Bounds:
 
     def lower(self, p: Tensor) -> Tensor:
         """A lower bound on the true value: the packed values are >= 0, so clearing the index bits rounds down."""
-        low = (p & ~self.mask).view(self._dtype(p)).mul_(1 - self.rel)
+        return self.below((p & ~self.mask).view(self._dtype(p)))
+
+    def upper(self, p: Tensor) -> Tensor:
+        """An upper bound on the true value: setting the index bits rounds up."""
+        return self.above((p | self.mask).view(self._dtype(p)))
+
+    def below(self, truncated: Tensor) -> Tensor:
+        """A lower bound on the true value of a distance as :func:`unpack` reads it (truncated towards 0)."""
+        low = truncated.mul(1 - self.rel)
         if self.spread is not None:
             low = low.sub_(self.spread).div_(1 + self.grow)
         return low.clamp_min_(0)
 
-    def upper(self, p: Tensor) -> Tensor:
-        """An upper bound on the true value: setting the index bits rounds up."""
-        high = (p | self.mask).view(self._dtype(p)).mul_(1 + self.rel)
+    def above(self, truncated: Tensor) -> Tensor:
+        """An upper bound on the true value of a distance as :func:`unpack` reads it: its index bits set."""
+        bits = truncated.view(INT_OF[truncated.dtype]) | self.mask
+        high = bits.view(truncated.dtype).mul_(1 + self.rel)
         if self.spread is not None:
             high = high.add_(self.spread).div_(1 - self.grow)
         return high
@@ -150,30 +160,32 @@ def coordinate_major(x: Tensor) -> Tensor:
 
 @dataclass
 class Ranking:
-    """Each vector's two nearest centroids at ``c`` (``k >= 2``), from :func:`rank_vectors`.
+    """Each vector's nearest centroid and its squared distances to the nearest two at ``c`` (``k >= 2``).
 
-    ``found`` (G, 2, n) holds packed squared distances, nearest first; ``xf``
-    is the vectors' :func:`coordinate_major` copy.  The temperature reads its
-    margins from it, and the sparse attention takes it instead of ranking the
-    same vectors at the same centroids again.
+    Made by :func:`rank_vectors` with a layer's ``nearest_two`` kernel; each
+    of ``index``, ``first``, ``second`` is ``(G, n)``.  ``xf`` is the vectors'
+    :func:`coordinate_major` copy.  The temperature reads its margins from it,
+    and the sparse attention takes it instead of ranking the same vectors at
+    the same centroids again.
     """
 
-    found: Tensor
+    index: Tensor
+    first: Tensor
+    second: Tensor
     xf: Tensor
     c: Tensor
 
     def nearest_two(self) -> tuple[Tensor, Tensor, Tensor]:
-        """``(index, distance, second distance)``, each ``(G, n)`` (distances truncated towards 0)."""
-        k = self.c.shape[1]
-        index, first = unpack(self.found[:, 0], k)
-        return index, first, unpack(self.found[:, 1], k)[1]
+        """``(index, distance, second distance)``, each ``(G, n)``."""
+        return self.index, self.first, self.second
 
 
-def rank_vectors(x: Tensor, c: Tensor) -> Ranking:
-    """The :class:`Ranking` of the vectors ``x`` (G, n, d) at the centroids ``c`` (G, k >= 2, d)."""
+def rank_vectors(x: Tensor, c: Tensor, nearest_two: Callable) -> Ranking:
+    """The :class:`Ranking` of the vectors ``x`` (G, n, d) at the centroids ``c`` (G, k >= 2, d) by the
+    ``nearest_two`` kernel (:mod:`torchdkm.kernels`)."""
     xf = coordinate_major(x)
     with no_autocast(x.device):
-        return Ranking(rank(xf.transpose(0, 1), c, 1), xf, c)
+        return Ranking(*nearest_two(xf.transpose(0, 1), c), xf, c)
 
 
 def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
