@@ -5,9 +5,11 @@
 
 Each (case, checkout) runs in a fresh subprocess whose working directory is that checkout (so it
 imports that checkout's ``torchdkm``), at one torch thread: ``prepare`` one ``nn.Linear``, a few
-untimed steps, then the median of ``--steps`` timed steps (forward, MSE loss, backward, SGD).  The
-checkouts take turns, ``--turns`` times, and each case's ratio is new / old of the medians of the
-turns.  Writes ``bench/results/engine_compare.{json,md}``.
+untimed steps, then the median of ``--steps`` timed steps (forward, MSE loss, backward, SGD), in
+wall-clock time and in the process's CPU time (one thread: the CPU time is the work, without the
+time this shared machine gives to others).  The checkouts take turns, ``--turns`` times, which one
+goes first alternating from turn to turn, and each case's ratios are new / old of the medians of
+the turns.  Writes ``bench/results/engine_compare.{json,md}``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ RESULTS = ROOT / "bench" / "results"
 CASES = [
     ("1M 4-bit dim 1 fp32", 1024, 1024, 4, 1, "float32"),
     ("1M 4-bit dim 2 fp32", 1024, 1024, 4, 2, "float32"),
+    ("1M 2-bit dim 2 fp32", 1024, 1024, 2, 2, "float32"),
     ("4M 4-bit dim 1 bf16", 2048, 2048, 4, 1, "bfloat16"),
+    ("4M 4-bit dim 2 fp32", 2048, 2048, 4, 2, "float32"),
 ]
 STEP = """
 import json, statistics, sys, time, torch, torchdkm
@@ -42,19 +46,22 @@ x = torch.randn(32, inp, generator=g).to(dtype)
 target = model(x).detach()
 torchdkm.prepare(model, torchdkm.DKMConfig.parse(f"fc:{bits}/{dim}", min_numel=0))
 opt = torch.optim.SGD(model.parameters(), lr=1e-2)
-times = []
+wall, cpu = [], []
 for i in range(3 + steps):
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     loss = nn.functional.mse_loss(model(x).float(), target.float())
     opt.zero_grad(); loss.backward(); opt.step()
     if i >= 3:
-        times.append(time.perf_counter() - start)
-print(json.dumps(statistics.median(times)))
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+print(json.dumps([statistics.median(wall), statistics.median(cpu)]))
 """
 
 
-def time_step(checkout: Path, case: tuple, steps: int) -> float:
-    return float(run_in(checkout, STEP, [case[1], case[2], case[3], case[4], case[5], steps]))
+def time_step(checkout: Path, case: tuple, steps: int) -> tuple[float, float]:
+    """The median step's (wall-clock, CPU) seconds of ``case`` in ``checkout``."""
+    wall, cpu = run_in(checkout, STEP, [case[1], case[2], case[3], case[4], case[5], steps])
+    return float(wall), float(cpu)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,13 +73,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rows = []
     for case in CASES:
-        times: dict[str, list[float]] = {"old": [], "new": []}
-        for _ in range(args.turns):
-            for which, checkout in (("old", args.old), ("new", ROOT)):
-                times[which].append(time_step(checkout, case, args.steps))
-        old, new = statistics.median(times["old"]), statistics.median(times["new"])
-        rows.append({"case": case[0], "old_ms": old * 1e3, "new_ms": new * 1e3, "ratio": new / old, "turns": times})
-        print(f"{case[0]:24s} old {old * 1e3:8.2f} ms  new {new * 1e3:8.2f} ms  new/old {new / old:5.3f}", flush=True)
+        times: dict[str, list[float]] = {"old": [], "new": [], "old_cpu": [], "new_cpu": []}
+        for turn in range(args.turns):
+            order = [("old", args.old), ("new", ROOT)]
+            for which, checkout in order if turn % 2 == 0 else order[::-1]:
+                wall, cpu = time_step(checkout, case, args.steps)
+                times[which].append(wall)
+                times[f"{which}_cpu"].append(cpu)
+        med = {key: statistics.median(values) for key, values in times.items()}
+        row = {"case": case[0], "old_ms": med["old"] * 1e3, "new_ms": med["new"] * 1e3, "ratio": med["new"] / med["old"]}
+        row |= {"old_cpu_ms": med["old_cpu"] * 1e3, "new_cpu_ms": med["new_cpu"] * 1e3}
+        row |= {"cpu_ratio": med["new_cpu"] / med["old_cpu"], "turns": times}
+        rows.append(row)
+        print(
+            f"{case[0]:24s} wall old {row['old_ms']:8.2f} new {row['new_ms']:8.2f} ms  new/old {row['ratio']:5.3f}   "
+            f"CPU old {row['old_cpu_ms']:8.2f} new {row['new_cpu_ms']:8.2f} ms  new/old {row['cpu_ratio']:5.3f}",
+            flush=True,
+        )
     report = {"old": git_head(args.old), "new": git_head(ROOT), "steps": args.steps, "turns": args.turns, "rows": rows}
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "engine_compare.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -80,12 +97,17 @@ def main(argv: list[str] | None = None) -> int:
         f"# Engine before ({report['old']}) and after ({report['new']}): one DKM step, 1 thread",
         "",
         f"`python -m bench.engine_compare --old <checkout of {report['old']}>`: median of {args.turns} turns, "
-        f"each the median of {args.steps} steps; the checkouts alternate.",
+        f"each the median of {args.steps} steps; the checkouts alternate (which goes first, too).  Wall-clock "
+        "and CPU time (one thread: CPU time leaves out what this shared machine gives to others).",
         "",
-        "| case | old ms | new ms | new / old |",
-        "|---|---:|---:|---:|",
+        "| case | old ms | new ms | new / old | old CPU ms | new CPU ms | new / old (CPU) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    lines += [f"| {r['case']} | {r['old_ms']:.2f} | {r['new_ms']:.2f} | {r['ratio']:.3f} |" for r in rows]
+    lines += [
+        f"| {r['case']} | {r['old_ms']:.2f} | {r['new_ms']:.2f} | {r['ratio']:.3f} | {r['old_cpu_ms']:.2f} | "
+        f"{r['new_cpu_ms']:.2f} | {r['cpu_ratio']:.3f} |"
+        for r in rows
+    ]
     (args.out_dir / "engine_compare.md").write_text("\n".join(lines) + "\n")
     return 0
 

@@ -22,6 +22,7 @@ def test_engine_compare_writes_ratios(tmp_path, monkeypatch):
     (row,) = report["rows"]
     assert row["case"] == "tiny" and row["old_ms"] > 0 and row["new_ms"] > 0
     assert row["ratio"] == row["new_ms"] / row["old_ms"]
+    assert row["old_cpu_ms"] > 0 and row["cpu_ratio"] == row["new_cpu_ms"] / row["old_cpu_ms"]
     assert "| tiny |" in (tmp_path / "engine_compare.md").read_text()
 
 
