@@ -70,9 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--turns", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    parser.add_argument("--cases", nargs="+", help="only the cases whose name contains one of these")
     args = parser.parse_args(argv)
     rows = []
     for case in CASES:
+        if args.cases and not any(part in case[0] for part in args.cases):
+            continue
         times: dict[str, list[float]] = {"old": [], "new": [], "old_cpu": [], "new_cpu": []}
         for turn in range(args.turns):
             order = [("old", args.old), ("new", ROOT)]

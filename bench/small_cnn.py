@@ -176,6 +176,7 @@ class Row:
     alone: bool = False  # torchdkm with every layer stepping alone (``prepare(batch_numel=0)``)
     first_steps_s: list[float] = field(default_factory=list)
     times_s: list[float] = field(default_factory=list)  # this row's median per round
+    cpu_times_s: list[float] = field(default_factory=list)  # the same in the process's CPU time
 
 
 def bits_dim(setting: str) -> tuple[int, int]:
@@ -305,16 +306,21 @@ def build_rows(args: argparse.Namespace, x: Tensor, y: Tensor) -> list[Row]:
 # -- timing -----------------------------------------------------------------------------------
 
 
-def timed_turn(step: Callable[[], None], warm: int, timed: int) -> float:
-    """``warm`` untimed steps, then the median of ``timed`` timed ones."""
+def timed_turn(step: Callable[[], None], warm: int, timed: int) -> tuple[float, float]:
+    """``warm`` untimed steps, then the medians of ``timed`` timed ones: wall-clock and CPU seconds.
+
+    With one torch thread the process's CPU time is the step's work without the time this shared
+    machine gives to other tenants, which wall-clock time includes.
+    """
     for _ in range(warm):
         step()
-    times = []
+    wall, cpu = [], []
     for _ in range(timed):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return statistics.median(wall), statistics.median(cpu)
 
 
 def race(rows: list[Row], rounds: int, warm: int, timed: int, progress: bool = True) -> None:
@@ -327,7 +333,9 @@ def race(rows: list[Row], rounds: int, warm: int, timed: int, progress: bool = T
     for r in range(rounds):
         for i in range(len(rows)):
             row = rows[(i + r) % len(rows)]
-            row.times_s.append(timed_turn(row.step, warm, timed))
+            wall, cpu = timed_turn(row.step, warm, timed)
+            row.times_s.append(wall)
+            row.cpu_times_s.append(cpu)
         if progress:
             done = ", ".join(f"{row.label} {1e3 * row.times_s[-1]:.1f}" for row in rows)
             print(f"round {r + 1}/{rounds} (ms): {done}", flush=True)
@@ -335,11 +343,13 @@ def race(rows: list[Row], rounds: int, warm: int, timed: int, progress: bool = T
 
 def summarize(rows: list[Row]) -> list[dict[str, Any]]:
     """Per row: median step, the plain step, and the median over rounds of the difference (with its range)."""
-    plain = rows[0].times_s
+    plain, plain_cpu = rows[0].times_s, rows[0].cpu_times_s
     out = []
     for row in rows:
         diffs = [mine - base for mine, base in zip(row.times_s, plain)]
         overhead = statistics.median(diffs) if row.library != "plain" else None
+        cpu_diffs = [mine - base for mine, base in zip(row.cpu_times_s, plain_cpu)]
+        cpu_overhead = statistics.median(cpu_diffs) if row.library != "plain" and cpu_diffs else None
         n = len(row.clustered)
         out.append(
             {
@@ -358,6 +368,9 @@ def summarize(rows: list[Row]) -> list[dict[str, Any]]:
                 "overhead_s": overhead,
                 "overhead_range_s": [min(diffs), max(diffs)] if overhead is not None else None,
                 "overhead_per_layer_s": overhead / n if overhead is not None and n else None,
+                "round_cpu_s": row.cpu_times_s,
+                "cpu_overhead_s": cpu_overhead,
+                "cpu_overhead_range_s": [min(cpu_diffs), max(cpu_diffs)] if cpu_overhead is not None else None,
             }
         )
     return out
@@ -378,6 +391,8 @@ def compare(results: list[dict[str, Any]], settings: list[str]) -> list[dict[str
         for tdkm in mine:
             primary = not tdkm["skipped"] and not tdkm["alone"]
             ratio = tdkm["overhead_s"] / cml["overhead_s"] if cml["overhead_s"] > 0 else None
+            cpu = tdkm["cpu_overhead_s"], cml["cpu_overhead_s"]
+            cpu_ratio = cpu[0] / cpu[1] if cpu[0] is not None and cpu[1] is not None and cpu[1] > 0 else None
             basis = "coremltools' layers" if tdkm["skipped"] else "all 8 weights"
             out.append(
                 {
@@ -390,6 +405,10 @@ def compare(results: list[dict[str, Any]], settings: list[str]) -> list[dict[str
                     "ratio": ratio,
                     "target": f"<= {TARGET_RATIO}" if primary else None,
                     "passes": (ratio is not None and ratio <= TARGET_RATIO) if primary else None,
+                    "torchdkm_cpu_overhead_s": cpu[0],
+                    "coremltools_cpu_overhead_s": cpu[1],
+                    "cpu_ratio": cpu_ratio,
+                    "cpu_passes": (cpu_ratio is not None and cpu_ratio <= TARGET_RATIO) if primary else None,
                 }
             )
     return out
@@ -465,14 +484,24 @@ def result_cells(r: dict[str, Any]) -> list[str]:
 
 
 RESULT_HEAD = ["method", "setting", "layers", "step ms", "plain ms", "overhead ms", "overhead range ms", "ms / layer"]
-RATIO_HEAD = ["setting", "basis", "torchdkm overhead ms", "coremltools overhead ms", "ratio", "target <= 0.5"]
+RATIO_HEAD = [
+    "setting", "basis", "torchdkm overhead ms", "coremltools overhead ms", "ratio", "target <= 0.5",
+    "CPU: torchdkm ms", "CPU: coremltools ms", "CPU ratio", "CPU target <= 0.5",
+]
 
 
 def ratio_cells(c: dict[str, Any]) -> list[str]:
-    ratio = "n/a (coremltools overhead <= 0)" if c["ratio"] is None else f"{c['ratio']:.2f}"
-    verdict = "-" if c["passes"] is None else ("pass" if c["passes"] else "FAIL")
+    def shown(ratio: float | None) -> str:
+        return "n/a (coremltools overhead <= 0)" if ratio is None else f"{ratio:.2f}"
+
+    def verdict(passes: bool | None) -> str:
+        return "-" if passes is None else ("pass" if passes else "FAIL")
+
     basis = f"{c['basis']} ({c['torchdkm_layers']} vs {c['coremltools_layers']})"
-    return [c["setting"], basis, ms(c["torchdkm_overhead_s"]), ms(c["coremltools_overhead_s"]), ratio, verdict]
+    wall = [ms(c["torchdkm_overhead_s"]), ms(c["coremltools_overhead_s"]), shown(c["ratio"]), verdict(c["passes"])]
+    cpu = [ms(c.get("torchdkm_cpu_overhead_s")), ms(c.get("coremltools_cpu_overhead_s"))]
+    cpu += [shown(c.get("cpu_ratio")), verdict(c.get("cpu_passes"))]
+    return [c["setting"], basis, *wall, *cpu]
 
 
 def text_table(head: list[str], rows: list[list[str]]) -> str:
@@ -517,7 +546,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"layer's margin), coremltools `palett_tau` {cfg['cml_tau']} (absolute), one LUT per tensor",
         f"- Timing: {cfg['rounds']} rounds; per round every row runs {cfg['warm']} untimed + {cfg['timed']} timed "
         "steps (their median), rows in rotating order; overhead = median over rounds of (row - plain in the same "
-        "round), its range over rounds beside it",
+        "round), its range over rounds beside it; the same in the process's CPU time (one torch thread: the "
+        "work, without the time this shared machine gives to other tenants)",
         "",
         markdown_table(RESULT_HEAD, [result_cells(r) for r in report["results"]]),
         "",

@@ -97,6 +97,9 @@ def test_coremltools_rows_and_ratios(small_cnn: ModuleType, tmp_path: Path) -> N
     if primary["coremltools_overhead_s"] > 0:
         assert primary["ratio"] == pytest.approx(primary["torchdkm_overhead_s"] / primary["coremltools_overhead_s"])
         assert primary["passes"] == (primary["ratio"] <= 0.5)
+    if primary["coremltools_cpu_overhead_s"] > 0:  # the same in CPU time
+        cpu = primary["torchdkm_cpu_overhead_s"] / primary["coremltools_cpu_overhead_s"]
+        assert primary["cpu_ratio"] == pytest.approx(cpu) and primary["cpu_passes"] == (cpu <= 0.5)
     assert comparisons[1]["passes"] is None and comparisons[2]["passes"] is None
     assert "left dense" in (tmp_path / "small_cnn.md").read_text()
 
