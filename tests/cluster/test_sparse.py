@@ -13,7 +13,7 @@ from torch.autograd import gradcheck
 
 from torchdkm.cluster import selection
 from torchdkm.cluster.hard import nearest_two
-from torchdkm.cluster.rows import attention_floor, gather_rows, soft_layout
+from torchdkm.cluster.rows import SoftChunk, attention_floor, gather_rows, merged, soft_layout
 from torchdkm.config import LayerConfig
 from torchdkm.kernels import default
 from torchdkm.kernels import select as select_kernels
@@ -334,3 +334,42 @@ def test_rows_gathers_like_indexing(dtype, d):
     index = torch.tensor([3, 0, 8, 3, 5])
     got = gather_rows(table, index)
     assert got.shape == (5, d) and torch.equal(got, table[index])
+
+
+def test_merged_joins_chunks_in_order_up_to_the_limit():
+    """Chunks left by repairs are joined (rows and their order kept) while a chunk stays within the limit."""
+    gen = torch.Generator().manual_seed(5)
+
+    def chunk(start, r, per_row_tau):
+        rows = torch.arange(start, start + r)
+        inv_tau = torch.rand(r, generator=gen) if per_row_tau else torch.tensor([4.0])
+        return SoftChunk(rows, torch.randint(0, 8, (3, r), generator=gen), torch.randn(2, r, generator=gen),
+                         torch.rand(r, generator=gen), inv_tau)
+
+    parts = [chunk(0, 5, False), chunk(5, 3, False), chunk(8, 4, False)]
+    (one,) = merged(parts)
+    assert torch.equal(one.rows, torch.arange(12)) and one.inv_tau.numel() == 1
+    assert torch.equal(one.keys, torch.cat([p.keys for p in parts], 1))
+    assert torch.equal(one.xt, torch.cat([p.xt for p in parts], 1)) and torch.equal(one.m, torch.cat([p.m for p in parts]))
+    mixed = [chunk(0, 5, True), chunk(5, 3, False)]  # one temperature per row as soon as one chunk has them
+    (joined,) = merged(mixed)
+    assert torch.equal(joined.inv_tau, torch.cat([mixed[0].inv_tau, torch.full((3,), 4.0)]))
+    split = merged(parts, limit=8)  # 5 + 3 fit, the next 4 start a new chunk
+    assert [ch.rows.numel() for ch in split] == [8, 4]
+    assert merged(parts[:1])[0] is parts[0]
+
+
+@pytest.mark.parametrize("with_m", [False, True])
+def test_joining_the_repairs_chunks_keeps_the_step(with_m, monkeypatch):
+    """Joining the repairs' chunks changes the step only by rounding (float64)."""
+    x, m, c0 = problem(2, 600, 2, 8, seed=21, with_m=with_m)
+    tau = torch.full((2,), 0.05, dtype=F64)
+    kw = dict(top=3, max_iters=4, tol=torch.tensor(0.0, dtype=F64), rows=64)
+    repairs, repair = [], selection.repair
+    monkeypatch.setattr(selection, "repair", lambda *a: repairs.append(1) or repair(*a))
+    joined = run(dkm_sparse, x, m, c0, tau, gw=torch.ones_like(x), gc=torch.zeros_like(c0), **kw)
+    assert repairs, "the case should choose some rows again"
+    monkeypatch.setattr(selection, "merged", lambda soft: soft)
+    apart = run(dkm_sparse, x, m, c0, tau, gw=torch.ones_like(x), gc=torch.zeros_like(c0), **kw)
+    for a, b in zip(joined, apart):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)  # (the gradient: sums in another order, solved)
