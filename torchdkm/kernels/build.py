@@ -29,8 +29,12 @@ import warnings
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("loops.c")
+#: The sparse path's loops, compiled into the same library as ``loops.c``.
+SPARSE_SOURCE = Path(__file__).with_name("sparse.c")
 #: The inference loops (a palettized weight used from its indices and LUT), a library of their own.
 LUT_SOURCE = Path(__file__).with_name("lut.c")
+#: The files each library is compiled from (named by its first).
+PARTS = {SOURCE: (SOURCE, SPARSE_SOURCE), LUT_SOURCE: (LUT_SOURCE,)}
 FLAGS = ("-O3", "-std=c99", "-shared", "-fPIC", "-ffp-contract=off")
 
 _lock = threading.Lock()
@@ -89,13 +93,14 @@ def _load(path: Path) -> ctypes.CDLL | None:
         what = "uniquified DKM" if path == SOURCE else "palettized inference"
         warnings.warn(f"torchdkm: no C compiler {compiler!r}: {what} uses the slower torch loops", stacklevel=4)
         return None
-    source = path.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(FLAGS).encode(), platform.machine().encode()]))
+    parts = PARTS.get(path, (path,))
+    sources = [part.read_bytes() for part in parts]
+    key = hashlib.sha256(b"\0".join([*sources, compiler.encode(), " ".join(FLAGS).encode(), platform.machine().encode()]))
     stem = "native_loops" if path == SOURCE else f"native_{path.stem}"
     target = _cache_dir() / f"{stem}-{key.hexdigest()[:16]}.so"
     try:
         if not target.exists():
-            _compile(compiler, target, path)
+            _compile(compiler, target, parts)
         library = ctypes.CDLL(str(target))
     except (OSError, subprocess.SubprocessError) as error:
         warnings.warn(f"torchdkm: could not build the native loops ({error}); using the torch loops", stacklevel=4)
@@ -104,14 +109,14 @@ def _load(path: Path) -> ctypes.CDLL | None:
     return library
 
 
-def _compile(compiler: str, target: Path, source: Path = SOURCE) -> None:
+def _compile(compiler: str, target: Path, sources: tuple[Path, ...] = PARTS[SOURCE]) -> None:
     """Compile next to the target and rename into place, so concurrent processes never load half a file."""
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(handle)
     try:
         done = subprocess.run(
-            [compiler, *FLAGS, str(source), "-o", partial, "-lm"], capture_output=True, text=True, timeout=120
+            [compiler, *FLAGS, *map(str, sources), "-o", partial, "-lm"], capture_output=True, text=True, timeout=120
         )
         if done.returncode != 0:
             raise subprocess.SubprocessError(done.stderr.strip()[-2000:] or f"{compiler} exited {done.returncode}")

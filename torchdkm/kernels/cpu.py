@@ -1,4 +1,4 @@
-"""The native CPU kernels: thin wrappers that hand tensors to the C loops of ``loops.c``.
+"""The native CPU kernels: thin wrappers that hand tensors to the C loops of ``loops.c`` and ``sparse.c``.
 
 Each takes CPU tensors of the dtypes :data:`DTYPES` lists for it (the registry in
 :mod:`torchdkm.kernels` checks that when a layer's kernels are chosen) and
