@@ -180,6 +180,7 @@ class CoremlDKM:
                 weight_threshold=min_numel,
                 lut_dtype="f32",
                 **granularity,
+                **_scale_option(key, layer),
                 **options,
             )
             for cls in QUANTIZED_TYPES:
@@ -201,6 +202,15 @@ class CoremlDKM:
             return self.palettizer.finalize(inplace=True)
 
 
+def _scale_option(key: str, layer: torchdkm.LayerConfig) -> dict[str, bool]:
+    """coremltools' ``enable_per_channel_scale`` for ``#row``; it has no block scales and no offsets."""
+    if layer.scale_block is None:
+        return {}
+    if layer.scale_block != 0 or layer.scale_offset:
+        raise ValueError(f"{key}: coremltools' DKMPalettizer has one scale per output channel (#row) at most")
+    return {"enable_per_channel_scale": True}
+
+
 def unpalettized(model: nn.Module, setting: str, *, min_numel: int = 256) -> list[tuple[str, int]]:
     """Selected weights holding more distinct values than their LUTs can: left dense (name, numel).
 
@@ -215,9 +225,15 @@ def unpalettized(model: nn.Module, setting: str, *, min_numel: int = 256) -> lis
                 layers[cls] = layer
     dense = []
     for name, module, layer in _targets(model, layers, min_numel):
-        groups = 1 if layer.group_size is None else -(-module.weight.shape[0] // layer.group_size)
-        if torch.unique(module.weight.detach()).numel() > groups * 2**layer.bits * layer.dim:
-            dense.append((name, module.weight.numel()))
+        weight = module.weight.detach()
+        if layer.scale_block is not None:  # a scale per output channel: each channel holds at most k d values
+            distinct = max(torch.unique(row).numel() for row in weight.flatten(1))
+            if distinct > 2**layer.bits * layer.dim:
+                dense.append((name, weight.numel()))
+            continue
+        groups = 1 if layer.group_size is None else -(-weight.shape[0] // layer.group_size)
+        if torch.unique(weight).numel() > groups * 2**layer.bits * layer.dim:
+            dense.append((name, weight.numel()))
     return dense
 
 

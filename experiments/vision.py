@@ -168,10 +168,23 @@ def train(model: nn.Module, data: Data, epochs: int, seed: int, opts: Options, d
     )
 
 
-def dkm(fp32: nn.Module, setting: str, data: Data, seed: int, opts: Options, **fields) -> tuple[nn.Module, Record]:
+def dkm(
+    fp32: nn.Module,
+    setting: str,
+    data: Data,
+    seed: int,
+    opts: Options,
+    tau_schedule: tuple[float, float] | None = None,
+    **fields,
+) -> tuple[nn.Module, Record]:
+    """DKM at ``setting`` (config ``fields`` beside it); ``tau_schedule``: ``(start, end)`` over the whole budget."""
     start = time.perf_counter()
     model = torchdkm.prepare(copy.deepcopy(fp32), torchdkm.DKMConfig.parse(setting, **fields))
-    steps = train(model, data, opts.dkm_epochs, seed, opts, f"DKM {setting} s{seed}")
+    after = None
+    if tau_schedule is not None:
+        budget = opts.dkm_epochs * -(-len(data.y_train) // BATCH_SIZE)
+        after = torchdkm.TauSchedule(model, budget, *tau_schedule).step
+    steps = train(model, data, opts.dkm_epochs, seed, opts, f"DKM {setting} s{seed}", after_step=after)
     gap = max(r.gap for r in torchdkm.report(model, show=False).layers)
     model = torchdkm.finalize(model)
     seconds = time.perf_counter() - start

@@ -15,6 +15,7 @@ from .integrations.hf_quantizer import register_when_transformers_loads
 from .io import load, save
 from .nn import keep_decoded
 from .report import Report, report
+from .schedule import TauSchedule
 
 __version__ = "0.1.0"
 
@@ -26,6 +27,7 @@ __all__ = [
     "LayerConfig",
     "Report",
     "SizePlan",
+    "TauSchedule",
     "TorchdkmError",
     "finalize",
     "kmeans_compress",

@@ -122,6 +122,15 @@ class LayerConfig:
         Decoded weight: ``LUT[index] * scale (+ offset)``.  A multiple of ``dim``.
     scale_offset: with ``scale_block``, also subtract each block's midpoint
         (``(max + min) / 2``, float16) before scaling: asymmetric blocks.
+    straight_through: weight ``s`` of a straight-through gradient added to
+        DKM's: the layer uses ``A C + s (W - stopgrad(W))``, the same value, so
+        each weight also receives the loss gradient of its own soft weight.
+        DKM's gradient reaches a weight mostly through its centroid (shared
+        with every weight of its cluster) and through the attention (large
+        only between centroids); at 1 bit per weight, where clusters are huge,
+        the weights' own gradients let them change cluster (measured in
+        ``experiments/fashion_ablation.py``).  ``0`` (default): DKM's exact
+        gradient alone.
     """
 
     bits: int = 4
@@ -138,6 +147,7 @@ class LayerConfig:
     shard_attention: bool = False
     scale_block: int | None = None
     scale_offset: bool = False
+    straight_through: float = 0.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -190,6 +200,9 @@ class LayerConfig:
             raise bad("scale_offset", "must be True or False")
         if self.scale_offset and self.scale_block is None:
             raise bad("scale_offset", "needs scale_block (offsets are per block)")
+        st = self.straight_through
+        if not _is_real(st) or not math.isfinite(st) or st < 0:
+            raise bad("straight_through", "must be a finite number >= 0")
 
     def replace(self, **changes: Any) -> LayerConfig:
         return dataclasses.replace(self, **changes)

@@ -226,7 +226,7 @@ def gram_scatter(sums: Tensor, keys: Tensor, xt: Tensor, m: Tensor | None, first
 
 #: The largest ``top`` the set loop keeps on its stack (a larger one runs the torch kernel).
 ROW_SETS_MAX_TOP = 64
-#: Rows per block of the set loop (``loops.c``), for the size of its work space.
+#: Rows per block of the set loops (``sparse.c``), for the size of their work space.
 ROW_SETS_BLOCK = 64
 
 
@@ -269,12 +269,6 @@ def nearest_two(xt: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     work = _work(spans, d, k, c.dtype)
     _run([lambda span=span, w=w: function(*head, g, d, k, r, *span, w.data_ptr(), *outputs) for span, w in zip(spans, work)])
     return index, first, second
-
-
-#: The largest ``top`` the set loop keeps on its stack (a larger one runs the torch kernel).
-ROW_SETS_MAX_TOP = 64
-#: Rows per block of the set loops (``loops.c``), for the size of their work space.
-ROW_SETS_BLOCK = 64
 
 
 def row_sets(

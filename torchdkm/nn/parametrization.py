@@ -16,6 +16,8 @@ validation during training measures the model you will ship.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
@@ -69,6 +71,12 @@ class DKMParametrization(nn.Module):
     def forward(self, weight: Tensor) -> Tensor:
         if not self.training:
             return self.export(weight)[0]
+        soft = self.step(weight)
+        through = self.config.straight_through
+        return soft if through == 0 else soft + through * (weight - weight.detach())
+
+    def step(self, weight: Tensor) -> Tensor:
+        """One DKM step: the soft-clustered weight ``A C``, the centroids stored (shared by a tied weight's holders)."""
         if self.batch is not None:
             batched = self.batch.soft(self, weight)
             if batched is not None:
@@ -150,6 +158,11 @@ class DKMParametrization(nn.Module):
         assert self._snapped is not None
         found = self._snapped[1]
         return [t.to(STORED).clone() for t in (found.scales, found.offsets) if t is not None]
+
+    def set_tau(self, tau: float) -> None:
+        """Use temperature ``tau`` from the next step on (:class:`torchdkm.TauSchedule` anneals it)."""
+        self.config = replace(self.config, tau=tau)  # (validated as any config)
+        self.clusterer.config = self.config
 
     def extra_repr(self) -> str:
         c = self.config

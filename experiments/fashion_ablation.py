@@ -1,0 +1,233 @@
+"""What makes DKM win at 1 bit per weight and below: one option at a time, on Fashion-MNIST.
+
+``python -m experiments.fashion_ablation --model mobilenet`` fine-tunes copies
+of the fp32 weights :mod:`experiments.fashion_fp32` saved, with the quick
+budget of :mod:`experiments.fashion_quick` (``steps`` steps of 64 images, one
+pass, the same subset, optimizer and schedule for every row), once per
+variant of :data:`VARIANTS`: the LUT's normalisation (none, one scale per
+output channel ``#row``, with an offset ``#rowa``, one LUT per channel
+``@1``), the temperature, at 1 bit per weight (scalars and 4-vectors) and at
+0.5 bit (``cv:2/4``), beside uniform QAT and coremltools' ``DKMPalettizer``
+(with its per-channel scale where the row has one).  Sizes are all-in
+(indices, LUTs, scales, offsets and every dense tensor).  ``--only`` picks
+variants by label.  Outputs ``results/fashion_ablation_<model>.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import torchdkm
+from experiments import vision
+from experiments.common import RESULTS, Record, Results, fmt_mean, log_line, markdown_table
+from experiments.fashion import DATA_DIR, load_fashion
+from experiments.fashion_fp32 import CHECKPOINTS
+from experiments.fashion_models import MODELS
+from experiments.fashion_quick import subset
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row: a method at a setting (the torchdkm shorthand) with config fields beside it."""
+
+    label: str
+    method: str  # "DKM", "coremltools DKM" or "uniform QAT"
+    setting: str
+    fields: dict[str, Any] = field(default_factory=dict)
+    tau_schedule: tuple[float, float] | None = None  # DKM: tau from ... to ... over the budget (TauSchedule)
+
+
+def _rules(spec: str) -> str:
+    return f"cv:{spec}, fc:{spec}"
+
+
+ST = {"straight_through": 1.0}
+#: 1 bit: tau from soft to hard over the budget (TauSchedule); 4-vectors have larger margins to cross
+SCALAR_SCHEDULE, VECTOR_SCHEDULE = (0.02, 0.001), (0.05, 0.002)
+
+VARIANTS = (
+    Variant("1/1", "DKM", _rules("1/1")),
+    Variant("1/1 scale+offset", "DKM", _rules("1/1#rowa")),
+    Variant("1/1 scale+offset, ST", "DKM", _rules("1/1#rowa"), ST),
+    Variant("1/1 scale, ST", "DKM", _rules("1/1#row"), ST),
+    Variant("1/1 uniform QAT", "uniform QAT", _rules("1/1")),
+    Variant("4/4", "DKM", _rules("4/4")),
+    Variant("4/4, schedule", "DKM", _rules("4/4"), tau_schedule=VECTOR_SCHEDULE),
+    Variant("4/4, ST", "DKM", _rules("4/4"), ST),
+    Variant("4/4, ST, schedule", "DKM", _rules("4/4"), ST, VECTOR_SCHEDULE),
+    Variant("4/4 coremltools", "coremltools DKM", _rules("4/4")),
+    Variant("4/4 coremltools scale", "coremltools DKM", _rules("4/4#row")),
+    Variant("4/8", "DKM", _rules("4/8")),
+    Variant("4/8, ST", "DKM", _rules("4/8"), ST),
+    Variant("4/8 coremltools", "coremltools DKM", _rules("4/8")),
+    Variant("4/8 coremltools scale", "coremltools DKM", _rules("4/8#row")),
+    # probed on one seed (see the README's notes), not in the default run:
+    Variant("1/1 per-channel LUT", "DKM", _rules("1/1@1")),
+    Variant("1/1 scale", "DKM", _rules("1/1#row")),
+    Variant("1/1 scale+offset, tau 0.02", "DKM", _rules("1/1#rowa"), {"tau": 0.02}),
+    Variant("1/1 scale+offset, schedule", "DKM", _rules("1/1#rowa"), tau_schedule=SCALAR_SCHEDULE),
+    Variant("1/1 scale+offset, ST, schedule", "DKM", _rules("1/1#rowa"), ST, SCALAR_SCHEDULE),
+    Variant("4/4 scale", "DKM", _rules("4/4#row")),
+    Variant("4/4 scale, schedule", "DKM", _rules("4/4#row"), tau_schedule=VECTOR_SCHEDULE),
+    Variant("4/4 scale, ST", "DKM", _rules("4/4#row"), ST),
+    Variant("2/4", "DKM", _rules("2/4")),
+    Variant("2/4 scale", "DKM", _rules("2/4#row")),
+    Variant("4/8 scale, ST", "DKM", _rules("4/8#row"), ST),
+)
+#: What ``python -m experiments.fashion_ablation`` runs by default (``--all``: every variant).
+DEFAULT = 15
+
+
+def measure(fp32: torch.nn.Module, variant: Variant, data: Any, seed: int, opts: vision.Options) -> Record:
+    """``variant``'s record (its label as the method, what it ran as the note)."""
+    if variant.method == "DKM":
+        _, record = vision.dkm(fp32, variant.setting, data, seed, opts, variant.tau_schedule, **variant.fields)
+    elif variant.method == "uniform QAT":
+        record = vision.uniform(fp32, variant.setting, data, seed, opts, qat=True)
+    elif variant.method == "coremltools DKM":
+        size = torchdkm.report(torchdkm.kmeans_compress(_copy(fp32), variant.setting), show=False)
+        record, _ = vision.coreml(fp32, variant.setting, data, seed, opts, size)
+    else:
+        raise ValueError(f"{variant.label}: unknown method {variant.method!r}")
+    fields = ", ".join(f"{k}={v}" for k, v in variant.fields.items())
+    if variant.tau_schedule is not None:
+        fields = ", ".join(filter(None, [fields, "tau {:g} to {:g}".format(*variant.tau_schedule)]))
+    note = "; ".join(n for n in (f"{variant.method} `{variant.setting}`" + (f" ({fields})" if fields else ""), record.note) if n)
+    return replace(record, method=variant.label, note=note)
+
+
+def _copy(model: torch.nn.Module) -> torch.nn.Module:
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def table(results: Results) -> str:
+    """One line per variant: mean ± sample std over the seeds, the all-in factor, the largest train/export gap."""
+    config = results.config
+    accuracy = {r["method"]: r for r in results.summary("accuracy")}
+    gaps = {r["method"]: r for r in results.summary("gap")}
+    fp32 = accuracy.pop("fp32")
+    head = ("variant", "bits/weight", "accuracy %", "vs fp32", "seeds", "factor", "gap", "what ran")
+    rows = []
+    for label, row in accuracy.items():
+        gap = gaps.get(label)
+        rows.append(
+            [
+                label,
+                f"{row['bits_per_weight']:.3g}",
+                fmt_mean(row),
+                f"{100 * (row['mean'] - fp32['mean']):+.2f}",
+                row["n"],
+                f"{row['factor']:.2f}x",
+                "-" if gap is None else f"{100 * gap['max']:.1f} %",
+                row["note"],
+            ]
+        )
+    label = (
+        f"### {config['model']} on Fashion-MNIST: DKM's options at 1 and 0.5 bit per weight; {config['steps']} "
+        f"fine-tuning steps of 64 (lr {config['lr']:g}, cosine to 0) from one fp32 model (seed {config['fp32_seed']}, "
+        f"{100 * fp32['mean']:.2f} %); fine-tuning seeds {', '.join(map(str, config['seeds']))} (training subset and "
+        f"batch order); test accuracy, mean ± sample std over the seeds"
+    )
+    return f"{label}\n\n{markdown_table(head, rows)}"
+
+
+def summaries(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """A results file's config and its accuracy summary per variant (mean, std, n, factor...)."""
+    saved = json.loads(path.read_text())
+    results = Results(saved["experiment"], saved["config"])
+    for r in saved["records"]:
+        results.add(Record(**{k: v for k, v in r.items() if k != "factor"}))
+    return saved["config"], {row["method"]: row for row in results.summary("accuracy")}
+
+
+def readme_table(paths: dict[str, Path]) -> str:
+    """README's table: each variant's accuracy (mean ± std) and factor, one column per model's results file."""
+    found = {model: summaries(path)[1] for model, path in paths.items()}
+    labels = [label for label in next(iter(found.values())) if label != "fp32"]
+    head = ["variant", "bits/weight", *(f"{model} %" for model in found), *(f"{model} factor" for model in found)]
+    rows = [["fp32", "32", *(fmt_mean(f["fp32"]) for f in found.values()), *("1.00x" for _ in found)]]
+    for label in labels:
+        cells = [found[model].get(label) for model in found]
+        bits = next(c["bits_per_weight"] for c in cells if c is not None)
+        rows.append(
+            [
+                label,
+                f"{bits:.3g}",
+                *("-" if c is None else fmt_mean(c) for c in cells),
+                *("-" if c is None else f"{c['factor']:.2f}x" for c in cells),
+            ]
+        )
+    return markdown_table(head, rows)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default="mobilenet")
+    parser.add_argument("--fp32-seed", type=int, default=0, help="the fp32 checkpoint every variant starts from")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="fine-tuning seeds (subset, batch order)")
+    parser.add_argument("--steps", type=int, default=400, help="fine-tuning steps of 64 images (default %(default)s)")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--only", nargs="+", metavar="LABEL", help="run these variants only (labels of VARIANTS)")
+    parser.add_argument("--all", action="store_true", help="every variant, the one-seed probes included")
+    parser.add_argument("--coreml-seconds", type=float, default=600.0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--data-dir", type=Path, default=DATA_DIR)
+    parser.add_argument("--checkpoints", type=Path, default=CHECKPOINTS)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--name", help="results file stem (default fashion_ablation_<model>)")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--readme", action="store_true", help="print README's table from the results files, run nothing")
+    args = parser.parse_args(argv)
+    if args.readme:
+        print(readme_table({m: args.out / f"fashion_ablation_{m}.json" for m in ("mobilenet", "resnet")}))
+        return 0
+    chosen = VARIANTS if args.all else VARIANTS[:DEFAULT]
+    variants = [v for v in VARIANTS if v.label in args.only] if args.only else list(chosen)
+    unknown = set(args.only or ()) - {v.label for v in VARIANTS}
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}; known: {[v.label for v in VARIANTS]}")
+    checkpoint = args.checkpoints / f"fashion_{args.model}_s{args.fp32_seed}.pt"
+    if not checkpoint.is_file():
+        print(f"error: no fp32 weights at {checkpoint}; run `python -m experiments.fashion_fp32` first", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    fp32 = MODELS[args.model]()
+    fp32.load_state_dict(torch.load(checkpoint))
+    fp32.eval()
+    start = time.perf_counter()
+    fashion = load_fashion(args.data_dir)
+    opts = vision.Options(seeds=tuple(args.seeds), dkm_epochs=1, lr=args.lr, coreml_seconds=args.coreml_seconds,
+                          progress=not args.no_progress)  # fmt: skip
+    config = {"model": args.model, "steps": args.steps, "fp32_seed": args.fp32_seed, "seeds": args.seeds,
+              "lr": args.lr, "images": 64 * args.steps, "variants": [v.label for v in variants]}  # fmt: skip
+    results = Results(args.name or f"fashion_ablation_{args.model}", config)
+    report = torchdkm.report(fp32, show=False)
+    results.add(Record("fp32", "-", args.fp32_seed, {"accuracy": vision.accuracy(fp32, fashion)}, report.fp32_bytes,
+                       report.fp32_bytes, 32.0))  # fmt: skip
+    for seed in args.seeds:
+        data = subset(fashion, 64 * args.steps, seed)
+        for variant in variants:
+            record = measure(fp32, variant, data, seed, opts)
+            results.add(record)
+            accuracy = record.metrics.get("accuracy")
+            log_line(f"{args.model} seed {seed} {variant.label}: "
+                     f"{'-' if accuracy is None else f'{100 * accuracy:.2f} %'} ({record.factor:.2f}x) {record.note}")
+            results.write(args.out)
+            (args.out / f"{results.name}.md").write_text(table(results) + "\n")
+    print(table(results))
+    print(f"run time: {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

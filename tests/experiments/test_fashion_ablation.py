@@ -1,0 +1,77 @@
+"""The Fashion-MNIST ablation of DKM's options, on synthetic images and an untrained model (seconds)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from experiments.baselines import CoremlDKM, unpalettized
+from experiments.fashion import synthetic_fashion
+from experiments.fashion_ablation import DEFAULT, VARIANTS, cli, readme_table
+from experiments.fashion_models import MobileNetV1
+
+
+def test_variants_run_and_are_tabled_per_seed(tmp_path: Path) -> None:
+    data = synthetic_fashion(tmp_path / "data", n_train=5100, n_test=40)
+    torch.manual_seed(0)
+    torch.save(MobileNetV1().state_dict(), tmp_path / "fashion_mobilenet_s0.pt")
+    only = ["1/1 scale+offset, ST", "4/4, ST, schedule", "1/1 uniform QAT", "4/4 coremltools scale"]
+    argv = ["--model", "mobilenet", "--steps", "2", "--seeds", "0", "1", "--only", *only, "--data-dir", str(data),
+            "--checkpoints", str(tmp_path), "--out", str(tmp_path), "--no-progress", "--threads", "1"]  # fmt: skip
+    assert cli(argv) == 0
+    saved = json.loads((tmp_path / "fashion_ablation_mobilenet.json").read_text())
+    records = [r for r in saved["records"] if r["method"] != "fp32"]
+    assert sorted({r["method"] for r in records}) == sorted(only)
+    assert sorted(r["seed"] for r in records) == [0] * 4 + [1] * 4
+    st = next(r for r in records if r["method"] == only[0])
+    assert "straight_through=1.0" in st["note"] and st["steps"] == 2 and st["bits_per_weight"] == 1
+    assert "tau 0.05 to 0.002" in next(r for r in records if r["method"] == only[1])["note"]
+    table = (tmp_path / "fashion_ablation_mobilenet.md").read_text()
+    assert "fine-tuning seeds 0, 1" in table
+    assert all(f"| {label} |" in table for label in only)
+    assert sum(line.startswith("| ") for line in table.splitlines()) == 1 + len(only)
+    saved = tmp_path / "fashion_ablation_mobilenet.json"
+    both = readme_table({"mobilenet": saved, "again": saved})
+    assert both.count("| 1/1 scale+offset, ST | 1 | ") == 1 and "± " in both and "again factor" in both
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_readme_quotes_the_stored_results() -> None:
+    """README's Fashion-MNIST table is what ``--readme`` renders from ``results/fashion_ablation_*.json``."""
+    paths = {m: ROOT / "results" / f"fashion_ablation_{m}.json" for m in ("mobilenet", "resnet")}
+    assert readme_table(paths) in (ROOT / "README.md").read_text()
+
+
+def test_unknown_variant_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit):
+        cli(["--only", "no such variant", "--checkpoints", str(tmp_path)])
+
+
+def test_default_run_is_the_head_of_the_list() -> None:
+    labels = [v.label for v in VARIANTS]
+    assert len(set(labels)) == len(labels) and 0 < DEFAULT < len(VARIANTS)
+    assert {v.method for v in VARIANTS[:DEFAULT]} == {"DKM", "uniform QAT", "coremltools DKM"}
+
+
+def test_coremltools_takes_one_scale_per_channel_and_nothing_finer() -> None:
+    model = MobileNetV1()
+    CoremlDKM(model, "cv:4/4#row, fc:4/4#row")  # enable_per_channel_scale
+    for setting in ("cv:4/4#rowa", "cv:4/4#16"):
+        with pytest.raises(ValueError, match="one scale per output channel"):
+            CoremlDKM(model, setting)
+
+
+def test_a_per_channel_scaled_weight_counts_as_palettized() -> None:
+    """With a scale per channel each channel holds at most k d values: the layer is palettized, not dense."""
+    layer = torch.nn.Linear(64, 8, bias=False)
+    levels = torch.tensor([-1.0, 1.0])
+    with torch.no_grad():
+        layer.weight.copy_(levels[torch.randint(0, 2, (8, 64))] * torch.arange(1.0, 9.0).unsqueeze(1))
+    model = torch.nn.Sequential(layer)
+    assert unpalettized(model, "fc:1/1#row") == []
+    assert unpalettized(model, "fc:1/1") == [("0", 512)]  # one LUT for the tensor: 16 values are too many
