@@ -141,6 +141,17 @@ def table(results: Results) -> str:
     return f"{label}\n\n{markdown_table(head, rows)}"
 
 
+def earlier(path: Path, config: dict[str, Any]) -> list[Record]:
+    """The records of an earlier run of the same experiment (``--append``), checked to be comparable."""
+    if not path.is_file():
+        return []
+    saved = json.loads(path.read_text())
+    for key in ("model", "steps", "fp32_seed", "lr", "images"):
+        if saved["config"].get(key) != config[key]:
+            raise SystemExit(f"--append: {path} has {key}={saved['config'].get(key)!r}, this run {config[key]!r}")
+    return [Record(**{k: v for k, v in r.items() if k != "factor"}) for r in saved["records"]]
+
+
 def summaries(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """A results file's config and its accuracy summary per variant (mean, std, n, factor...)."""
     saved = json.loads(path.read_text())
@@ -154,8 +165,16 @@ def readme_table(paths: dict[str, Path]) -> str:
     """README's table: each variant's accuracy (mean ± std) and factor, one column per model's results file."""
     found = {model: summaries(path)[1] for model, path in paths.items()}
     labels = [label for label in next(iter(found.values())) if label != "fp32"]
+    most = {model: max(row["n"] for row in rows.values()) for model, rows in found.items()}
+
+    def accuracy(model: str, cell: dict[str, Any] | None) -> str:
+        if cell is None:
+            return "-"
+        fewer = f" ({cell['n']} seed{'s' if cell['n'] > 1 else ''})" if cell["n"] < most[model] else ""
+        return fmt_mean(cell) + fewer
+
     head = ["variant", "bits/weight", *(f"{model} %" for model in found), *(f"{model} factor" for model in found)]
-    rows = [["fp32", "32", *(fmt_mean(f["fp32"]) for f in found.values()), *("1.00x" for _ in found)]]
+    rows = [["fp32", "32", *(fmt_mean(f["fp32"]) for f in found.values()), *("1.00x" for _ in found)]]  # one model
     for label in labels:
         cells = [found[model].get(label) for model in found]
         bits = next(c["bits_per_weight"] for c in cells if c is not None)
@@ -163,7 +182,7 @@ def readme_table(paths: dict[str, Path]) -> str:
             [
                 label,
                 f"{bits:.3g}",
-                *("-" if c is None else fmt_mean(c) for c in cells),
+                *(accuracy(model, c) for model, c in zip(found, cells)),
                 *("-" if c is None else f"{c['factor']:.2f}x" for c in cells),
             ]
         )
@@ -179,6 +198,9 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--only", nargs="+", metavar="LABEL", help="run these variants only (labels of VARIANTS)")
     parser.add_argument("--all", action="store_true", help="every variant, the one-seed probes included")
+    parser.add_argument(
+        "--append", action="store_true", help="keep the results file's records of other seeds (run more seeds later)"
+    )
     parser.add_argument("--coreml-seconds", type=float, default=600.0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data-dir", type=Path, default=DATA_DIR)
@@ -211,9 +233,15 @@ def cli(argv: list[str] | None = None) -> int:
     config = {"model": args.model, "steps": args.steps, "fp32_seed": args.fp32_seed, "seeds": args.seeds,
               "lr": args.lr, "images": 64 * args.steps, "variants": [v.label for v in variants]}  # fmt: skip
     results = Results(args.name or f"fashion_ablation_{args.model}", config)
-    report = torchdkm.report(fp32, show=False)
-    results.add(Record("fp32", "-", args.fp32_seed, {"accuracy": vision.accuracy(fp32, fashion)}, report.fp32_bytes,
-                       report.fp32_bytes, 32.0))  # fmt: skip
+    kept = earlier(args.out / f"{results.name}.json", config) if args.append else []
+    config["seeds"] = sorted({r.seed for r in kept if r.method != "fp32"} | set(args.seeds))
+    for record in kept:
+        if record.method == "fp32" or record.seed not in args.seeds:
+            results.add(record)
+    if not any(r.method == "fp32" for r in results.records):
+        report = torchdkm.report(fp32, show=False)
+        results.add(Record("fp32", "-", args.fp32_seed, {"accuracy": vision.accuracy(fp32, fashion)},
+                           report.fp32_bytes, report.fp32_bytes, 32.0))  # fmt: skip
     for seed in args.seeds:
         data = subset(fashion, 64 * args.steps, seed)
         for variant in variants:

@@ -47,6 +47,21 @@ def test_readme_quotes_the_stored_results() -> None:
     assert readme_table(paths) in (ROOT / "README.md").read_text()
 
 
+def test_more_seeds_are_appended_to_an_earlier_run(tmp_path: Path) -> None:
+    data = synthetic_fashion(tmp_path / "data", n_train=5100, n_test=40)
+    torch.manual_seed(0)
+    torch.save(MobileNetV1().state_dict(), tmp_path / "fashion_mobilenet_s0.pt")
+    base = ["--model", "mobilenet", "--steps", "1", "--data-dir", str(data), "--checkpoints", str(tmp_path),
+            "--out", str(tmp_path), "--no-progress", "--threads", "1"]  # fmt: skip
+    assert cli([*base, "--seeds", "0", "--only", "1/1", "4/4"]) == 0
+    assert cli([*base, "--seeds", "1", "--only", "1/1", "--append"]) == 0
+    saved = json.loads((tmp_path / "fashion_ablation_mobilenet.json").read_text())
+    assert [(r["method"], r["seed"]) for r in saved["records"]] == [("fp32", 0), ("1/1", 0), ("4/4", 0), ("1/1", 1)]
+    assert saved["config"]["seeds"] == [0, 1]
+    with pytest.raises(SystemExit, match="steps=1"):
+        cli([*base[:2], "--steps", "2", *base[4:], "--seeds", "2", "--only", "1/1", "--append"])
+
+
 def test_unknown_variant_is_refused(tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
         cli(["--only", "no such variant", "--checkpoints", str(tmp_path)])
