@@ -50,36 +50,38 @@ def _rules(spec: str) -> str:
 
 
 ST = {"straight_through": 1.0}
+#: DKM's own gradient alone (``straight_through`` is automatic by default: 1 at 1 bit per weight and below)
+EXACT = {"straight_through": 0.0}
 #: 1 bit: tau from soft to hard over the budget (TauSchedule); 4-vectors have larger margins to cross
 SCALAR_SCHEDULE, VECTOR_SCHEDULE = (0.02, 0.001), (0.05, 0.002)
 
 VARIANTS = (
-    Variant("1/1", "DKM", _rules("1/1")),
-    Variant("1/1 scale+offset", "DKM", _rules("1/1#rowa")),
+    Variant("1/1", "DKM", _rules("1/1"), EXACT),
+    Variant("1/1 scale+offset", "DKM", _rules("1/1#rowa"), EXACT),
     Variant("1/1 scale+offset, ST", "DKM", _rules("1/1#rowa"), ST),
     Variant("1/1 scale, ST", "DKM", _rules("1/1#row"), ST),
     Variant("1/1 uniform QAT", "uniform QAT", _rules("1/1")),
-    Variant("4/4", "DKM", _rules("4/4")),
-    Variant("4/4, schedule", "DKM", _rules("4/4"), tau_schedule=VECTOR_SCHEDULE),
+    Variant("4/4", "DKM", _rules("4/4"), EXACT),
+    Variant("4/4, schedule", "DKM", _rules("4/4"), EXACT, tau_schedule=VECTOR_SCHEDULE),
     Variant("4/4, ST", "DKM", _rules("4/4"), ST),
     Variant("4/4, ST, schedule", "DKM", _rules("4/4"), ST, VECTOR_SCHEDULE),
     Variant("4/4 coremltools", "coremltools DKM", _rules("4/4")),
     Variant("4/4 coremltools scale", "coremltools DKM", _rules("4/4#row")),
-    Variant("4/8", "DKM", _rules("4/8")),
+    Variant("4/8", "DKM", _rules("4/8"), EXACT),
     Variant("4/8, ST", "DKM", _rules("4/8"), ST),
     Variant("4/8 coremltools", "coremltools DKM", _rules("4/8")),
     Variant("4/8 coremltools scale", "coremltools DKM", _rules("4/8#row")),
     # probed on one seed (see the README's notes), not in the default run:
-    Variant("1/1 per-channel LUT", "DKM", _rules("1/1@1")),
-    Variant("1/1 scale", "DKM", _rules("1/1#row")),
-    Variant("1/1 scale+offset, tau 0.02", "DKM", _rules("1/1#rowa"), {"tau": 0.02}),
-    Variant("1/1 scale+offset, schedule", "DKM", _rules("1/1#rowa"), tau_schedule=SCALAR_SCHEDULE),
+    Variant("1/1 per-channel LUT", "DKM", _rules("1/1@1"), EXACT),
+    Variant("1/1 scale", "DKM", _rules("1/1#row"), EXACT),
+    Variant("1/1 scale+offset, tau 0.02", "DKM", _rules("1/1#rowa"), {**EXACT, "tau": 0.02}),
+    Variant("1/1 scale+offset, schedule", "DKM", _rules("1/1#rowa"), EXACT, tau_schedule=SCALAR_SCHEDULE),
     Variant("1/1 scale+offset, ST, schedule", "DKM", _rules("1/1#rowa"), ST, SCALAR_SCHEDULE),
-    Variant("4/4 scale", "DKM", _rules("4/4#row")),
-    Variant("4/4 scale, schedule", "DKM", _rules("4/4#row"), tau_schedule=VECTOR_SCHEDULE),
+    Variant("4/4 scale", "DKM", _rules("4/4#row"), EXACT),
+    Variant("4/4 scale, schedule", "DKM", _rules("4/4#row"), EXACT, tau_schedule=VECTOR_SCHEDULE),
     Variant("4/4 scale, ST", "DKM", _rules("4/4#row"), ST),
-    Variant("2/4", "DKM", _rules("2/4")),
-    Variant("2/4 scale", "DKM", _rules("2/4#row")),
+    Variant("2/4", "DKM", _rules("2/4"), EXACT),
+    Variant("2/4 scale", "DKM", _rules("2/4#row"), EXACT),
     Variant("4/8 scale, ST", "DKM", _rules("4/8#row"), ST),
 )
 #: What ``python -m experiments.fashion_ablation`` runs by default (``--all``: every variant).

@@ -67,7 +67,8 @@ def test_the_temperature_changes_the_soft_weight():
 
 
 def test_training_with_a_schedule_closes_the_gap():
-    model = torchdkm.prepare(small_model(), "fc:1/1")
+    """With DKM's own gradient (no straight-through term, which lets weights sit between centroids)."""
+    model = torchdkm.prepare(small_model(), torchdkm.DKMConfig.parse("fc:1/1", straight_through=0.0))
     x, y = torch.randn(64, 16), torch.randint(0, 8, (64,))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     schedule = torchdkm.TauSchedule(model, steps=20, start=0.1, end=0.001)
@@ -133,6 +134,27 @@ def test_straight_through_adds_the_soft_weights_own_gradient(through):
     weight, grad, _ = st_gradients(through)
     assert torch.equal(weight, plain_weight)  # the forward value does not change
     torch.testing.assert_close(grad - plain_grad, through * upstream, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "setting, through", [("fc:2/1", 0.0), ("fc:1/1", 1.0), ("fc:4/4", 1.0), ("fc:4/8", 1.0), ("fc:4/2", 0.0)]
+)
+def test_straight_through_is_on_by_default_at_one_bit_per_weight_and_below(setting, through):
+    layer = torchdkm.DKMConfig.parse(setting).by_type["fc"]
+    assert layer.straight_through is None and layer.through == through
+    assert torchdkm.DKMConfig.parse(setting, straight_through=0.0).by_type["fc"].through == 0.0
+
+
+def test_automatic_straight_through_reaches_the_gradient():
+    """``fc:1/1`` without the field gets the same gradient as ``straight_through=1``; ``0`` is DKM's alone."""
+    grads = {}
+    for name, fields in (("auto", {}), ("one", {"straight_through": 1.0}), ("zero", {"straight_through": 0.0})):
+        torch.manual_seed(5)
+        layer = nn.Linear(16, 8).double()
+        torchdkm.prepare(layer, torchdkm.DKMConfig.parse("fc:1/1", min_numel=0, **fields))
+        (layer.weight * torch.arange(128.0, dtype=torch.float64).view(8, 16)).sum().backward()
+        grads[name] = layer.parametrizations.weight.original.grad
+    assert torch.equal(grads["auto"], grads["one"]) and not torch.equal(grads["auto"], grads["zero"])
 
 
 @pytest.mark.parametrize("value", [-0.5, float("inf"), float("nan"), "1", True])

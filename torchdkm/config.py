@@ -127,10 +127,11 @@ class LayerConfig:
         each weight also receives the loss gradient of its own soft weight.
         DKM's gradient reaches a weight mostly through its centroid (shared
         with every weight of its cluster) and through the attention (large
-        only between centroids); at 1 bit per weight, where clusters are huge,
-        the weights' own gradients let them change cluster (measured in
-        ``experiments/fashion_ablation.py``).  ``0`` (default): DKM's exact
-        gradient alone.
+        only between centroids); at 1 bit per weight and below, where clusters
+        are huge, the weights' own gradients let them change cluster.
+        ``None`` (default): ``1`` at ``bits / dim <= 1``, else ``0`` (DKM's
+        exact gradient alone), what measured best on Fashion-MNIST
+        (``experiments/fashion_ablation.py``; see README).
     """
 
     bits: int = 4
@@ -147,7 +148,7 @@ class LayerConfig:
     shard_attention: bool = False
     scale_block: int | None = None
     scale_offset: bool = False
-    straight_through: float = 0.0
+    straight_through: float | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -160,6 +161,13 @@ class LayerConfig:
     @property
     def bits_per_weight(self) -> float:
         return self.bits / self.dim
+
+    @property
+    def through(self) -> float:
+        """The straight-through weight in effect (``straight_through``, or its automatic value)."""
+        if self.straight_through is not None:
+            return float(self.straight_through)
+        return 1.0 if self.bits <= self.dim else 0.0
 
     def validate(self, where: str = "LayerConfig") -> None:
         """Raise :class:`TorchdkmError` naming the first bad field."""
@@ -201,8 +209,8 @@ class LayerConfig:
         if self.scale_offset and self.scale_block is None:
             raise bad("scale_offset", "needs scale_block (offsets are per block)")
         st = self.straight_through
-        if not _is_real(st) or not math.isfinite(st) or st < 0:
-            raise bad("straight_through", "must be a finite number >= 0")
+        if st is not None and (not _is_real(st) or not math.isfinite(st) or st < 0):
+            raise bad("straight_through", "must be None (automatic) or a finite number >= 0")
 
     def replace(self, **changes: Any) -> LayerConfig:
         return dataclasses.replace(self, **changes)

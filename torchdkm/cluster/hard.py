@@ -12,7 +12,7 @@ import functools
 import torch
 from torch import Tensor
 
-from ..kernels.ranking import INT_OF, rank, unpack
+from ..kernels.ranking import INT_OF, nearest_two_packed
 from .problem import row_chunks
 
 
@@ -79,11 +79,8 @@ def nearest_two(x: Tensor, c: Tensor, rows: int) -> tuple[Tensor, Tensor, Tensor
     near-ties go to the lower index, and the distances lose their lowest
     ``ceil(log2 k)`` bits (truncated towards 0).
     """
-    k = c.shape[1]
-    if x.dtype in INT_OF and k > 1:
-        found = rank(x.transpose(1, 2), c, 1, block=min(rows, CACHE_ROWS))
-        index, first = unpack(found[:, 0], k)
-        return index.long(), first, unpack(found[:, 1], k)[1]
+    if x.dtype in INT_OF and c.shape[1] > 1:
+        return nearest_two_packed(x.transpose(1, 2), c, min(rows, CACHE_ROWS))
     index, dist, second = _nearest(x, c, rows, True)
     return index, dist, second
 

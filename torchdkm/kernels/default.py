@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from . import ranking
 from .ranking import Bounds, rank, unpack
 
 PATTERNS = 1 << 16
@@ -298,10 +299,7 @@ def nearest_two(xt: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     ``xt`` (G, d, r) the rows, ``c`` (G, k >= 2, d).  One packed ranking (:mod:`.ranking`): near-ties go
     to the lower index, and the distances lose their lowest ``ceil(log2 k)`` bits (truncated towards 0).
     """
-    k = c.shape[1]
-    found = rank(xt, c, 1)
-    index, first = unpack(found[:, 0], k)
-    return index.long(), first, unpack(found[:, 1], k)[1]
+    return ranking.nearest_two_packed(xt, c)
 
 
 def row_sets(

@@ -92,6 +92,15 @@ def rank(xt: Tensor, c: Tensor, top: int, block: int = BLOCK_ROWS) -> Tensor:
     return found
 
 
+def nearest_two_packed(xt: Tensor, c: Tensor, block: int = BLOCK_ROWS) -> tuple[Tensor, Tensor, Tensor]:
+    """``(index (G, r) int64, first, second)``: each row's nearest centroid and squared distances to the nearest
+    two, from one :func:`rank` (near-ties to the lower index; distances truncated by ``ceil(log2 k)`` bits)."""
+    k = c.shape[1]
+    found = rank(xt, c, 1, block)
+    index, first = unpack(found[:, 0], k)
+    return index.long(), first, unpack(found[:, 1], k)[1]
+
+
 def unpack(found: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """``(index, distance)`` of packed values: the centroid index and the distance truncated towards 0."""
     mask = (1 << index_bits(k)) - 1

@@ -72,7 +72,7 @@ class DKMParametrization(nn.Module):
         if not self.training:
             return self.export(weight)[0]
         soft = self.step(weight)
-        through = self.config.straight_through
+        through = self.config.through
         return soft if through == 0 else soft + through * (weight - weight.detach())
 
     def step(self, weight: Tensor) -> Tensor:
