@@ -46,7 +46,7 @@ bench: $(STAMP)
 # The experiments of README "Results on real models and data".
 # Vision: Fashion-MNIST, a MobileNet-v1-style CNN and a small ResNet trained in fp32 to a validation
 # plateau (skipped when their weights are in out/), then every method at 1 and 0.5 bit per weight from
-# them, 3 fine-tuning seeds (experiments/fashion_ablation.py): under 2 hours on 2 cores.
+# them, 3 fine-tuning seeds (experiments/fashion_ablation.py): about 1.5-2 hours on 2 cores (estimated from its parts).
 ABLATION := $(BIN)/python -m experiments.fashion_ablation
 reproduce-vision: $(STAMP) fashion-mnist
 	@for m in mobilenet resnet; do test -f out/fashion_$${m}_s0.pt || $(BIN)/python -m experiments.fashion_fp32 --models $$m || exit 1; done
