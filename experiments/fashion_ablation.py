@@ -237,8 +237,9 @@ def cli(argv: list[str] | None = None) -> int:
     results = Results(args.name or f"fashion_ablation_{args.model}", config)
     kept = earlier(args.out / f"{results.name}.json", config) if args.append else []
     config["seeds"] = sorted({r.seed for r in kept if r.method != "fp32"} | set(args.seeds))
-    for record in kept:
-        if record.method == "fp32" or record.seed not in args.seeds:
+    rerun = {(v.label, seed) for v in variants for seed in args.seeds}
+    for record in kept:  # (a variant run again at a seed replaces its earlier record)
+        if (record.method, record.seed) not in rerun:
             results.add(record)
     if not any(r.method == "fp32" for r in results.records):
         report = torchdkm.report(fp32, show=False)

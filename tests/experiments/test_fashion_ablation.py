@@ -58,6 +58,11 @@ def test_more_seeds_are_appended_to_an_earlier_run(tmp_path: Path) -> None:
     saved = json.loads((tmp_path / "fashion_ablation_mobilenet.json").read_text())
     assert [(r["method"], r["seed"]) for r in saved["records"]] == [("fp32", 0), ("1/1", 0), ("4/4", 0), ("1/1", 1)]
     assert saved["config"]["seeds"] == [0, 1]
+    assert cli([*base, "--seeds", "0", "1", "--only", "4/4", "--append"]) == 0  # 4/4 at seed 0 again, and at 1
+    saved = json.loads((tmp_path / "fashion_ablation_mobilenet.json").read_text())
+    assert [(r["method"], r["seed"]) for r in saved["records"]] == [
+        ("fp32", 0), ("1/1", 0), ("1/1", 1), ("4/4", 0), ("4/4", 1)
+    ]
     with pytest.raises(SystemExit, match="steps=1"):
         cli([*base[:2], "--steps", "2", *base[4:], "--seeds", "2", "--only", "1/1", "--append"])
 
