@@ -66,6 +66,13 @@ class Results:
         self.records.append(record)
         return record
 
+    @classmethod
+    def load(cls, path: Path) -> Results:
+        """The records :meth:`write` saved (the environment is that of the run that wrote them)."""
+        saved = json.loads(path.read_text())
+        records = [Record(**{k: v for k, v in r.items() if k != "factor"}) for r in saved["records"]]
+        return cls(saved["experiment"], saved["config"], records, environment=saved["environment"])
+
     def summary(self, metric: str) -> list[dict[str, Any]]:
         """Mean, spread (sample std; 0 with one seed) and min/max of ``metric`` per (method, setting)."""
         groups: dict[tuple[str, str], list[Record]] = {}

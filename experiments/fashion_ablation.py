@@ -16,7 +16,7 @@ variants by label.  Outputs ``results/fashion_ablation_<model>.{json,md}``.
 from __future__ import annotations
 
 import argparse
-import json
+import copy
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -29,7 +29,7 @@ import torchdkm
 from experiments import vision
 from experiments.common import RESULTS, Record, Results, fmt_mean, log_line, markdown_table
 from experiments.fashion import DATA_DIR, load_fashion
-from experiments.fashion_fp32 import CHECKPOINTS
+from experiments.fashion_fp32 import CHECKPOINTS, load_fp32
 from experiments.fashion_models import MODELS
 from experiments.fashion_quick import subset
 
@@ -97,7 +97,7 @@ def measure(fp32: torch.nn.Module, variant: Variant, data: Any, seed: int, opts:
     elif variant.method == "uniform QAT":
         record = vision.uniform(fp32, variant.setting, data, seed, opts, qat=True)
     elif variant.method == "coremltools DKM":
-        size = torchdkm.report(torchdkm.kmeans_compress(_copy(fp32), variant.setting), show=False)
+        size = torchdkm.report(torchdkm.kmeans_compress(copy.deepcopy(fp32), variant.setting), show=False)
         record, _ = vision.coreml(fp32, variant.setting, data, seed, opts, size)
     else:
         raise ValueError(f"{variant.label}: unknown method {variant.method!r}")
@@ -106,12 +106,6 @@ def measure(fp32: torch.nn.Module, variant: Variant, data: Any, seed: int, opts:
         fields = ", ".join(filter(None, [fields, "tau {:g} to {:g}".format(*variant.tau_schedule)]))
     note = "; ".join(n for n in (f"{variant.method} `{variant.setting}`" + (f" ({fields})" if fields else ""), record.note) if n)
     return replace(record, method=variant.label, note=note)
-
-
-def _copy(model: torch.nn.Module) -> torch.nn.Module:
-    import copy
-
-    return copy.deepcopy(model)
 
 
 def table(results: Results) -> str:
@@ -149,25 +143,21 @@ def earlier(path: Path, config: dict[str, Any]) -> list[Record]:
     """The records of an earlier run of the same experiment (``--append``), checked to be comparable."""
     if not path.is_file():
         return []
-    saved = json.loads(path.read_text())
+    saved = Results.load(path)
     for key in ("model", "steps", "fp32_seed", "lr", "images"):
-        if saved["config"].get(key) != config[key]:
-            raise SystemExit(f"--append: {path} has {key}={saved['config'].get(key)!r}, this run {config[key]!r}")
-    return [Record(**{k: v for k, v in r.items() if k != "factor"}) for r in saved["records"]]
+        if saved.config.get(key) != config[key]:
+            raise SystemExit(f"--append: {path} has {key}={saved.config.get(key)!r}, this run {config[key]!r}")
+    return saved.records
 
 
-def summaries(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """A results file's config and its accuracy summary per variant (mean, std, n, factor...)."""
-    saved = json.loads(path.read_text())
-    results = Results(saved["experiment"], saved["config"])
-    for r in saved["records"]:
-        results.add(Record(**{k: v for k, v in r.items() if k != "factor"}))
-    return saved["config"], {row["method"]: row for row in results.summary("accuracy")}
+def summaries(path: Path) -> dict[str, dict[str, Any]]:
+    """A results file's accuracy summary per variant (mean, std, n, factor...)."""
+    return {row["method"]: row for row in Results.load(path).summary("accuracy")}
 
 
 def readme_table(paths: dict[str, Path]) -> str:
     """README's table: each variant's accuracy (mean ± std) and factor, one column per model's results file."""
-    found = {model: summaries(path)[1] for model, path in paths.items()}
+    found = {model: summaries(path) for model, path in paths.items()}
     labels = [label for label in next(iter(found.values())) if label != "fp32"]
     most = {model: max(row["n"] for row in rows.values()) for model, rows in found.items()}
 
@@ -222,14 +212,10 @@ def cli(argv: list[str] | None = None) -> int:
     unknown = set(args.only or ()) - {v.label for v in VARIANTS}
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}; known: {[v.label for v in VARIANTS]}")
-    checkpoint = args.checkpoints / f"fashion_{args.model}_s{args.fp32_seed}.pt"
-    if not checkpoint.is_file():
-        print(f"error: no fp32 weights at {checkpoint}; run `python -m experiments.fashion_fp32` first", file=sys.stderr)
+    fp32 = load_fp32(args.model, args.fp32_seed, args.checkpoints)
+    if fp32 is None:
         return 2
     torch.set_num_threads(args.threads)
-    fp32 = MODELS[args.model]()
-    fp32.load_state_dict(torch.load(checkpoint))
-    fp32.eval()
     start = time.perf_counter()
     fashion = load_fashion(args.data_dir)
     opts = vision.Options(seeds=tuple(args.seeds), dkm_epochs=1, lr=args.lr, coreml_seconds=args.coreml_seconds,

@@ -79,6 +79,17 @@ class Trained:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+def load_fp32(model: str, seed: int, checkpoints: Path = CHECKPOINTS) -> nn.Module | None:
+    """The fp32 model :func:`run` saved, in eval mode; ``None`` (after saying how to make it) if it is missing."""
+    checkpoint = checkpoints / f"fashion_{model}_s{seed}.pt"
+    if not checkpoint.is_file():
+        print(f"error: no fp32 weights at {checkpoint}; run `python -m experiments.fashion_fp32` first", file=sys.stderr)
+        return None
+    fp32 = MODELS[model]()
+    fp32.load_state_dict(torch.load(checkpoint))
+    return fp32.eval()
+
+
 def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> float:
     """Accuracy in eval mode (BatchNorm's running statistics), in batches to bound memory."""
     model.eval()

@@ -35,7 +35,7 @@ import torchdkm
 from experiments import vision
 from experiments.common import RESULTS, Record, Results, log_line, pivot_table
 from experiments.fashion import DATA_DIR, Fashion, load_fashion
-from experiments.fashion_fp32 import CHECKPOINTS
+from experiments.fashion_fp32 import CHECKPOINTS, load_fp32
 from experiments.fashion_models import MODELS
 
 VECTOR_SETTING = "cv:4/4, fc:4/4"
@@ -144,16 +144,10 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    checkpoint = args.checkpoints / f"fashion_{args.model}_s{args.seed}.pt"
-    if not checkpoint.is_file():
-        print(
-            f"error: no fp32 weights at {checkpoint}; run `python -m experiments.fashion_fp32` first", file=sys.stderr
-        )
+    fp32 = load_fp32(args.model, args.seed, args.checkpoints)
+    if fp32 is None:
         return 2
     torch.set_num_threads(args.threads)
-    fp32 = MODELS[args.model]()
-    fp32.load_state_dict(torch.load(checkpoint))
-    fp32.eval()
     start = time.perf_counter()
     data = subset(load_fashion(args.data_dir), 64 * args.steps, args.seed)
     results = compare(

@@ -151,15 +151,17 @@ def loss_fn(data: Data):
     return lambda model, batch: F.cross_entropy(model(data.x_train[batch]), data.y_train[batch])
 
 
+def steps_per_epoch(data: Data) -> int:
+    return -(-len(data.y_train) // BATCH_SIZE)
+
+
 def train(model: nn.Module, data: Data, epochs: int, seed: int, opts: Options, desc: str, **kw) -> int:
-    n = len(data.y_train)
-    steps = -(-n // BATCH_SIZE)
     return fit(
         model,
-        minibatches(n, BATCH_SIZE),
+        minibatches(len(data.y_train), BATCH_SIZE),
         loss_fn(data),
         epochs=epochs,
-        steps_per_epoch=steps,
+        steps_per_epoch=steps_per_epoch(data),
         lr=opts.lr,
         seed=seed,
         desc=desc,
@@ -182,8 +184,7 @@ def dkm(
     model = torchdkm.prepare(copy.deepcopy(fp32), torchdkm.DKMConfig.parse(setting, **fields))
     after = None
     if tau_schedule is not None:
-        budget = opts.dkm_epochs * -(-len(data.y_train) // BATCH_SIZE)
-        after = torchdkm.TauSchedule(model, budget, *tau_schedule).step
+        after = torchdkm.TauSchedule(model, opts.dkm_epochs * steps_per_epoch(data), *tau_schedule).step
     steps = train(model, data, opts.dkm_epochs, seed, opts, f"DKM {setting} s{seed}", after_step=after)
     gap = max(r.gap for r in torchdkm.report(model, show=False).layers)
     model = torchdkm.finalize(model)
@@ -261,7 +262,7 @@ def coreml(
         )
         return record, []
     seconds = time.perf_counter() - start
-    budget = opts.dkm_epochs * -(-len(data.y_train) // BATCH_SIZE)
+    budget = opts.dkm_epochs * steps_per_epoch(data)
     note = "" if steps >= budget else f"stopped at {steps}/{budget} steps ({opts.coreml_seconds:g} s cap)"
     size_bytes = size.compressed_bytes
     dense = unpalettized(model, setting)

@@ -168,3 +168,12 @@ def test_straight_through_round_trips_in_the_config():
     layer = config.by_type["fc"]
     assert layer.straight_through == 0.25
     assert torchdkm.LayerConfig.from_dict(layer.to_dict()) == layer
+
+
+def test_a_bad_saved_state_is_refused():
+    model = torchdkm.prepare(small_model(), "fc:2/1")
+    schedule = torchdkm.TauSchedule(model, steps=5, start=0.1, end=0.01)
+    with pytest.raises(torchdkm.TorchdkmError, match="done=-1"):
+        schedule.load_state_dict({"steps": 5, "start": 0.1, "end": 0.01, "done": -1})
+    with pytest.raises(torchdkm.TorchdkmError, match="steps=0"):
+        schedule.load_state_dict({"steps": 0, "start": 0.1, "end": 0.01, "done": 0})

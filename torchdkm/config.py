@@ -122,16 +122,11 @@ class LayerConfig:
         Decoded weight: ``LUT[index] * scale (+ offset)``.  A multiple of ``dim``.
     scale_offset: with ``scale_block``, also subtract each block's midpoint
         (``(max + min) / 2``, float16) before scaling: asymmetric blocks.
-    straight_through: weight ``s`` of a straight-through gradient added to
-        DKM's: the layer uses ``A C + s (W - stopgrad(W))``, the same value, so
-        each weight also receives the loss gradient of its own soft weight.
-        DKM's gradient reaches a weight mostly through its centroid (shared
-        with every weight of its cluster) and through the attention (large
-        only between centroids); at 1 bit per weight and below, where clusters
-        are huge, the weights' own gradients let them change cluster.
-        ``None`` (default): ``1`` at ``bits / dim <= 1``, else ``0`` (DKM's
-        exact gradient alone), what measured best on Fashion-MNIST
-        (``experiments/fashion_ablation.py``; see README).
+    straight_through: ``s`` in ``A C + s (W - stopgrad(W))``: the same value,
+        plus each weight's own gradient, which lets weights change cluster at
+        1 bit per weight and below, where DKM's reaches them mostly through
+        centroids shared with half the layer.  ``None`` (default): ``1`` at
+        ``bits / dim <= 1``, else ``0`` (DKM's gradient alone); see README.
     """
 
     bits: int = 4

@@ -32,15 +32,8 @@ class TauSchedule:
     """
 
     def __init__(self, model: nn.Module, steps: int, start: float, end: float):
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise TorchdkmError(f"TauSchedule: steps={steps!r} is invalid: must be an integer >= 1")
-        for name, value in (("start", start), ("end", end)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise TorchdkmError(f"TauSchedule: {name}={value!r} is invalid: must be a finite number > 0")
         self.layers = _layers(model)
-        self.steps, self.start, self.end = steps, float(start), float(end)
-        self.done = 0
-        self._apply()
+        self.load_state_dict({"steps": steps, "start": start, "end": end, "done": 0})
 
     @property
     def tau(self) -> float:
@@ -56,9 +49,19 @@ class TauSchedule:
         return {"steps": self.steps, "start": self.start, "end": self.end, "done": self.done}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Set the schedule (the constructor's arguments and the steps ``done``), checked, and apply it."""
         if set(state) != {"steps", "start", "end", "done"}:
             raise TorchdkmError(f"TauSchedule.load_state_dict: keys {sorted(state)}, expected done, end, start, steps")
-        self.steps, self.start, self.end, self.done = state["steps"], state["start"], state["end"], state["done"]
+        for name, low in (("steps", 1), ("done", 0)):
+            value = state[name]
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise TorchdkmError(f"TauSchedule: {name}={value!r} is invalid: must be an integer >= {low}")
+        for name in ("start", "end"):
+            value = state[name]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise TorchdkmError(f"TauSchedule: {name}={value!r} is invalid: must be a finite number > 0")
+        self.steps, self.start, self.end = state["steps"], float(state["start"]), float(state["end"])
+        self.done = state["done"]
         self._apply()
 
     def _apply(self) -> None:

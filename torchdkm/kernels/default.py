@@ -19,8 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from . import ranking
-from .ranking import Bounds, rank, unpack
+from .ranking import Bounds, nearest_two_packed, rank, unpack
 
 PATTERNS = 1 << 16
 #: Weights per piece of a gather over the weights: the piece's patterns and temporaries stay in cache.
@@ -299,7 +298,7 @@ def nearest_two(xt: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     ``xt`` (G, d, r) the rows, ``c`` (G, k >= 2, d).  One packed ranking (:mod:`.ranking`): near-ties go
     to the lower index, and the distances lose their lowest ``ceil(log2 k)`` bits (truncated towards 0).
     """
-    return ranking.nearest_two_packed(xt, c)
+    return nearest_two_packed(xt, c)
 
 
 def row_sets(
