@@ -15,6 +15,7 @@ from torch.nn.utils import parametrize
 from tqdm import tqdm
 
 from .cluster.batch import BATCH_NUMEL
+from .cluster.scratch import release_scratch
 from .config import DKMConfig
 from .errors import TorchdkmError
 from .nn.batching import batch_layers
@@ -115,6 +116,7 @@ def finalize(model: nn.Module) -> nn.Module:
             model = new
         else:
             set_submodule(model, name, new)
+    release_scratch()  # training is over: the passes' scratch maps are not needed
     return model
 
 

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from .engine import EMPTY_MASS, Attention, GramSums, explicit
 from .problem import Problem, gram_terms, row_chunks
+from .scratch import like
 
 
 def attention(x: Tensor, c: Tensor, tau: Tensor) -> Tensor:
@@ -112,14 +113,14 @@ class DenseAttention(Attention):
             weights = gram_weights(xs, None if m is None else m[:, s])  # (G, P, r)
             sums += torch.bmm(a, weights.transpose(1, 2))
             if grams is not None:
-                weighted = a.unsqueeze(1) * weights.unsqueeze(2)  # (G, P, k, r)
+                weighted = torch.mul(a.unsqueeze(1), weights.unsqueeze(2), out=like(a, "gram", (g, terms, k, -1)))
                 grams += torch.bmm(weighted.flatten(1, 2), a.transpose(1, 2)).view_as(grams)
             self.row_terms(s, a, c, two_over_tau)
             if grad_w is None:
                 continue
             gs = grad_w[:, s]
-            ap = a * torch.bmm(c, gs.transpose(1, 2))  # A_ji (g_i . c_j)
-            sa = ap - a * ap.sum(1, keepdim=True)  # dL/dlogits
+            ap = torch.bmm(c, gs.transpose(1, 2), out=like(a, "q")).mul_(a)  # A_ji (g_i . c_j)
+            sa = ap.sub_(torch.mul(a, ap.sum(1, keepdim=True), out=like(a, "aq")))  # dL/dlogits
             gc += torch.bmm(a, gs)
             gc += two_over_tau * (torch.bmm(sa, xs) - c * sa.sum(2, keepdim=True))
             self.direct_term(s, sa, c, two_over_tau)
@@ -147,10 +148,11 @@ class DenseAttention(Attention):
         for s in self.chunks():
             xs = x[:, s]
             a = self.kept if self.kept is not None else attention(xs, c, tau)
-            q = torch.bmm(u, xs.transpose(1, 2)) - cu  # (G, k, r): (x_i - c_j) . u_j
+            # (G, k, r) maps in scratch buffers (see :mod:`.scratch`); q: (x_i - c_j) . u_j, then t in place
+            q = torch.bmm(u, xs.transpose(1, 2), out=like(a, "q")).sub_(cu)
             if m is not None:
-                q = q * m[:, None, s]
-            t = a * (q - (a * q).sum(1, keepdim=True))
+                q.mul_(m[:, None, s])
+            t = q.sub_(torch.mul(a, q, out=like(a, "aq")).sum(1, keepdim=True)).mul_(a)
             if next_gc is not None:
                 next_gc += two_over_tau * (torch.bmm(t, xs) - c * t.sum(2, keepdim=True))
             dxs = torch.bmm(a.transpose(1, 2), u)
