@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 import torchdkm
-from torchdkm.config import TYPE_GROUPS
+from torchdkm.matching import TYPE_GROUPS
 
 QUANTIZED_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
 

@@ -8,7 +8,7 @@ import pytest
 from torch import nn
 
 from torchdkm import DKMConfig, LayerConfig, TorchdkmError
-from torchdkm.config import SUPPORTED_TYPES, TYPE_GROUPS
+from torchdkm.matching import SUPPORTED_TYPES, TYPE_GROUPS
 
 # -- LayerConfig ------------------------------------------------------------
 

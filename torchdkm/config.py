@@ -16,7 +16,6 @@ with 6-bit indices over 4-dim vectors.
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import json
 import math
 import re
@@ -26,31 +25,10 @@ from typing import Any
 from torch import nn
 
 from .errors import TorchdkmError
+from .matching import SUPPORTED_TYPES, TYPE_GROUPS, matching_rules, name_matches
 
 CONFIG_VERSION = 1
 
-#: Shorthand keys of the paper's notation and the module classes they cover.
-_CONVS = ("Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d")
-TYPE_GROUPS: dict[str, tuple[str, ...]] = {
-    "fc": ("Linear", "Conv1D"),
-    "linear": ("Linear", "Conv1D"),
-    "cv": _CONVS,
-    "conv": _CONVS,
-    "emb": ("Embedding",),
-}
-#: Module classes whose weights torchdkm can cluster and palettize.
-SUPPORTED_TYPES: tuple[str, ...] = ("Linear", "Conv1D", *_CONVS, "Embedding", "MultiheadAttention")
-#: Classes storing their weight ``(in, out)``, Linear's transpose (transformers' ``Conv1D``, GPT-2): clustered
-#: through a transposed view, so groups count output channels and vectors run along the input axis as for Linear.
-TRANSPOSED_TYPES: tuple[str, ...] = ("Conv1D",)
-#: The tensor a rule's default ``param="weight"`` means in classes that name their weight otherwise.
-WEIGHT_PARAMS: dict[str, str] = {"MultiheadAttention": "in_proj_weight"}
-#: Module classes holding weight matrices that torchdkm leaves dense, and why (shown by ``prepare``).
-UNSUPPORTED_WHY: dict[str, str] = {
-    name: "recurrent layers are not supported: RNN modules cache their weights (_flat_weights) and read "
-    "each several times per forward, which would run several DKM steps per training step"
-    for name in ("RNNBase", "RNN", "LSTM", "GRU")
-}
 CLUSTER_DTYPES = ("auto", "exact", "float16", "bfloat16")
 
 
@@ -383,29 +361,17 @@ class DKMConfig:
 
     def _matching(self, name: str, module: nn.Module, any_type: bool) -> list[Rule]:
         """The rules that match a module, least specific first."""
-        type_names = [t.__name__ for t in type(module).__mro__]
-        supported = any_type or any(t in SUPPORTED_TYPES for t in type_names)
-        layers: list[Rule] = []
-        if supported and self.default is not None:
-            layers.append(self.default)
-        type_rule = _most_specific_type_rule(self.by_type, type_names)
-        if type_rule is not _MISSING:
-            layers.append(type_rule)
-        name_rule = _most_specific_name_rule(self.by_name, name)
-        if name_rule is not _MISSING:
-            layers.append(name_rule)
-        return layers
+        return matching_rules(self.default, self.by_type, self.by_name, name, module, any_type)
 
     def name_patterns_matching_nothing(self, names: list[str]) -> list[str]:
         """Name rules that match none of ``names`` (used to reject typos)."""
-        return [p for p in self.by_name if not any(_name_matches(p, n) for n in names)]
+        return [p for p in self.by_name if not any(name_matches(p, n) for n in names)]
 
 
 _SKIP_RE = re.compile(r"\s*([^:\s]+)\s*:\s*(?:none|off|-)\s*", re.IGNORECASE)
 _RULE_RE = re.compile(
     r"\s*([^:\s]+)\s*:\s*(\d+)\s*(?:/\s*(\d+))?\s*(?:@\s*(\d+))?\s*(?:#\s*(\d+|row)(a?))?\s*", re.IGNORECASE
 )
-_MISSING = object()
 
 
 def _as_rule(rule: Any, where: str) -> Rule:
@@ -430,26 +396,3 @@ def _is_int(value: Any) -> bool:
 
 def _is_real(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _name_matches(pattern: str, name: str) -> bool:
-    return pattern == name or fnmatch.fnmatchcase(name, pattern)
-
-
-def _most_specific_name_rule(rules: dict[str, Rule], name: str) -> Any:
-    if name in rules:
-        return rules[name]
-    hits = [p for p in rules if fnmatch.fnmatchcase(name, p)]
-    if not hits:
-        return _MISSING
-    return rules[max(hits, key=lambda p: len(p.replace("*", "").replace("?", "")))]
-
-
-def _most_specific_type_rule(rules: dict[str, Rule], type_names: list[str]) -> Any:
-    for type_name in type_names:  # most derived class first
-        if type_name in rules:
-            return rules[type_name]
-    for key, members in TYPE_GROUPS.items():
-        if key in rules and any(t in members for t in type_names):
-            return rules[key]
-    return _MISSING

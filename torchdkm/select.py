@@ -22,17 +22,10 @@ from dataclasses import dataclass, field
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .config import (
-    SUPPORTED_TYPES,
-    TRANSPOSED_TYPES,
-    TYPE_GROUPS,
-    UNSUPPORTED_WHY,
-    WEIGHT_PARAMS,
-    DKMConfig,
-    LayerConfig,
-)
+from .config import DKMConfig, LayerConfig
 from .distributed import is_dtensor
 from .errors import TorchdkmError
+from .matching import SUPPORTED_TYPES, TRANSPOSED_TYPES, TYPE_GROUPS, UNSUPPORTED_WHY, WEIGHT_PARAMS
 from .nn.palettized import is_palettized
 from .nn.parametrization import DKMParametrization
 
@@ -89,7 +82,7 @@ def is_supported(module: nn.Module) -> bool:
 
 
 def is_transposed(module: nn.Module) -> bool:
-    """Whether the module stores its weight ``(in, out)`` (see :data:`~torchdkm.config.TRANSPOSED_TYPES`)."""
+    """Whether the module stores its weight ``(in, out)`` (see :data:`~torchdkm.matching.TRANSPOSED_TYPES`)."""
     return any(t.__name__ in TRANSPOSED_TYPES for t in type(module).__mro__)
 
 

@@ -20,7 +20,7 @@ from torch.nn.utils import parametrize
 
 from ..cluster import Layout
 from ..cluster.scales import BlockScales
-from ..config import WEIGHT_PARAMS
+from ..matching import WEIGHT_PARAMS
 from ..pack import unpack
 from .inference import forward_for
 
