@@ -77,6 +77,9 @@ VARIANTS = (
     Variant("4/8, classifier dense", "DKM", "cv:4/8", EXACT),
     Variant("4/8, classifier dense, tau 0.02", "DKM", "cv:4/8", {**EXACT, "tau": 0.02}),
     Variant("4/8, ST, classifier dense, tau 0.02", "DKM", "cv:4/8", {**ST, "tau": 0.02}),
+    # the softer temperature at 1 bit
+    Variant("4/4, ST, tau 0.02", "DKM", _rules("4/4"), {**ST, "tau": 0.02}),
+    Variant("1/1 scale+offset, ST, tau 0.02", "DKM", _rules("1/1#rowa"), {**ST, "tau": 0.02}),
     # probed on one seed (see the README's notes), not in the default run:
     Variant("1/1 per-channel LUT", "DKM", _rules("1/1@1"), EXACT),
     Variant("1/1 scale", "DKM", _rules("1/1#row"), EXACT),
@@ -91,7 +94,7 @@ VARIANTS = (
     Variant("4/8 scale, ST", "DKM", _rules("4/8#row"), ST),
 )
 #: What ``python -m experiments.fashion_ablation`` runs by default (``--all``: every variant).
-DEFAULT = 19
+DEFAULT = 21
 
 
 def measure(fp32: torch.nn.Module, variant: Variant, data: Any, seed: int, opts: vision.Options) -> Record:
