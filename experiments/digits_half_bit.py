@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+import torchdkm
 from examples.digits_demo import DigitsCNN, load_data
 from experiments import vision
 from experiments.common import RESULTS, Record, Results, fmt_mean, markdown_table
@@ -37,7 +38,8 @@ def run(opts: vision.Options, settings: tuple[str, ...] = SETTINGS, taus: tuple[
             torch.manual_seed(seed)
             fp32 = DigitsCNN()
             vision.train(fp32, data, opts.epochs, seed, opts, f"fp32 s{seed}")
-            results.add(Record("fp32", "-", seed, {"accuracy": vision.accuracy(fp32, data)}, 1, 1, 32.0, 0, 0.0))
+            size = torchdkm.report(fp32, show=False).fp32_bytes
+            results.add(Record("fp32", "-", seed, {"accuracy": vision.accuracy(fp32, data)}, size, size, 32.0))
             for setting in settings:
                 for tau in taus:
                     _, record = vision.dkm(fp32, setting, data, seed, opts, tau=tau)

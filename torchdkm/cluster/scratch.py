@@ -1,4 +1,4 @@
-"""A per-thread scratch buffer for the largest temporary of a pass.
+"""Per-thread scratch buffers for the largest temporaries of a pass.
 
 glibc hands allocations of tens of MB back to the OS when they are freed, so a
 map of that size allocated afresh every step comes back as zeroed pages: one
@@ -10,6 +10,7 @@ by a pass's memory budget) per named slot; a slot holds one map at a time.
 
 from __future__ import annotations
 
+import math
 import threading
 
 import torch
@@ -21,9 +22,7 @@ _local = threading.local()
 def scratch(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, slot: str = "") -> Tensor:
     """An uninitialised contiguous tensor of ``shape``, valid until the next call for ``slot`` on this thread."""
     buffers: dict = _local.__dict__.setdefault("buffers", {})
-    numel = 1
-    for size in shape:
-        numel *= size
+    numel = math.prod(shape)
     key = (slot, dtype, device)
     flat = buffers.get(key)
     if flat is None or flat.numel() < numel:

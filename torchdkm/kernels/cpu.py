@@ -62,8 +62,9 @@ def _chunks(numel: int) -> list[tuple[int, int]]:
     return [(start, min(start + step, numel)) for start in range(0, numel, step)]
 
 
-def _run(jobs: list) -> list:
-    """Run ``jobs`` (callables), on the thread pool when there are several."""
+def run_jobs(jobs: list) -> list:
+    """Run ``jobs`` (callables that release the GIL, like ``ctypes`` calls), on the shared thread pool
+    when there are several."""
     global _pool
     if len(jobs) == 1:
         return [jobs[0]()]
@@ -71,11 +72,6 @@ def _run(jobs: list) -> list:
     if _pool is None or _pool[1] < len(jobs) or _pool[2] != os.getpid():
         _pool = (ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="torchdkm"), len(jobs), os.getpid())
     return list(_pool[0].map(lambda job: job(), jobs))
-
-
-def run_jobs(jobs: list) -> list:
-    """Run ``jobs`` (callables that release the GIL, like ``ctypes`` calls) on the shared thread pool."""
-    return _run(jobs)
 
 
 def _ptr(tensor: Tensor, offset: int = 0) -> int:
@@ -95,7 +91,7 @@ def _tabulate(loop: Callable[[int, int, int, int, Tensor], None], patterns: Tens
         return table
     spans = [(start // group_numel, (stop - 1) // group_numel + 1) for start, stop in chunks]
     privates = [table.new_zeros((high - low) << PATTERN_BITS) for low, high in spans]
-    _run([lambda c=c, s=s, p=p: loop(*c, *s, p) for c, s, p in zip(chunks, spans, privates)])
+    run_jobs([lambda c=c, s=s, p=p: loop(*c, *s, p) for c, s, p in zip(chunks, spans, privates)])
     for (low, high), private in zip(spans, privates):
         table[low << PATTERN_BITS : high << PATTERN_BITS] += private
     return table
@@ -156,7 +152,7 @@ def expand(patterns: Tensor, group_numel: int, table: Tensor) -> Tensor:
         table_at = _table_at(table, start, group_numel)
         function(_ptr(patterns, start), stop - start, start, group_numel, table_at, _ptr(out, start))
 
-    _run([lambda c=c: job(*c) for c in _chunks(patterns.numel())])
+    run_jobs([lambda c=c: job(*c) for c in _chunks(patterns.numel())])
     return out
 
 
@@ -176,7 +172,7 @@ def affine(patterns: Tensor, group_numel: int, shift: Tensor, slope: Tensor, gra
         tables = (_table_at(shift, start, group_numel), _table_at(slope, start, group_numel))
         function(_ptr(patterns, start), stop - start, start, group_numel, *tables, _ptr(grad, start), _ptr(out, start))
 
-    _run([lambda c=c: job(*c) for c in _chunks(patterns.numel())])
+    run_jobs([lambda c=c: job(*c) for c in _chunks(patterns.numel())])
     return out
 
 
@@ -267,7 +263,7 @@ def nearest_two(xt: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     outputs = (index.data_ptr(), first.data_ptr(), second.data_ptr())
     spans = _row_spans(r, k, d)
     work = _work(spans, d, k, c.dtype)
-    _run([lambda span=span, w=w: function(*head, g, d, k, r, *span, w.data_ptr(), *outputs) for span, w in zip(spans, work)])
+    run_jobs([lambda span=span, w=w: function(*head, g, d, k, r, *span, w.data_ptr(), *outputs) for span, w in zip(spans, work)])
     return index, first, second
 
 
@@ -307,7 +303,7 @@ def row_sets(
     outputs = (slots.data_ptr(), hard.data_ptr(), score.data_ptr(), slack.data_ptr())
     spans = _row_spans(r, k, d)
     work = _work(spans, d, k, c.dtype)
-    _run([lambda span=span, w=w: function(*head, *span, *tail, w.data_ptr(), *outputs) for span, w in zip(spans, work)])
+    run_jobs([lambda span=span, w=w: function(*head, *span, *tail, w.data_ptr(), *outputs) for span, w in zip(spans, work)])
     return slots, hard, score, slack
 
 
@@ -322,7 +318,7 @@ def _by_rows(rows: int, row_len: int, loop: Callable[[int, int], None]) -> None:
         spans = [(start, min(start + step, rows)) for start in range(0, rows, step)]
     else:
         spans = [(0, rows)]
-    _run([lambda span=span: loop(*span) for span in spans])
+    run_jobs([lambda span=span: loop(*span) for span in spans])
 
 
 def _opt(tensor: Tensor | None, row: int = 0) -> int | None:
