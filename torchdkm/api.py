@@ -15,9 +15,9 @@ from torch.nn.utils import parametrize
 from tqdm import tqdm
 
 from .cluster.batch import BATCH_NUMEL
-from .cluster.scratch import release_scratch
 from .config import DKMConfig
 from .errors import TorchdkmError
+from .kernels.scratch import release_scratch
 from .nn.batching import batch_layers
 from .nn.palettized import palettize_module, palettized_modules, set_submodule
 from .nn.parametrization import (

@@ -17,4 +17,5 @@ def test_smollm2_decoding_rows(monkeypatch) -> None:
     found = inference.smollm2(rounds=1, tokens=3)
     assert found["tokens"] == 3 and found["compress_s"] > 0
     assert found["fp32 tokens/s"] > 0 and found["torchdkm fc:3/1 tokens/s"] > 0
+    assert found["fp32 peak MiB"] > 0 and found["torchdkm peak MiB"] > 0 and found["torchdkm file MiB"] < found["fp32 file MiB"]
     assert found["speedup_vs_fp32"] == pytest.approx(found["torchdkm fc:3/1 tokens/s"] / found["fp32 tokens/s"])

@@ -7,7 +7,7 @@ import threading
 import torch
 from engine_api import dkm
 
-from torchdkm.cluster.scratch import like, release_scratch, scratch
+from torchdkm.kernels.scratch import like, release_scratch, scratch
 
 CPU = torch.device("cpu")
 

@@ -177,3 +177,97 @@ def test_compile_and_export_see_the_op():
     y = torch.randn(3, 40, requires_grad=True)
     module(y).sum().backward()  # the input's gradient: grad @ W, a tile at a time
     torch.testing.assert_close(y.grad, dense.sum(0).expand(3, -1), rtol=1e-5, atol=1e-5)
+
+
+# -- block scales: weight = LUT[index] * scale[row, block] (+ offset) ------------------------------------------
+
+
+def scaled_weight(bits: int, dim: int, out: int, row_len: int, group_size: int, block: int, offset: bool, seed: int = 0):
+    """A packed weight with float16 block scales (and offsets), and its decoded dense form."""
+    packed, lut, plain = packed_weight(bits, dim, out, row_len, group_size, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    blocks = -(-row_len // min(block or row_len, row_len))
+    scales = torch.rand(out, blocks, generator=g).add(0.5).half()
+    offsets = torch.randn(out, blocks, generator=g).half() if offset else None
+    dense = default.rescale(plain, min(block or row_len, row_len), scales.float(), None if offsets is None else offsets.float())
+    return packed, lut, scales, offsets, dense
+
+
+@native
+@pytest.mark.parametrize("bits", [1, 3, 4, 7])
+@pytest.mark.parametrize("dim", [1, 2, 4, 3])
+@pytest.mark.parametrize("offset", [False, True])
+def test_native_kernels_with_block_scales(bits, dim, offset, isa):
+    # blocks of whole 16-index chunks (the vector loops), of one row (0 and longer than a row), and unaligned
+    for out, row_len, group_size, block in [(9, 256, 4, 64 * dim), (5, 96 * dim, 5, 0), (7, 70, 3, 1000), (6, 96, 6, 12)]:
+        if row_len % dim and block:
+            block -= block % dim
+        packed, lut, scales, offsets, dense = scaled_weight(bits, dim, out, row_len, group_size, block, offset, seed=bits)
+        for path in ISAS:
+            isa(path)
+            weight = lut_kernels.PackedWeight(packed, lut, bits, dim, group_size, out, row_len, scales, offsets, block)
+            assert torch.equal(weight.rows(torch.arange(out), scaled=True), dense), path  # bit for bit
+            assert torch.equal(weight.rows(torch.arange(out)), default.lut_rows(packed, lut, bits, dim, group_size, row_len, torch.arange(out)))
+            for n in (1, 3, 17):
+                x = torch.randn(n, row_len)
+                check_product(weight.linear(x, None), x, dense)
+                y = lut_kernels.lut_linear(x, packed, lut, bits, dim, group_size, out, None, scales, offsets, block)
+                check_product(y, x, dense)
+                torch_y = default.lut_linear(x, packed, lut, bits, dim, group_size, out, None, scales, offsets, block)
+                check_product(torch_y, x, dense)
+
+
+@native
+def test_block_scales_take_the_direct_product_when_chunks_fit_blocks():
+    packed, lut, scales, offsets, _ = scaled_weight(3, 2, 4, 128, 4, 32, True)
+    assert lut_kernels.PackedWeight(packed, lut, 3, 2, 4, 4, 128, scales, offsets, 32).direct  # 16 x 2 = 32
+    packed, lut, scales, offsets, _ = scaled_weight(3, 2, 4, 128, 4, 16, True)
+    assert not lut_kernels.PackedWeight(packed, lut, 3, 2, 4, 4, 128, scales, offsets, 16).direct
+    with pytest.raises(torchdkm.TorchdkmError, match=r"scales of shape \(4, 8\) needed for blocks of 16, got \(4, 4\)"):
+        lut_kernels.PackedWeight(packed, lut, 3, 2, 4, 4, 128, scales[:, :4], None, 16)
+
+
+def scaled_linear(block: int = 32, offset: bool = True):
+    module = nn.Linear(64, 12)
+    packed, lut, scales, offsets, dense = scaled_weight(3, 1, 12, 64, 4, block, offset)
+    spec = PaletteSpec((12, 64), 3, 1, 4, scale_block=block, scale_offset=offset)
+    return palettize_module(module, {"weight": (spec, packed, lut, scales, offsets)}), dense
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_linear_with_block_scales_never_decodes_the_weight(grad):
+    module, dense = scaled_linear()
+    torch.testing.assert_close(module.weight, dense)  # the decoder and the test agree on the weight
+    calls = []
+    original = PaletteSpec.decode
+    PaletteSpec.decode = lambda self, *a: calls.append(1) or original(self, *a)
+    try:
+        for n in (1, 40):
+            x = torch.randn(n, 64, requires_grad=grad)
+            with torch.set_grad_enabled(grad):
+                y = module(x)
+            check_product((y - module.bias).detach(), x.detach(), dense)
+            if grad:  # through torch.ops.torchdkm.lut_linear's autograd: grad @ W, scaled tiles
+                y.sum().backward()
+                torch.testing.assert_close(x.grad, dense.sum(0).expand(n, -1), rtol=1e-5, atol=1e-5)
+    finally:
+        PaletteSpec.decode = original
+    assert not calls
+
+
+def test_kept_packed_weight_follows_its_buffers():
+    """The forward's prepared packed weight is remade when a buffer changes in place or moves."""
+    from torchdkm.nn.inference import packed_weight
+
+    module, _ = scaled_linear()
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        module(x)
+        kept = packed_weight(module)
+        assert packed_weight(module) is kept
+        module.weight_scales.mul_(2)  # in place, as load_state_dict copies
+        y = module(x)
+        assert packed_weight(module) is not kept
+        check_product(y - module.bias, x, module.weight)  # the weight decoded from the changed buffers
+        copied = copy.deepcopy(module)  # the kept weight stays outside the module: copies work
+        assert torch.equal(copied(x), y)

@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..kernels.scratch import like
 from .engine import EMPTY_MASS, Attention, GramSums, explicit
 from .problem import Problem, gram_terms, row_chunks
-from .scratch import like
 
 
 def attention(x: Tensor, c: Tensor, tau: Tensor) -> Tensor:

@@ -144,7 +144,7 @@ for _name, (_schema, _dtype_of) in _SCHEMAS.items():
 _lib.define("lut_rows(Tensor packed, Tensor lut, int bits, int dim, int group_size, int row_len, Tensor rows) -> Tensor")
 _lib.define(
     "lut_linear(Tensor x, Tensor packed, Tensor lut, int bits, int dim, int group_size, int out_features, "
-    "Tensor? bias) -> Tensor"
+    "Tensor? bias, Tensor? scales=None, Tensor? offsets=None, int block=0) -> Tensor"
 )
 for _name in ("lut_rows", "lut_linear"):
     _lib.impl(_name, getattr(default, _name), "CompositeExplicitAutograd")
@@ -157,30 +157,35 @@ def _lut_rows_shape(packed, lut_, bits, dim, group_size, row_len, rows):
 
 
 @torch.library.register_fake("torchdkm::lut_linear")
-def _lut_linear_shape(x, packed, lut_, bits, dim, group_size, out_features, bias):
+def _lut_linear_shape(x, packed, lut_, bits, dim, group_size, out_features, bias, scales=None, offsets=None, block=0):
     return x.new_empty(*x.shape[:-1], out_features)
 
 
 def _lut_linear_context(ctx, inputs, output) -> None:
-    x, packed, lut_, bits, dim, group_size, out_features, bias = inputs
-    ctx.save_for_backward(packed, lut_)
-    ctx.spec = (bits, dim, group_size, x.shape[-1], out_features)
+    x, packed, lut_, bits, dim, group_size, out_features, bias, *scaled = inputs
+    scales, offsets, block = (scaled + [None, None, 0])[:3]
+    ctx.save_for_backward(packed, lut_, scales, offsets)
+    ctx.spec = (bits, dim, group_size, x.shape[-1], out_features, block)
     ctx.bias = bias is not None
 
 
 def _lut_linear_backward(ctx, grad):
     """The input's gradient ``grad @ W``, a tile of ``W`` at a time (the packed weight itself has none)."""
-    packed, lut_ = ctx.saved_tensors
-    bits, dim, group_size, row_len, out_features = ctx.spec
+    packed, lut_, scales, offsets = ctx.saved_tensors
+    bits, dim, group_size, row_len, out_features, block = ctx.spec
     flat = grad.reshape(-1, out_features)
     grad_x = flat.new_zeros(flat.shape[0], row_len)
     tile = max(1, default.LUT_TILE // max(row_len, 1))
     for start in range(0, out_features, tile):
         rows = torch.arange(start, min(start + tile, out_features), device=grad.device)
-        weight = torch.ops.torchdkm.lut_rows(packed, lut_, bits, dim, group_size, row_len, rows).to(grad.dtype)
-        grad_x.addmm_(flat[:, start : start + rows.numel()], weight)
+        weight = torch.ops.torchdkm.lut_rows(packed, lut_, bits, dim, group_size, row_len, rows)
+        if scales is not None:
+            offset = None if offsets is None else offsets[rows].to(weight.dtype)
+            weight = default.rescale(weight, min(block or row_len, row_len), scales[rows].to(weight.dtype), offset)
+        grad_x.addmm_(flat[:, start : start + rows.numel()], weight.to(grad.dtype))
     grad_bias = flat.sum(0) if ctx.bias else None
-    return grad_x.reshape(*grad.shape[:-1], row_len), None, None, None, None, None, None, grad_bias
+    grad_x = grad_x.reshape(*grad.shape[:-1], row_len)
+    return grad_x, None, None, None, None, None, None, grad_bias, None, None, None
 
 
 torch.library.register_autograd("torchdkm::lut_linear", _lut_linear_backward, setup_context=_lut_linear_context)

@@ -185,6 +185,10 @@ class Palette(ctypes.Structure):
         ("row_len", ctypes.c_int64),
         ("vectors", ctypes.c_int64),
         ("lut", ctypes.c_void_p),
+        ("scales", ctypes.c_void_p),  # (rows, blocks) float32 block scales, or None
+        ("offsets", ctypes.c_void_p),
+        ("block", ctypes.c_int64),
+        ("blocks", ctypes.c_int64),
     ]
 
 
@@ -192,9 +196,10 @@ def _declare_lut(library: ctypes.CDLL) -> None:
     palette = ctypes.POINTER(Palette)
     library.tdkm_lut_isa.argtypes, library.tdkm_lut_isa.restype = [ctypes.c_int], ctypes.c_int
     library.tdkm_lut_isa(-1)  # decided once here, under the load lock, before any thread runs a loop
-    library.tdkm_lut_rows.argtypes = [palette, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    library.tdkm_lut_rows.argtypes = [palette, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
     library.tdkm_lut_rows.restype = None
+    library.tdkm_lut_whole_chunks.argtypes, library.tdkm_lut_whole_chunks.restype = [palette], ctypes.c_int
     # (palette, first row, end row, x, x row stride, x rows, y, y row stride)
     library.tdkm_lut_gemv.argtypes = [palette, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
     library.tdkm_lut_gemv.argtypes += [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
-    library.tdkm_lut_gemv.restype = None
+    library.tdkm_lut_gemv.restype = ctypes.c_int  # 0, or -1: out of memory

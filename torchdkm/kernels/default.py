@@ -189,9 +189,23 @@ def gather_bits(lut: Tensor, flat: Tensor) -> Tensor:
 
 
 def lut_linear(
-    x: Tensor, packed: Tensor, lut: Tensor, bits: int, dim: int, group_size: int, out_features: int, bias: Tensor | None
+    x: Tensor,
+    packed: Tensor,
+    lut: Tensor,
+    bits: int,
+    dim: int,
+    group_size: int,
+    out_features: int,
+    bias: Tensor | None,
+    scales: Tensor | None = None,
+    offsets: Tensor | None = None,
+    block: int = 0,
 ) -> Tensor:
-    """``x @ W.T + bias``, decoding ``LUT_TILE`` weights of ``W`` at a time (never the whole of it)."""
+    """``x @ W.T + bias``, decoding ``LUT_TILE`` weights of ``W`` at a time (never the whole of it).
+
+    ``scales`` (``(out_features, blocks)``, and ``offsets``): block scales along the rows, blocks of ``block``
+    weights (0: one per row), applied to each decoded tile as :mod:`torchdkm.cluster.scales` decodes them.
+    """
     row_len = x.shape[-1]
     flat = x.reshape(-1, row_len)
     out = x.new_empty(out_features, flat.shape[0])  # y transposed: a tile's rows are a contiguous block
@@ -199,10 +213,30 @@ def lut_linear(
     for start in range(0, out_features, tile):
         stop = min(start + tile, out_features)
         rows = torch.arange(start, stop, device=x.device)
-        weight = lut_rows(packed, lut, bits, dim, group_size, row_len, rows).to(x.dtype)
+        weight = scaled_rows(packed, lut, bits, dim, group_size, row_len, rows, scales, offsets, block).to(x.dtype)
         torch.mm(weight, flat.t(), out=out[start:stop])
     y = out.t() + bias.to(x.dtype) if bias is not None else out.t().contiguous()
     return y.reshape(*x.shape[:-1], out_features)
+
+
+def scaled_rows(
+    packed: Tensor,
+    lut: Tensor,
+    bits: int,
+    dim: int,
+    group_size: int,
+    row_len: int,
+    rows: Tensor,
+    scales: Tensor | None,
+    offsets: Tensor | None,
+    block: int,
+) -> Tensor:
+    """:func:`lut_rows` with the block scales (and offsets) of those rows applied, if any."""
+    weight = lut_rows(packed, lut, bits, dim, group_size, row_len, rows)
+    if scales is None:
+        return weight
+    offset = None if offsets is None else offsets[rows].to(weight.dtype)
+    return rescale(weight, min(block or row_len, row_len), scales[rows].to(weight.dtype), offset)
 
 
 # -- block scales (torchdkm.cluster.scales): a weight (rows, row_len) in blocks of ``block`` along the row --------

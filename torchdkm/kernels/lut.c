@@ -13,14 +13,20 @@
  * then multiplies), `gemv` computes y = x W^T for a few rows of x without writing W anywhere: each chunk of
  * 16 indices is unpacked in registers, looked up in the LUT (held in registers for up to 64 entries, in L1
  * for more) and multiplied into float32 accumulators.  A batch-1 product is bound by memory traffic:
- * reading 3-bit indices instead of float32 weights is ~10x fewer bytes.  (Block scales along the input
- * axis would fit here as a multiply of each block's partial sum: the accumulators are per row.)
+ * reading 3-bit indices instead of float32 weights is ~10x fewer bytes.
+ *
+ * Block scales (torchdkm/cluster/scales.py): weight (o, i) is LUT[index] * scale[o, i / block]
+ * (+ offset[o, i / block]).  `gemv` applies them to each chunk's looked-up weights with one multiply (or
+ * FMA): a chunk must lie in one block, so the vector loops take them when `block` is a multiple of a
+ * chunk's 16 * dim weights or a row is one block (lut.py sends other blocks to decode-a-tile-then-GEMM).
+ * `rows` returns the unscaled LUT entries (the caller scales them, as the decoder does, bit for bit).
  *
  * Instruction sets are chosen at run time (tdkm_lut_isa): AVX-512 (16 lanes), AVX2+FMA (8 lanes) or the
  * scalar loop; rows whose length is not a multiple of `dim` (a vector spans two rows) always take the
  * scalar loop.  Results differ from torch's matmul only by float32 summation order (FMA, lanes).
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 typedef struct {
@@ -28,6 +34,8 @@ typedef struct {
     int64_t nbytes;
     int64_t bits, dim, group_size, row_len, vectors;
     const float *lut; /* (G, 2**bits, dim) */
+    const float *scales, *offsets; /* (rows, blocks) float32, or NULL: no block scales (no offsets) */
+    int64_t block, blocks;
 } palette;
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -80,6 +88,28 @@ static void row_scalar(const palette *p, int64_t o, int64_t i0, int64_t i1, floa
     }
 }
 
+/* A row is vectorised in chunks of 16 indices (16 * dim weights). */
+#define CHUNK 16
+
+/* Block scales on weights [i0, i0 + n) of row o, decoded into w (the scalar paths and the tails). */
+static void scale_row(const palette *p, int64_t o, int64_t i0, int64_t n, float *w) {
+    if (!p->scales) return;
+    const float *s = p->scales + o * p->blocks, *off = p->offsets ? p->offsets + o * p->blocks : NULL;
+    for (int64_t i = 0; i < n; i++) {
+        int64_t b = (i0 + i) / p->block;
+        w[i] = off ? w[i] * s[b] + off[b] : w[i] * s[b];
+    }
+}
+
+/* Each 16-index chunk's block, for the rows' chunks (NULL without scales): the vector loops' lookup. */
+static int32_t *chunk_blocks(const palette *p, int64_t chunks) {
+    if (!p->scales) return NULL;
+    int32_t *out = (int32_t *)malloc((size_t)(chunks > 0 ? chunks : 1) * sizeof(int32_t));
+    if (out)
+        for (int64_t c = 0; c < chunks; c++) out[c] = (int32_t)(c * CHUNK * p->dim / p->block);
+    return out;
+}
+
 /* Up to 32 bytes of the stream from `byte`, zero-padded past its end: a whole load when it fits. */
 static const uint8_t *bytes_at(const palette *p, int64_t byte, uint8_t *spare) {
     if (byte + 32 <= p->nbytes) return p->packed + byte;
@@ -88,8 +118,6 @@ static const uint8_t *bytes_at(const palette *p, int64_t byte, uint8_t *spare) {
     return spare;
 }
 
-/* A row is vectorised in chunks of 16 indices (16 * dim weights); `start` is its first index's stream bit. */
-#define CHUNK 16
 
 /* How many of a row's `whole` vectors, from its byte `start` on (`step` bytes a chunk), can be read with
  * whole loads, in groups of `unroll` chunks (the rest go through bytes_at: only the tensor's last rows). */
@@ -175,9 +203,18 @@ AVX512 INLINE void weights512(const uint8_t *src, const unpack512 *u, const int 
     }
 }
 
-/* Rows [r0, r1) of y (nb rows, stride ys) from nb rows of x (stride xs); dim 1, 2 or 4 and row_len % dim == 0. */
+/* A chunk's weights times its block's scale (plus its offset); s NULL: no block scales. */
+AVX512 INLINE void scale512(__m512 *w, const int dim, const float *s, const float *off, int32_t b) {
+    if (!s) return;
+    __m512 scale = _mm512_set1_ps(s[b]);
+    for (int j = 0; j < dim; j++)
+        w[j] = off ? _mm512_fmadd_ps(w[j], scale, _mm512_set1_ps(off[b])) : _mm512_mul_ps(w[j], scale);
+}
+
+/* Rows [r0, r1) of y (nb rows, stride ys) from nb rows of x (stride xs); dim 1, 2 or 4 and row_len % dim == 0;
+ * cb: each chunk's block (chunk_blocks), with block scales. */
 AVX512 INLINE void gemv512(const palette *p, int64_t r0, int64_t r1, const float *x, int64_t xs, float *y, int64_t ys,
-                           const int dim, const int nb, const int mode) {
+                           const int32_t *cb, const int dim, const int nb, const int mode) {
     int64_t row_vectors = p->row_len / dim, whole = row_vectors / CHUNK * CHUNK;
     uint8_t spare[32];
     float tail[CHUNK * 4];
@@ -187,6 +224,7 @@ AVX512 INLINE void gemv512(const palette *p, int64_t r0, int64_t r1, const float
         int64_t g = o / p->group_size, q0 = g * p->vectors + (o - g * p->group_size) * row_vectors;
         if (g != group || ((q0 * p->bits) & 7) != shift) /* (rows of a group mostly share their setup) */
             group = g, shift = (q0 * p->bits) & 7, u = setup512(p, shift, p->lut + (g << p->bits) * dim);
+        const float *s = p->scales ? p->scales + o * p->blocks : NULL, *off = p->offsets ? p->offsets + o * p->blocks : NULL;
         /* `unroll` chunks in flight: as many independent chains of FMAs per row of x (their latency is 4) */
         const int unroll = nb >= 4 ? 1 : 4 / nb;
         __m512 acc[4][8];
@@ -198,25 +236,27 @@ AVX512 INLINE void gemv512(const palette *p, int64_t r0, int64_t r1, const float
             for (int k = 0; k < unroll; k++) {
                 __m512 w[4];
                 weights512(p->packed + start + k * step, &u, dim, mode, w);
-                for (int s = 0; s < dim; s++)
+                scale512(w, dim, s, off, s ? cb[v / CHUNK + k] : 0);
+                for (int j = 0; j < dim; j++)
                     for (int b = 0; b < nb; b++)
-                        acc[k][b] = _mm512_fmadd_ps(w[s], _mm512_loadu_ps(x + b * xs + (v + k * CHUNK) * dim + s * 16), acc[k][b]);
+                        acc[k][b] = _mm512_fmadd_ps(w[j], _mm512_loadu_ps(x + b * xs + (v + k * CHUNK) * dim + j * 16), acc[k][b]);
             }
         for (; v < whole; v += CHUNK, start += step) {
             __m512 w[4];
             weights512(bytes_at(p, start, spare), &u, dim, mode, w);
-            for (int s = 0; s < dim; s++)
+            scale512(w, dim, s, off, s ? cb[v / CHUNK] : 0);
+            for (int j = 0; j < dim; j++)
                 for (int b = 0; b < nb; b++)
-                    acc[0][b] = _mm512_fmadd_ps(w[s], _mm512_loadu_ps(x + b * xs + v * dim + s * 16), acc[0][b]);
+                    acc[0][b] = _mm512_fmadd_ps(w[j], _mm512_loadu_ps(x + b * xs + v * dim + j * 16), acc[0][b]);
         }
         for (int k = 1; k < unroll; k++)
             for (int b = 0; b < nb; b++) acc[0][b] = _mm512_add_ps(acc[0][b], acc[k][b]);
         int64_t rest = p->row_len - whole * dim; /* fewer than one chunk of weights: decoded, then masked */
-        if (rest) row_scalar(p, o, whole * dim, p->row_len, tail);
-        for (int64_t s = 0; s < rest; s += 16) {
-            __mmask16 m = rest - s >= 16 ? 0xffff : (__mmask16)((1u << (rest - s)) - 1u);
-            __m512 w = _mm512_maskz_loadu_ps(m, tail + s);
-            for (int b = 0; b < nb; b++) acc[0][b] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(m, x + b * xs + whole * dim + s), acc[0][b]);
+        if (rest) row_scalar(p, o, whole * dim, p->row_len, tail), scale_row(p, o, whole * dim, rest, tail);
+        for (int64_t t = 0; t < rest; t += 16) {
+            __mmask16 m = rest - t >= 16 ? 0xffff : (__mmask16)((1u << (rest - t)) - 1u);
+            __m512 w = _mm512_maskz_loadu_ps(m, tail + t);
+            for (int b = 0; b < nb; b++) acc[0][b] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(m, x + b * xs + whole * dim + t), acc[0][b]);
         }
         for (int b = 0; b < nb; b++) y[b * ys + o] = _mm512_reduce_add_ps(acc[0][b]);
     }
@@ -291,6 +331,13 @@ AVX2 INLINE void weights256(const uint8_t *src, const unpack256 *u, const int di
     }
 }
 
+AVX2 INLINE void scale256(__m256 *w, const int dim, const float *s, const float *off, int32_t b) {
+    if (!s) return;
+    __m256 scale = _mm256_set1_ps(s[b]);
+    for (int j = 0; j < dim; j++)
+        w[j] = off ? _mm256_fmadd_ps(w[j], scale, _mm256_set1_ps(off[b])) : _mm256_mul_ps(w[j], scale);
+}
+
 AVX2 static float sum256(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -298,7 +345,7 @@ AVX2 static float sum256(__m256 v) {
 }
 
 AVX2 INLINE void gemv256(const palette *p, int64_t r0, int64_t r1, const float *x, int64_t xs, float *y, int64_t ys,
-                         const int dim, const int nb, const int mode) {
+                         const int32_t *cb, const int dim, const int nb, const int mode) {
     int64_t row_vectors = p->row_len / dim, whole = row_vectors / CHUNK * CHUNK;
     uint8_t spare[32];
     float tail[CHUNK * 4];
@@ -308,6 +355,7 @@ AVX2 INLINE void gemv256(const palette *p, int64_t r0, int64_t r1, const float *
         int64_t g = o / p->group_size, q0 = g * p->vectors + (o - g * p->group_size) * row_vectors;
         if (g != group || ((q0 * p->bits) & 7) != shift) /* (rows of a group mostly share their setup) */
             group = g, shift = (q0 * p->bits) & 7, u = setup256(p, shift, p->lut + (g << p->bits) * dim);
+        const float *s = p->scales ? p->scales + o * p->blocks : NULL, *off = p->offsets ? p->offsets + o * p->blocks : NULL;
         __m256 acc[8], more[8]; /* the two halves of a chunk: two chains of FMAs per row of x */
         for (int b = 0; b < nb; b++) acc[b] = more[b] = _mm256_setzero_ps();
         int64_t v = 0, start = (q0 * p->bits) >> 3, step = p->bits; /* bytes per half chunk */
@@ -315,21 +363,23 @@ AVX2 INLINE void gemv256(const palette *p, int64_t r0, int64_t r1, const float *
             __m256 w[4], w2[4];
             weights256(p->packed + start, &u, dim, mode, w);
             weights256(p->packed + start + step, &u, dim, mode, w2);
-            for (int s = 0; s < dim; s++)
+            scale256(w, dim, s, off, s ? cb[v / CHUNK] : 0), scale256(w2, dim, s, off, s ? cb[v / CHUNK] : 0);
+            for (int j = 0; j < dim; j++)
                 for (int b = 0; b < nb; b++) {
-                    const float *xb = x + b * xs + v * dim + s * 8;
-                    acc[b] = _mm256_fmadd_ps(w[s], _mm256_loadu_ps(xb), acc[b]);
-                    more[b] = _mm256_fmadd_ps(w2[s], _mm256_loadu_ps(xb + 8 * dim), more[b]);
+                    const float *xb = x + b * xs + v * dim + j * 8;
+                    acc[b] = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(xb), acc[b]);
+                    more[b] = _mm256_fmadd_ps(w2[j], _mm256_loadu_ps(xb + 8 * dim), more[b]);
                 }
         }
         for (; v < whole; v += CHUNK / 2, start += step) {
             __m256 w[4];
             weights256(bytes_at(p, start, spare), &u, dim, mode, w);
-            for (int s = 0; s < dim; s++)
-                for (int b = 0; b < nb; b++) acc[b] = _mm256_fmadd_ps(w[s], _mm256_loadu_ps(x + b * xs + v * dim + s * 8), acc[b]);
+            scale256(w, dim, s, off, s ? cb[v / CHUNK] : 0);
+            for (int j = 0; j < dim; j++)
+                for (int b = 0; b < nb; b++) acc[b] = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(x + b * xs + v * dim + j * 8), acc[b]);
         }
         int64_t rest = p->row_len - whole * dim;
-        if (rest) row_scalar(p, o, whole * dim, p->row_len, tail);
+        if (rest) row_scalar(p, o, whole * dim, p->row_len, tail), scale_row(p, o, whole * dim, rest, tail);
         for (int b = 0; b < nb; b++) {
             float sum = sum256(_mm256_add_ps(acc[b], more[b]));
             const float *xb = x + b * xs + whole * dim;
@@ -380,11 +430,13 @@ static int mode_of(const palette *p, int wide) {
     case 2: BY_BATCH(fn, mode, nb, __VA_ARGS__, 2) break;                                                         \
     default: BY_BATCH(fn, mode, nb, __VA_ARGS__, 4) break;                                                        \
     }
-AVX512 static void gemv512_any(const palette *p, int64_t r0, int64_t r1, const float *x, int64_t xs, float *y, int64_t ys, int nb) {
-    BY_DIM(gemv512, mode_of(p, 1), nb, p, r0, r1, x, xs, y, ys)
+AVX512 static void gemv512_any(const palette *p, int64_t r0, int64_t r1, const float *x, int64_t xs, float *y, int64_t ys,
+                               const int32_t *cb, int nb) {
+    BY_DIM(gemv512, mode_of(p, 1), nb, p, r0, r1, x, xs, y, ys, cb)
 }
-AVX2 static void gemv256_any(const palette *p, int64_t r0, int64_t r1, const float *x, int64_t xs, float *y, int64_t ys, int nb) {
-    BY_DIM(gemv256, mode_of(p, 0), nb, p, r0, r1, x, xs, y, ys)
+AVX2 static void gemv256_any(const palette *p, int64_t r0, int64_t r1, const float *x, int64_t xs, float *y, int64_t ys,
+                             const int32_t *cb, int nb) {
+    BY_DIM(gemv256, mode_of(p, 0), nb, p, r0, r1, x, xs, y, ys, cb)
 }
 #define ROWS(fn, mode, o, out)                                                                                     \
     switch (p->dim) {                                                                                             \
@@ -400,27 +452,37 @@ static int vectorised(const palette *p) {
     return (p->dim == 1 || p->dim == 2 || p->dim == 4) && p->row_len % p->dim == 0 && tdkm_lut_isa(-1) != ISA_SCALAR;
 }
 
-/* out[j * row_len ..] = row rows[j] of W, for j < n. */
-void tdkm_lut_rows(const palette *p, const int64_t *rows, int64_t n, float *out) {
+/* Whether the block scales (if any) leave every chunk in one block (else gemv takes the scalar loop). */
+int tdkm_lut_whole_chunks(const palette *p) {
+    return !p->scales || p->block >= p->row_len || p->block % (CHUNK * p->dim) == 0;
+}
+
+/* out[j * row_len ..] = row rows[j] of W, for j < n; `scaled`: with the block scales applied (w * s + o, two
+ * roundings, as the decoder computes them), else the LUT entries. */
+void tdkm_lut_rows(const palette *p, const int64_t *rows, int64_t n, float *out, int scaled) {
     int vector = vectorised(p), which = tdkm_lut_isa(-1);
     for (int64_t j = 0; j < n; j++, out += p->row_len) {
 #if HAVE_X86
-        if (vector && which == ISA_AVX512) { rows512_any(p, rows[j], out); continue; }
-        if (vector && which == ISA_AVX2) { rows256_any(p, rows[j], out); continue; }
+        if (vector && which == ISA_AVX512) rows512_any(p, rows[j], out);
+        else if (vector && which == ISA_AVX2) rows256_any(p, rows[j], out);
+        else
 #endif
-        row_scalar(p, rows[j], 0, p->row_len, out);
+            row_scalar(p, rows[j], 0, p->row_len, out);
+        if (scaled) scale_row(p, rows[j], 0, p->row_len, out);
     }
     (void)vector, (void)which;
 }
 
 /* y[b * ys + o] = sum_i x[b * xs + i] W[o, i] for o in [r0, r1) and b < nb (any nb: 8 rows of x at a time). */
-void tdkm_lut_gemv(const palette *p, int64_t r0, int64_t r1, const float *x, int64_t xs, int64_t nb, float *y, int64_t ys) {
-    int vector = vectorised(p), which = tdkm_lut_isa(-1);
+int tdkm_lut_gemv(const palette *p, int64_t r0, int64_t r1, const float *x, int64_t xs, int64_t nb, float *y, int64_t ys) {
+    int vector = vectorised(p) && tdkm_lut_whole_chunks(p), which = tdkm_lut_isa(-1);
+    int32_t *cb = vector ? chunk_blocks(p, p->row_len / p->dim / CHUNK) : NULL;
+    if (vector && p->scales && !cb) return -1; /* out of memory */
     while (nb > 0) {
         int step = nb >= 8 ? 8 : nb >= 4 ? 4 : nb >= 2 ? 2 : 1;
 #if HAVE_X86
-        if (vector && which == ISA_AVX512) gemv512_any(p, r0, r1, x, xs, y, ys, step);
-        else if (vector && which == ISA_AVX2) gemv256_any(p, r0, r1, x, xs, y, ys, step);
+        if (vector && which == ISA_AVX512) gemv512_any(p, r0, r1, x, xs, y, ys, cb, step);
+        else if (vector && which == ISA_AVX2) gemv256_any(p, r0, r1, x, xs, y, ys, cb, step);
         else
 #endif
         {
@@ -430,6 +492,7 @@ void tdkm_lut_gemv(const palette *p, int64_t r0, int64_t r1, const float *x, int
                 for (int64_t i0 = 0; i0 < p->row_len; i0 += 4096) {
                     int64_t i1 = i0 + 4096 < p->row_len ? i0 + 4096 : p->row_len;
                     row_scalar(p, o, i0, i1, row);
+                    scale_row(p, o, i0, i1 - i0, row);
                     for (int b = 0; b < step; b++)
                         for (int64_t i = i0; i < i1; i++) sums[b] += row[i - i0] * x[b * xs + i];
                 }
@@ -438,5 +501,7 @@ void tdkm_lut_gemv(const palette *p, int64_t r0, int64_t r1, const float *x, int
         }
         x += step * xs, y += step * ys, nb -= step;
     }
+    free(cb);
     (void)vector, (void)which;
+    return 0;
 }

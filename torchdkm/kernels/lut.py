@@ -29,6 +29,7 @@ from ..errors import TorchdkmError
 from . import default
 from .build import Palette, lut_library
 from .cpu import run_jobs
+from .scratch import scratch
 
 #: The documented tolerance of ``lut_linear`` against decode-then-matmul in float64, for rows up to 16k
 #: long: ``|y - x W^T| <= RTOL * (|x| |W|^T)`` elementwise (float32 sums in another order, FMA, lanes).
@@ -58,23 +59,132 @@ def isa(want: str | None = None) -> str:
     return names[library.tdkm_lut_isa(-1 if want is None else names.index(want))]
 
 
-def _palette(packed: Tensor, lut: Tensor, bits: int, dim: int, group_size: int, out: int, row_len: int):
-    """The C view of a packed weight (and the tensors it points into, which must outlive the call)."""
-    groups, k = -(-out // group_size), 1 << bits
-    vectors = -(-group_size * row_len // dim)
-    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() * 8 < groups * vectors * bits:
-        raise TorchdkmError(
-            f"lut kernel: {groups * vectors} indices of {bits} bits need {-(-groups * vectors * bits // 8)} uint8 "
-            f"bytes, got {packed.numel()} of {packed.dtype}"
-        )
-    if lut.dim() != 3 or lut.shape[0] < groups or lut.shape[1] > k or lut.shape[2] != dim:
-        raise TorchdkmError(f"lut kernel: a ({groups}, <= {k}, {dim}) LUT is needed, got {tuple(lut.shape)}")
-    table = lut.to(torch.float32)
-    if table.shape[1] < k:  # indices are below the LUT's size; the loops read whole 2**bits tables
-        table = torch.cat([table, table.new_zeros(table.shape[0], k - table.shape[1], dim)], 1)
-    packed, table = packed.contiguous(), table.contiguous()
-    spec = Palette(packed.data_ptr(), packed.numel(), bits, dim, group_size, row_len, vectors, table.data_ptr())
-    return spec, (packed, table)
+class PackedWeight:
+    """A packed weight as the native loops read it, made once and used by every call.
+
+    Holds the C view (:class:`.build.Palette`) and the float32 tensors it points into (the LUT widened and
+    padded to ``2**bits`` entries, the block scales and offsets widened from float16), so a call pays
+    neither the conversions nor the checks: a palettized module keeps one (see
+    :func:`torchdkm.nn.inference.packed_weight`) and the ``torch.ops.torchdkm`` kernels make one per call.
+    ``block`` (with ``scales``): blocks of ``block`` weights along each row, one scale (and offset) each,
+    weight ``LUT[index] * scale + offset`` (see :mod:`torchdkm.cluster.scales`).
+    """
+
+    def __init__(
+        self,
+        packed: Tensor,
+        lut: Tensor,
+        bits: int,
+        dim: int,
+        group_size: int,
+        out_features: int,
+        row_len: int,
+        scales: Tensor | None = None,
+        offsets: Tensor | None = None,
+        block: int = 0,
+    ) -> None:
+        groups, k = -(-out_features // group_size), 1 << bits
+        vectors = -(-group_size * row_len // dim)
+        if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() * 8 < groups * vectors * bits:
+            raise TorchdkmError(
+                f"lut kernel: {groups * vectors} indices of {bits} bits need {-(-groups * vectors * bits // 8)} uint8 "
+                f"bytes, got {packed.numel()} of {packed.dtype}"
+            )
+        if lut.dim() != 3 or lut.shape[0] < groups or lut.shape[1] > k or lut.shape[2] != dim:
+            raise TorchdkmError(f"lut kernel: a ({groups}, <= {k}, {dim}) LUT is needed, got {tuple(lut.shape)}")
+        table = lut.to(torch.float32)
+        if table.shape[1] < k:  # indices are below the LUT's size; the loops read whole 2**bits tables
+            table = torch.cat([table, table.new_zeros(table.shape[0], k - table.shape[1], dim)], 1)
+        self.out_features, self.row_len = out_features, row_len
+        self.packed, self.table = packed.contiguous(), table.contiguous()
+        self.scales, self.offsets, self.block = _block_tables(scales, offsets, block, out_features, row_len)
+        blocks = self.scales.shape[1] if self.scales is not None else 0
+        self.spec = Palette(
+            self.packed.data_ptr(), self.packed.numel(), bits, dim, group_size, row_len, vectors,
+            self.table.data_ptr(), _pointer(self.scales), _pointer(self.offsets), self.block, blocks,
+        )  # fmt: skip
+        self.ref = ctypes.byref(self.spec)
+        self.library = lut_library()
+        #: Whether the direct product takes the block scales (every 16-index chunk in one block; else tiles).
+        self.direct = bool(self.library.tdkm_lut_whole_chunks(self.ref))
+
+    def rows(self, rows: Tensor, scaled: bool = False) -> Tensor:
+        """``(len(rows), row_len)`` float32 rows of the weight (``scaled``: block scales applied as decoding does)."""
+        rows = rows.reshape(-1).to(torch.int64).contiguous()
+        out_rows = self.table.shape[0] * self.spec.group_size
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= out_rows):
+            raise IndexError(f"lut_rows: a row index is outside [0, {out_rows})")
+        out = torch.empty(rows.numel(), self.row_len, dtype=torch.float32)
+        if not rows.numel() or not self.row_len:
+            return out
+        function = self.library.tdkm_lut_rows
+
+        def job(start: int, stop: int) -> None:
+            function(self.ref, rows.data_ptr() + 8 * start, stop - start, out[start].data_ptr(), int(scaled))
+
+        run_jobs([lambda s=s: job(*s) for s in _spans(rows.numel(), rows.numel() * self.row_len)])
+        return out
+
+    def linear(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        """``x @ W.T + bias`` for float32 ``x`` on the CPU (see the module docstring for the three paths)."""
+        out_features, row_len = self.out_features, self.row_len
+        flat = x.reshape(-1, row_len).contiguous()
+        n = flat.shape[0]
+        if n <= GEMV_ROWS and self.direct:
+            y = torch.empty(n, out_features, dtype=torch.float32)
+            gemv = self.library.tdkm_lut_gemv
+
+            def product(start: int, stop: int) -> None:
+                if gemv(self.ref, start, stop, flat.data_ptr(), row_len, n, y.data_ptr(), out_features):
+                    raise MemoryError("lut_linear: out of memory for the block table")
+
+            run_jobs([lambda s=s: product(*s) for s in _spans(out_features, out_features * row_len * n)])
+            if bias is not None:
+                y += bias
+        elif out_features * row_len <= TILE:  # one tile holds the weight: decode it, then a dense Linear's GEMM
+            buffer = scratch((out_features, row_len), torch.float32, flat.device, "lut")
+            self.library.tdkm_lut_rows(self.ref, _all_rows(out_features).data_ptr(), out_features, buffer.data_ptr(), 1)
+            y = torch.nn.functional.linear(flat, buffer, None if bias is None else bias.to(torch.float32))
+        else:
+            y = self._tiles(flat, bias)
+        return y.reshape(*x.shape[:-1], out_features)
+
+    def _tiles(self, flat: Tensor, bias: Tensor | None) -> Tensor:
+        """A tile of rows at a time: decoded into one reused buffer, then multiplied by a GEMM."""
+        out_features, row_len = self.out_features, self.row_len
+        out = torch.empty(out_features, flat.shape[0], dtype=torch.float32)  # y transposed: a tile's rows are one block
+        tile = max(1, min(out_features, TILE // max(row_len, 1)))
+        buffer = scratch((tile, row_len), torch.float32, flat.device, "lut")
+        rows = _all_rows(out_features)
+        for first in range(0, out_features, tile):
+            count = min(tile, out_features - first)
+            # on this thread: the GEMM's OpenMP threads still spin after each call, so pool threads decoding
+            # beside them would fight them for the cores (measured: 768x3072 at batch 64, 7x slower)
+            self.library.tdkm_lut_rows(self.ref, rows.data_ptr() + 8 * first, count, buffer.data_ptr(), 1)
+            torch.mm(buffer[:count], flat.t(), out=out[first : first + count])
+        y = out.t()
+        return y + bias.to(torch.float32) if bias is not None else y.contiguous()
+
+
+def _pointer(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _block_tables(
+    scales: Tensor | None, offsets: Tensor | None, block: int, rows: int, row_len: int
+) -> tuple[Tensor | None, Tensor | None, int]:
+    """The block scales (and offsets) as float32 ``(rows, blocks)`` tables, checked, and the block length."""
+    if scales is None:
+        if offsets is not None:
+            raise TorchdkmError("lut kernel: offsets without scales")
+        return None, None, 0
+    block = min(block or row_len, row_len)
+    shape = (rows, -(-row_len // block))
+    for name, t in (("scales", scales), ("offsets", offsets)):
+        if t is not None and tuple(t.shape) != shape:
+            raise TorchdkmError(f"lut kernel: {name} of shape {shape} needed for blocks of {block}, got {tuple(t.shape)}")
+    widen = (lambda t: None if t is None else t.to(torch.float32).contiguous())
+    return widen(scales), widen(offsets), block
 
 
 def _spans(count: int, work: int) -> list[tuple[int, int]]:
@@ -85,68 +195,38 @@ def _spans(count: int, work: int) -> list[tuple[int, int]]:
     return [(start, min(start + step, count)) for start in range(0, count, step)]
 
 
+_ROWS: dict[int, Tensor] = {}
+
+
+def _all_rows(count: int) -> Tensor:
+    """``arange(count)`` as int64, kept (the loops take a list of rows)."""
+    if count not in _ROWS:
+        _ROWS[count] = torch.arange(count, dtype=torch.int64)
+    return _ROWS[count]
+
+
 def lut_rows(packed: Tensor, lut: Tensor, bits: int, dim: int, group_size: int, row_len: int, rows: Tensor) -> Tensor:
     """``(len(rows), row_len)`` rows of the weight in the LUT's dtype, bit for bit (see :func:`.default.lut_rows`)."""
-    rows = rows.reshape(-1).to(torch.int64).contiguous()
-    out_rows = lut.shape[0] * group_size
-    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= out_rows):
-        raise IndexError(f"lut_rows: a row index is outside [0, {out_rows})")
-    spec, keep = _palette(packed, lut, bits, dim, group_size, out_rows, row_len)
-    out = torch.empty(rows.numel(), row_len, dtype=torch.float32)
-    if not rows.numel() or not row_len:
-        return out.to(lut.dtype)
-    function = lut_library().tdkm_lut_rows
-
-    def job(start: int, stop: int) -> None:
-        function(ctypes.byref(spec), rows.data_ptr() + 8 * start, stop - start, out[start].data_ptr())
-
-    run_jobs([lambda s=s: job(*s) for s in _spans(rows.numel(), rows.numel() * row_len)])
-    del keep
+    weight = PackedWeight(packed, lut, bits, dim, group_size, lut.shape[0] * group_size, row_len)
+    out = weight.rows(rows)
     return out if lut.dtype == torch.float32 else out.to(lut.dtype)
 
 
 def lut_linear(
-    x: Tensor, packed: Tensor, lut: Tensor, bits: int, dim: int, group_size: int, out_features: int, bias: Tensor | None
+    x: Tensor,
+    packed: Tensor,
+    lut: Tensor,
+    bits: int,
+    dim: int,
+    group_size: int,
+    out_features: int,
+    bias: Tensor | None,
+    scales: Tensor | None = None,
+    offsets: Tensor | None = None,
+    block: int = 0,
 ) -> Tensor:
     """``x @ W.T + bias`` from the packed weight (float32 ``x``; others: the torch kernel)."""
     if x.dtype != torch.float32:
-        return default.lut_linear(x, packed, lut, bits, dim, group_size, out_features, bias)
-    row_len = x.shape[-1]
-    flat = x.reshape(-1, row_len).contiguous()
-    n = flat.shape[0]
-    spec, keep = _palette(packed, lut, bits, dim, group_size, out_features, row_len)
-    library = lut_library()
-    if n <= GEMV_ROWS:
-        y = torch.empty(n, out_features, dtype=torch.float32)
-
-        def product(start: int, stop: int) -> None:
-            library.tdkm_lut_gemv(ctypes.byref(spec), start, stop, flat.data_ptr(), row_len, n, y.data_ptr(), out_features)
-
-        run_jobs([lambda s=s: product(*s) for s in _spans(out_features, out_features * row_len * n)])
-    elif out_features * row_len <= TILE:  # one tile holds the weight: decode it, then a dense Linear's GEMM
-        buffer = torch.empty(out_features, row_len, dtype=torch.float32)
-        rows = torch.arange(out_features, dtype=torch.int64)
-        library.tdkm_lut_rows(ctypes.byref(spec), rows.data_ptr(), out_features, buffer.data_ptr())
-        del keep
-        y = torch.nn.functional.linear(flat, buffer, None if bias is None else bias.to(torch.float32))
-        return y.reshape(*x.shape[:-1], out_features)
-    else:
-        out = torch.empty(out_features, n, dtype=torch.float32)  # y transposed: a tile's rows are one block
-        tile = max(1, min(out_features, TILE // max(row_len, 1)))
-        buffer = torch.empty(tile, row_len, dtype=torch.float32)
-        rows = torch.arange(out_features, dtype=torch.int64)
-        for first in range(0, out_features, tile):
-            count = min(tile, out_features - first)
-
-            def decode(start: int, stop: int, first: int = first) -> None:
-                at = rows.data_ptr() + 8 * (first + start)
-                library.tdkm_lut_rows(ctypes.byref(spec), at, stop - start, buffer[start].data_ptr())
-
-            # on this thread: the GEMM's OpenMP threads still spin after each call, so pool threads decoding
-            # beside them would fight them for the cores (measured: 768x3072 at batch 64, 7x slower)
-            decode(0, count)
-            torch.mm(buffer[:count], flat.t(), out=out[first : first + count])
-        y = out.t()
-    del keep
-    y = y + bias.to(torch.float32) if bias is not None else y.contiguous()
-    return y.reshape(*x.shape[:-1], out_features)
+        return default.lut_linear(x, packed, lut, bits, dim, group_size, out_features, bias, scales, offsets, block)
+    weight = PackedWeight(packed, lut, bits, dim, group_size, out_features, x.shape[-1], scales, offsets, block)
+    return weight.linear(x, bias)

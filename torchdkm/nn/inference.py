@@ -17,12 +17,15 @@ opt-in that trades memory for speed at large batch: it keeps one decoded copy pe
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional
 
 from .. import kernels  # noqa: F401  (declares the torch.ops.torchdkm ops these forwards call)
 from ..cluster.scales import BlockScales
+from ..kernels import lut
 
 #: Weights of a convolution decoded at a time (float32: 4 MiB).
 CONV_TILE = 1 << 20
@@ -48,12 +51,59 @@ def decoded_rows(module: nn.Module, rows: Tensor, param: str = "weight") -> Tens
     return picked.apply(values, getattr(module, f"{param}_scales")[rows], None if offsets is None else offsets[rows])
 
 
+def scale_args(module: nn.Module, param: str = "weight") -> tuple:
+    """The block scales' arguments to ``lut_linear``: ``(scales, offsets, block)`` (``(None, None, 0)``: none)."""
+    blocks = module.palette[param].scales
+    if blocks is None:
+        return None, None, 0
+    return getattr(module, f"{param}_scales"), getattr(module, f"{param}_offsets", None), blocks.block
+
+
+_PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_BUFFER_NAMES: dict[str, tuple[str, ...]] = {}
+
+
+def _buffer_names(param: str) -> tuple[str, ...]:
+    names = _BUFFER_NAMES[param] = tuple(f"{param}_{part}" for part in ("indices", "lut", "scales", "offsets"))
+    return names
+
+
+def packed_weight(module: nn.Module, param: str = "weight") -> lut.PackedWeight:
+    """The module's packed weight as the native loops read it, made once and kept (remade if a buffer moves
+    or changes).  Kept beside the module, not in it: copies and pickles of the module do not carry it."""
+    buffers = module._buffers  # (not getattr: a forward's every microsecond counts here)
+    tensors = [buffers.get(name) for name in _BUFFER_NAMES.get(param) or _buffer_names(param)]
+    key = tuple((t.data_ptr(), t._version) for t in tensors if t is not None)
+    kept = _PACKED.setdefault(module, {}).get(param)
+    if kept is None or kept[0] != key:
+        spec = module.palette[param]
+        weight = lut.PackedWeight(*lut_args(module, param)[:2], spec.bits, spec.dim, spec.group_size,
+                                  spec.layout.shape[0], spec.layout.row_len, *scale_args(module, param))  # fmt: skip
+        kept = _PACKED[module][param] = (key, weight)
+    return kept[1]
+
+
+def native_call(input: Tensor, bias: Tensor | None) -> bool:
+    """Whether a forward may call the native loops directly: an eager float32 CPU input, no gradient to keep.
+
+    The direct call skips the dispatcher and the per-call setup (~40 us a call: SmolLM2 decodes a token in
+    211 of them); compiled, exported or differentiated forwards go through ``torch.ops.torchdkm.lut_linear``.
+    """
+    if type(input) is not Tensor or input.dtype != torch.float32 or input.device.type != "cpu":
+        return False
+    if torch.is_grad_enabled() and (input.requires_grad or (bias is not None and bias.requires_grad)):
+        return False
+    return not torch.compiler.is_compiling() and lut.available()
+
+
 def linear_forward(self: nn.Module, input: Tensor) -> Tensor:
-    """``nn.Linear.forward`` from the packed weight (block scales: from the decoded weight, for now)."""
-    if self.decoded_copy() is not None or self.palette["weight"].scales is not None:
+    """``nn.Linear.forward`` from the packed weight and its block scales, never decoding the whole weight."""
+    if self.decoded_copy() is not None:
         return functional.linear(input, self.weight, self.bias)
-    packed, lut, bits, dim, group_size = lut_args(self)
-    return torch.ops.torchdkm.lut_linear(input, packed, lut, bits, dim, group_size, self.out_features, self.bias)
+    if native_call(input, self.bias):
+        return packed_weight(self).linear(input, self.bias)
+    args = lut_args(self)
+    return torch.ops.torchdkm.lut_linear(input, *args, self.out_features, self.bias, *scale_args(self))
 
 
 def embedding_forward(self: nn.Module, input: Tensor) -> Tensor:
