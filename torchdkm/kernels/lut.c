@@ -95,9 +95,14 @@ static void row_scalar(const palette *p, int64_t o, int64_t i0, int64_t i1, floa
 static void scale_row(const palette *p, int64_t o, int64_t i0, int64_t n, float *w) {
     if (!p->scales) return;
     const float *s = p->scales + o * p->blocks, *off = p->offsets ? p->offsets + o * p->blocks : NULL;
-    for (int64_t i = 0; i < n; i++) {
-        int64_t b = (i0 + i) / p->block;
-        w[i] = off ? w[i] * s[b] + off[b] : w[i] * s[b];
+    for (int64_t i = 0; i < n;) { /* a block at a time: one scale (and offset) per loop, which vectorises */
+        int64_t b = (i0 + i) / p->block, end = (b + 1) * p->block - i0;
+        float scale = s[b], shift = off ? off[b] : 0.0f;
+        if (end > n) end = n;
+        if (off)
+            for (; i < end; i++) w[i] = w[i] * scale + shift;
+        else
+            for (; i < end; i++) w[i] = w[i] * scale;
     }
 }
 

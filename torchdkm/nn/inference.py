@@ -106,6 +106,20 @@ def linear_forward(self: nn.Module, input: Tensor) -> Tensor:
     return torch.ops.torchdkm.lut_linear(input, *args, self.out_features, self.bias, *scale_args(self))
 
 
+def conv1d_forward(self: nn.Module, input: Tensor) -> Tensor:
+    """transformers' ``Conv1D.forward`` (``x @ W + b``, ``W`` stored ``(in, out)``) from the packed weight.
+
+    Its palette cuts ``W``'s transpose as a ``Linear``'s weight (``PaletteSpec.transposed``), so the product
+    is the Linear kernel's with ``nf`` outputs.
+    """
+    if self.decoded_copy() is not None:
+        return torch.addmm(self.bias, input.reshape(-1, input.shape[-1]), self.weight).view(*input.shape[:-1], self.nf)
+    if native_call(input, self.bias):
+        return packed_weight(self).linear(input, self.bias)
+    args = lut_args(self)
+    return torch.ops.torchdkm.lut_linear(input, *args, self.nf, self.bias, *scale_args(self))
+
+
 def embedding_forward(self: nn.Module, input: Tensor) -> Tensor:
     """``nn.Embedding.forward`` decoding only the rows looked up (``max_norm``: the whole table, as before)."""
     if self.decoded_copy() is not None or self.max_norm is not None:
@@ -157,11 +171,17 @@ def forward_for(base: type, params: tuple[str, ...]):
     """The packed forward for a palettized ``base`` (None: keep ``base``'s own, which decodes ``weight``).
 
     Only the stock classes' forward is replaced (a subclass with a forward of its own reads ``self.weight``)
-    and only when ``weight`` alone is palettized.
+    and only when ``weight`` alone is palettized.  transformers' ``Conv1D`` is found by name (transformers
+    is optional): the class itself or a subclass keeping its forward.
     """
+    if params != ("weight",):
+        return None
     for cls, forward in FORWARDS.items():
-        if issubclass(base, cls) and base.forward is cls.forward and params == ("weight",):
+        if issubclass(base, cls) and base.forward is cls.forward:
             return forward
+    stock = next((t for t in base.__mro__ if t.__name__ == "Conv1D" and t.__module__.startswith("transformers.")), None)
+    if stock is not None and base.forward is stock.forward:
+        return conv1d_forward
     return None
 
 
