@@ -72,11 +72,13 @@ def test_round_trip_is_bit_exact(tmp_path, bits, dim, block, offset):
     x = torch.randn(5, 70)
     expected = model(x)
     final = torchdkm.finalize(model)
-    assert torch.equal(final[0].weight, snapped) and torch.equal(final(x), expected)
+    assert torch.equal(final[0].weight, snapped)
+    # the output: the LUT kernel's, from the packed weight and scales (float32 sums in another order)
+    torch.testing.assert_close(final(x), expected, rtol=1e-5, atol=1e-6)
     path = tmp_path / "m.dkm.safetensors"
     torchdkm.save(final, path)
     fresh = torchdkm.load(path, nn.Sequential(nn.Linear(70, 12), nn.ReLU(), nn.Linear(12, 4)))
-    assert torch.equal(fresh[0].weight, snapped) and torch.equal(fresh(x), expected)
+    assert torch.equal(fresh[0].weight, snapped) and torch.equal(fresh(x), final(x))
     rows = torchdkm.report(fresh, show=False).layers
     blocks = -(-70 // (block or 70))
     assert rows[0].scale_bytes == 12 * blocks * 2 * (2 if offset else 1)
