@@ -43,7 +43,7 @@ typedef struct {
 #include <immintrin.h>
 #define HAVE_X86 1
 #define AVX512 __attribute__((target("avx512f,avx512bw")))
-#define AVX2 __attribute__((target("avx2,fma")))
+#define AVX2 __attribute__((target("avx2,fma,f16c")))
 #define INLINE static inline __attribute__((always_inline))
 #else
 #define HAVE_X86 0
@@ -56,7 +56,7 @@ static int supported_isa(void) {
 #if HAVE_X86
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return ISA_AVX512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return ISA_AVX2;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) return ISA_AVX2;
 #endif
     return ISA_SCALAR;
 }
@@ -106,14 +106,6 @@ static float stored_at(const void *table, int64_t half, int64_t q) {
     float f;
     memcpy(&f, &bits, sizeof f);
     return f;
-}
-
-/* Row o's block scales (and offsets, when off is not NULL) as float32. */
-static void row_scales(const palette *p, int64_t o, float *s, float *off) {
-    for (int64_t b = 0; b < p->blocks; b++) {
-        s[b] = stored_at(p->scales, p->half, o * p->blocks + b);
-        if (off) off[b] = stored_at(p->offsets, p->half, o * p->blocks + b);
-    }
 }
 
 /* Block scales on weights [i0, i0 + n) of row o, decoded into w (the scalar paths and the tails). */
@@ -233,6 +225,27 @@ AVX512 INLINE void weights512(const uint8_t *src, const unpack512 *u, const int 
     }
 }
 
+/* Row o's block scales (and offsets) as float32: float16 tables widened 16 at a time, float32 ones read
+ * in place (srow is not used then).  Sets *s and *off (NULL without offsets). */
+AVX512 INLINE void row_scales512(const palette *p, int64_t o, float *srow, const float **s, const float **off) {
+    int64_t first = o * p->blocks, b = 0;
+    if (!p->half) {
+        *s = (const float *)p->scales + first, *off = p->offsets ? (const float *)p->offsets + first : NULL;
+        return;
+    }
+    const uint16_t *hs = (const uint16_t *)p->scales + first, *ho = p->offsets ? (const uint16_t *)p->offsets + first : NULL;
+    float *fo = srow + p->blocks;
+    for (; b + 16 <= p->blocks; b += 16) {
+        _mm512_storeu_ps(srow + b, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(hs + b))));
+        if (ho) _mm512_storeu_ps(fo + b, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(ho + b))));
+    }
+    for (; b < p->blocks; b++) {
+        srow[b] = stored_at(p->scales, 1, first + b);
+        if (ho) fo[b] = stored_at(p->offsets, 1, first + b);
+    }
+    *s = srow, *off = ho ? fo : NULL;
+}
+
 /* A chunk's weights times its block's scale (plus its offset); s NULL: no block scales. */
 AVX512 INLINE void scale512(__m512 *w, const int dim, const float *s, const float *off, int32_t b) {
     if (!s) return;
@@ -254,8 +267,8 @@ AVX512 INLINE void gemv512(const palette *p, int64_t r0, int64_t r1, const float
         int64_t g = o / p->group_size, q0 = g * p->vectors + (o - g * p->group_size) * row_vectors;
         if (g != group || ((q0 * p->bits) & 7) != shift) /* (rows of a group mostly share their setup) */
             group = g, shift = (q0 * p->bits) & 7, u = setup512(p, shift, p->lut + (g << p->bits) * dim);
-        const float *s = p->scales ? srow : NULL, *off = p->offsets ? srow + p->blocks : NULL;
-        if (s) row_scales(p, o, srow, p->offsets ? srow + p->blocks : NULL);
+        const float *s = NULL, *off = NULL;
+        if (p->scales) row_scales512(p, o, srow, &s, &off);
         /* `unroll` chunks in flight: as many independent chains of FMAs per row of x (their latency is 4) */
         const int unroll = nb >= 4 ? 1 : 4 / nb;
         __m512 acc[4][8];
@@ -362,6 +375,25 @@ AVX2 INLINE void weights256(const uint8_t *src, const unpack256 *u, const int di
     }
 }
 
+AVX2 INLINE void row_scales256(const palette *p, int64_t o, float *srow, const float **s, const float **off) {
+    int64_t first = o * p->blocks, b = 0;
+    if (!p->half) {
+        *s = (const float *)p->scales + first, *off = p->offsets ? (const float *)p->offsets + first : NULL;
+        return;
+    }
+    const uint16_t *hs = (const uint16_t *)p->scales + first, *ho = p->offsets ? (const uint16_t *)p->offsets + first : NULL;
+    float *fo = srow + p->blocks;
+    for (; b + 8 <= p->blocks; b += 8) {
+        _mm256_storeu_ps(srow + b, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(hs + b))));
+        if (ho) _mm256_storeu_ps(fo + b, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ho + b))));
+    }
+    for (; b < p->blocks; b++) {
+        srow[b] = stored_at(p->scales, 1, first + b);
+        if (ho) fo[b] = stored_at(p->offsets, 1, first + b);
+    }
+    *s = srow, *off = ho ? fo : NULL;
+}
+
 AVX2 INLINE void scale256(__m256 *w, const int dim, const float *s, const float *off, int32_t b) {
     if (!s) return;
     __m256 scale = _mm256_set1_ps(s[b]);
@@ -386,8 +418,8 @@ AVX2 INLINE void gemv256(const palette *p, int64_t r0, int64_t r1, const float *
         int64_t g = o / p->group_size, q0 = g * p->vectors + (o - g * p->group_size) * row_vectors;
         if (g != group || ((q0 * p->bits) & 7) != shift) /* (rows of a group mostly share their setup) */
             group = g, shift = (q0 * p->bits) & 7, u = setup256(p, shift, p->lut + (g << p->bits) * dim);
-        const float *s = p->scales ? srow : NULL, *off = p->offsets ? srow + p->blocks : NULL;
-        if (s) row_scales(p, o, srow, p->offsets ? srow + p->blocks : NULL);
+        const float *s = NULL, *off = NULL;
+        if (p->scales) row_scales256(p, o, srow, &s, &off);
         __m256 acc[8], more[8]; /* the two halves of a chunk: two chains of FMAs per row of x */
         for (int b = 0; b < nb; b++) acc[b] = more[b] = _mm256_setzero_ps();
         int64_t v = 0, start = (q0 * p->bits) >> 3, step = p->bits; /* bytes per half chunk */
