@@ -71,6 +71,7 @@ def test_native_kernels_equal_decode_then_matmul(bits, dim, isa):
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_native_kernels_on_threads(threads, monkeypatch):
     monkeypatch.setattr(lut_kernels, "MIN_PARALLEL", 0)
+    monkeypatch.setattr(lut_kernels, "MIN_GEMV_PARALLEL", 0)  # the native pool (pool.c), threads parts
     monkeypatch.setattr(lut_kernels, "TILE", 1000)  # several tiles
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -81,8 +82,47 @@ def test_native_kernels_on_threads(threads, monkeypatch):
             check_product(lut_kernels.lut_linear(x, packed, lut, 3, 1, 64, 301, None), x, dense)
         rows = torch.randint(0, 301, (257,))
         assert torch.equal(lut_kernels.lut_rows(packed, lut, 3, 1, 64, 130, rows), dense[rows])
+        packed, lut, dense = packed_weight(3, 1, 2, 16, 2)  # fewer rows than threads: no empty part runs
+        x = torch.randn(1, 16)
+        check_product(lut_kernels.PackedWeight(packed, lut, 3, 1, 2, 2, 16).linear(x, None), x, dense)
     finally:
         torch.set_num_threads(before)
+
+
+@native
+def test_native_pool_runs_from_several_python_threads_and_in_a_forked_child(monkeypatch):
+    """Callers are serialised (each gets its own product); a forked child starts its own workers."""
+    import multiprocessing
+    import threading
+
+    monkeypatch.setattr(lut_kernels, "MIN_GEMV_PARALLEL", 0)
+    packed, lut, dense = packed_weight(4, 2, 64, 96, 16)
+    weight = lut_kernels.PackedWeight(packed, lut, 4, 2, 16, 64, 96)
+    inputs = [torch.randn(3, 96) for _ in range(4)]
+    weight.linear(inputs[0], None)  # the pool's workers start in this process
+    outputs: dict[int, torch.Tensor] = {}
+
+    def run(i: int) -> None:
+        for _ in range(20):
+            outputs[i] = weight.linear(inputs[i], None)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for i, x in enumerate(inputs):
+        check_product(outputs[i], x, dense)
+    context = multiprocessing.get_context("fork")
+    with context.Pool(1) as pool:
+        y = pool.apply(_pool_child, (packed, lut, inputs[1]))
+    check_product(y, inputs[1], dense)
+
+
+def _pool_child(packed, lut, x):
+    lut_kernels.MIN_GEMV_PARALLEL = 0
+    torch.set_num_threads(2)
+    return lut_kernels.PackedWeight(packed, lut, 4, 2, 16, 64, 96).linear(x, None)
 
 
 @pytest.mark.parametrize("bits", [1, 3, 4, 8])

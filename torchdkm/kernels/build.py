@@ -33,9 +33,11 @@ SOURCE = Path(__file__).with_name("loops.c")
 SPARSE_SOURCE = Path(__file__).with_name("sparse.c")
 #: The inference loops (a palettized weight used from its indices and LUT), a library of their own.
 LUT_SOURCE = Path(__file__).with_name("lut.c")
+#: Their thread pool, compiled into the same library.
+POOL_SOURCE = Path(__file__).with_name("pool.c")
 #: The files each library is compiled from (named by its first).
-PARTS = {SOURCE: (SOURCE, SPARSE_SOURCE), LUT_SOURCE: (LUT_SOURCE,)}
-FLAGS = ("-O3", "-std=c99", "-shared", "-fPIC", "-ffp-contract=off")
+PARTS = {SOURCE: (SOURCE, SPARSE_SOURCE), LUT_SOURCE: (LUT_SOURCE, POOL_SOURCE)}
+FLAGS = ("-O3", "-std=c99", "-shared", "-fPIC", "-ffp-contract=off", "-pthread")
 
 _lock = threading.Lock()
 _loaded: dict[Path, ctypes.CDLL | None] = {}  # per source, once a build was tried (None: it failed)
@@ -204,3 +206,5 @@ def _declare_lut(library: ctypes.CDLL) -> None:
     library.tdkm_lut_gemv.argtypes = [palette, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
     library.tdkm_lut_gemv.argtypes += [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
     library.tdkm_lut_gemv.restype = ctypes.c_int  # 0, or -1: out of memory
+    library.tdkm_lut_gemv_threads.argtypes = library.tdkm_lut_gemv.argtypes + [ctypes.c_int]  # (..., threads)
+    library.tdkm_lut_gemv_threads.restype = ctypes.c_int

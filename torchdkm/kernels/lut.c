@@ -225,25 +225,20 @@ AVX512 INLINE void weights512(const uint8_t *src, const unpack512 *u, const int 
     }
 }
 
-/* Row o's block scales (and offsets) as float32: float16 tables widened 16 at a time, float32 ones read
- * in place (srow is not used then).  Sets *s and *off (NULL without offsets). */
-AVX512 INLINE void row_scales512(const palette *p, int64_t o, float *srow, const float **s, const float **off) {
+/* Row o's block scales into srow[0, blocks) and its offsets into srow[blocks, 2 blocks): float16 tables
+ * widened 16 at a time.  Not inlined: inlined into the product's loop, it made the product without
+ * scales 2x slower (the compiler's code for the loop, not this function, changed). */
+AVX512 static __attribute__((noinline)) void row_scales512(const palette *p, int64_t o, float *srow) {
     int64_t first = o * p->blocks, b = 0;
-    if (!p->half) {
-        *s = (const float *)p->scales + first, *off = p->offsets ? (const float *)p->offsets + first : NULL;
-        return;
-    }
-    const uint16_t *hs = (const uint16_t *)p->scales + first, *ho = p->offsets ? (const uint16_t *)p->offsets + first : NULL;
-    float *fo = srow + p->blocks;
-    for (; b + 16 <= p->blocks; b += 16) {
-        _mm512_storeu_ps(srow + b, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(hs + b))));
-        if (ho) _mm512_storeu_ps(fo + b, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(ho + b))));
-    }
+    if (p->half)
+        for (; b + 16 <= p->blocks; b += 16) {
+            _mm512_storeu_ps(srow + b, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)p->scales + first + b))));
+            if (p->offsets) _mm512_storeu_ps(srow + p->blocks + b, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)p->offsets + first + b))));
+        }
     for (; b < p->blocks; b++) {
-        srow[b] = stored_at(p->scales, 1, first + b);
-        if (ho) fo[b] = stored_at(p->offsets, 1, first + b);
+        srow[b] = stored_at(p->scales, p->half, first + b);
+        if (p->offsets) srow[p->blocks + b] = stored_at(p->offsets, p->half, first + b);
     }
-    *s = srow, *off = ho ? fo : NULL;
 }
 
 /* A chunk's weights times its block's scale (plus its offset); s NULL: no block scales. */
@@ -267,8 +262,8 @@ AVX512 INLINE void gemv512(const palette *p, int64_t r0, int64_t r1, const float
         int64_t g = o / p->group_size, q0 = g * p->vectors + (o - g * p->group_size) * row_vectors;
         if (g != group || ((q0 * p->bits) & 7) != shift) /* (rows of a group mostly share their setup) */
             group = g, shift = (q0 * p->bits) & 7, u = setup512(p, shift, p->lut + (g << p->bits) * dim);
-        const float *s = NULL, *off = NULL;
-        if (p->scales) row_scales512(p, o, srow, &s, &off);
+        const float *s = p->scales ? srow : NULL, *off = p->offsets ? srow + p->blocks : NULL;
+        if (s) row_scales512(p, o, srow);
         /* `unroll` chunks in flight: as many independent chains of FMAs per row of x (their latency is 4) */
         const int unroll = nb >= 4 ? 1 : 4 / nb;
         __m512 acc[4][8];
@@ -375,23 +370,17 @@ AVX2 INLINE void weights256(const uint8_t *src, const unpack256 *u, const int di
     }
 }
 
-AVX2 INLINE void row_scales256(const palette *p, int64_t o, float *srow, const float **s, const float **off) {
+AVX2 static __attribute__((noinline)) void row_scales256(const palette *p, int64_t o, float *srow) {
     int64_t first = o * p->blocks, b = 0;
-    if (!p->half) {
-        *s = (const float *)p->scales + first, *off = p->offsets ? (const float *)p->offsets + first : NULL;
-        return;
-    }
-    const uint16_t *hs = (const uint16_t *)p->scales + first, *ho = p->offsets ? (const uint16_t *)p->offsets + first : NULL;
-    float *fo = srow + p->blocks;
-    for (; b + 8 <= p->blocks; b += 8) {
-        _mm256_storeu_ps(srow + b, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(hs + b))));
-        if (ho) _mm256_storeu_ps(fo + b, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ho + b))));
-    }
+    if (p->half)
+        for (; b + 8 <= p->blocks; b += 8) {
+            _mm256_storeu_ps(srow + b, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p->scales + first + b))));
+            if (p->offsets) _mm256_storeu_ps(srow + p->blocks + b, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p->offsets + first + b))));
+        }
     for (; b < p->blocks; b++) {
-        srow[b] = stored_at(p->scales, 1, first + b);
-        if (ho) fo[b] = stored_at(p->offsets, 1, first + b);
+        srow[b] = stored_at(p->scales, p->half, first + b);
+        if (p->offsets) srow[p->blocks + b] = stored_at(p->offsets, p->half, first + b);
     }
-    *s = srow, *off = ho ? fo : NULL;
 }
 
 AVX2 INLINE void scale256(__m256 *w, const int dim, const float *s, const float *off, int32_t b) {
@@ -418,8 +407,8 @@ AVX2 INLINE void gemv256(const palette *p, int64_t r0, int64_t r1, const float *
         int64_t g = o / p->group_size, q0 = g * p->vectors + (o - g * p->group_size) * row_vectors;
         if (g != group || ((q0 * p->bits) & 7) != shift) /* (rows of a group mostly share their setup) */
             group = g, shift = (q0 * p->bits) & 7, u = setup256(p, shift, p->lut + (g << p->bits) * dim);
-        const float *s = NULL, *off = NULL;
-        if (p->scales) row_scales256(p, o, srow, &s, &off);
+        const float *s = p->scales ? srow : NULL, *off = p->offsets ? srow + p->blocks : NULL;
+        if (s) row_scales256(p, o, srow);
         __m256 acc[8], more[8]; /* the two halves of a chunk: two chains of FMAs per row of x */
         for (int b = 0; b < nb; b++) acc[b] = more[b] = _mm256_setzero_ps();
         int64_t v = 0, start = (q0 * p->bits) >> 3, step = p->bits; /* bytes per half chunk */
@@ -569,4 +558,29 @@ int tdkm_lut_gemv(const palette *p, int64_t r0, int64_t r1, const float *x, int6
     free(cb), free(srow);
     (void)vector, (void)which;
     return 0;
+}
+
+/* -- the product on several threads (pool.c): output rows split evenly ---------------------------------------- */
+typedef int (*tdkm_task)(void *arg, int part, int parts);
+int tdkm_parallel(tdkm_task task, void *arg, int parts);
+
+typedef struct {
+    const palette *p;
+    int64_t r0, r1, xs, nb, ys;
+    const float *x;
+    float *y;
+} gemv_call;
+
+static int gemv_part(void *arg, int part, int parts) {
+    const gemv_call *c = (const gemv_call *)arg;
+    int64_t rows = c->r1 - c->r0, first = c->r0 + rows * part / parts, last = c->r0 + rows * (part + 1) / parts;
+    return first < last ? tdkm_lut_gemv(c->p, first, last, c->x, c->xs, c->nb, c->y, c->ys) : 0;
+}
+
+/* tdkm_lut_gemv over `threads` threads (the caller's and the pool's). */
+int tdkm_lut_gemv_threads(const palette *p, int64_t r0, int64_t r1, const float *x, int64_t xs, int64_t nb, float *y,
+                          int64_t ys, int threads) {
+    gemv_call call = {p, r0, r1, xs, nb, ys, x, y};
+    if (threads > r1 - r0) threads = (int)(r1 - r0);
+    return tdkm_parallel(gemv_part, &call, threads < 1 ? 1 : threads);
 }

@@ -7,11 +7,13 @@ them), for float32 inputs on the CPU; other dtypes go to the torch kernels.  The
 ``lut_linear`` never writes the dense weight anywhere:
 
 * up to :data:`GEMV_ROWS` rows of ``x`` (decoding, a batch of a few tokens): one pass over the packed
-  indices, unpacked and looked up in registers and multiplied into float32 accumulators, output rows split
-  over ``torch.get_num_threads()`` threads.  This product is bound by memory traffic, and 3-bit indices are
-  ~10x fewer bytes than float32 weights.
-* more rows: the loops decode :data:`TILE` weights (a 4 MiB float32 buffer, reused for every tile) and a
-  GEMM (``torch.mm``) multiplies each tile, so the compute is the BLAS's and the extra memory one tile.
+  indices, unpacked and looked up in registers, multiplied by their block's scale (and offset) and into
+  float32 accumulators, output rows split over ``torch.get_num_threads()`` threads.  This product is
+  bound by memory traffic, and 3-bit indices are ~10x fewer bytes than float32 weights.  Block scales
+  whose blocks cut a 16-index chunk take the next path instead (:attr:`PackedWeight.direct`).
+* more rows: the loops decode :data:`TILE` weights (block scales applied as the decoder applies them) into
+  a 4 MiB float32 buffer (one per thread, :mod:`.scratch`, reused by every call) and a GEMM (``torch.mm``)
+  multiplies each tile, so the compute is the BLAS's and the extra memory one tile.
   A weight that fits one tile is decoded whole and multiplied as a dense ``Linear`` would be (``x W^T +
   b`` in one ``addmm``, no transposed output to copy back: MiniLM at batch 8 x 64 went from 0.65x to
   0.85x fp32 in ``python -m bench.inference``).  What remains over dense is the decode itself.
@@ -43,6 +45,9 @@ TILE = 1 << 20
 #: waiting for them cost more than a small product on a 2-core machine: at 2**18 the 576x1536 batch-1 rows
 #: of ``python -m bench.inference`` ran at 0.27x fp32 and SmolLM2 decoded at 0.62x; from 2**24 the split pays.
 MIN_PARALLEL = 1 << 24
+#: The same for the direct product, which splits its rows over the native pool (``pool.c``: a microsecond
+#: to hand a part to a spinning worker, not the Python pool's 30-50 us), so much smaller products pay.
+MIN_GEMV_PARALLEL = int(os.environ.get("TORCHDKM_GEMV_PARALLEL", str(1 << 16)))
 
 
 def available() -> bool:
@@ -133,13 +138,10 @@ class PackedWeight:
         n = flat.shape[0]
         if n <= GEMV_ROWS and self.direct:
             y = torch.empty(n, out_features, dtype=torch.float32)
-            gemv = self.library.tdkm_lut_gemv
-
-            def product(start: int, stop: int) -> None:
-                if gemv(self.ref, start, stop, flat.data_ptr(), row_len, n, y.data_ptr(), out_features):
-                    raise MemoryError("lut_linear: out of memory for the block table")
-
-            run_jobs([lambda s=s: product(*s) for s in _spans(out_features, out_features * row_len * n)])
+            threads = torch.get_num_threads() if out_features * row_len * n >= MIN_GEMV_PARALLEL else 1
+            gemv = self.library.tdkm_lut_gemv_threads
+            if gemv(self.ref, 0, out_features, flat.data_ptr(), row_len, n, y.data_ptr(), out_features, threads):
+                raise MemoryError("lut_linear: out of memory for the block tables")
             if bias is not None:
                 y += bias
         elif out_features * row_len <= TILE:  # one tile holds the weight: decode it, then a dense Linear's GEMM
