@@ -20,6 +20,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -33,11 +34,11 @@ SOURCE = Path(__file__).with_name("loops.c")
 SPARSE_SOURCE = Path(__file__).with_name("sparse.c")
 #: The inference loops (a palettized weight used from its indices and LUT), a library of their own.
 LUT_SOURCE = Path(__file__).with_name("lut.c")
-#: Their thread pool, compiled into the same library.
+#: Their threads (torch's OpenMP team), compiled into the same library.
 POOL_SOURCE = Path(__file__).with_name("pool.c")
 #: The files each library is compiled from (named by its first).
 PARTS = {SOURCE: (SOURCE, SPARSE_SOURCE), LUT_SOURCE: (LUT_SOURCE, POOL_SOURCE)}
-FLAGS = ("-O3", "-std=c99", "-shared", "-fPIC", "-ffp-contract=off", "-pthread")
+FLAGS = ("-O3", "-std=c99", "-shared", "-fPIC", "-ffp-contract=off")
 
 _lock = threading.Lock()
 _loaded: dict[Path, ctypes.CDLL | None] = {}  # per source, once a build was tried (None: it failed)
@@ -96,13 +97,15 @@ def _load(path: Path) -> ctypes.CDLL | None:
         warnings.warn(f"torchdkm: no C compiler {compiler!r}: {what} uses the slower torch loops", stacklevel=4)
         return None
     parts = PARTS.get(path, (path,))
+    runtime = openmp_runtime() if path == LUT_SOURCE else None
     sources = [part.read_bytes() for part in parts]
-    key = hashlib.sha256(b"\0".join([*sources, compiler.encode(), " ".join(FLAGS).encode(), platform.machine().encode()]))
+    key = hashlib.sha256(b"\0".join([*sources, compiler.encode(), " ".join(FLAGS).encode(), platform.machine().encode(),
+                                     str(runtime).encode()]))  # fmt: skip
     stem = "native_loops" if path == SOURCE else f"native_{path.stem}"
     target = _cache_dir() / f"{stem}-{key.hexdigest()[:16]}.so"
     try:
         if not target.exists():
-            _compile(compiler, target, parts)
+            _compile(compiler, target, parts, runtime)
         library = ctypes.CDLL(str(target))
     except (OSError, subprocess.SubprocessError) as error:
         warnings.warn(f"torchdkm: could not build the native loops ({error}); using the torch loops", stacklevel=4)
@@ -111,21 +114,48 @@ def _load(path: Path) -> ctypes.CDLL | None:
     return library
 
 
-def _compile(compiler: str, target: Path, sources: tuple[Path, ...] = PARTS[SOURCE]) -> None:
-    """Compile next to the target and rename into place, so concurrent processes never load half a file."""
+def _compile(compiler: str, target: Path, sources: tuple[Path, ...] = PARTS[SOURCE], runtime: Path | None = None) -> None:
+    """Compile next to the target and rename into place, so concurrent processes never load half a file.
+
+    ``runtime`` (an OpenMP runtime's file): the sources are compiled with OpenMP and linked against that file
+    alone (not the compiler's own ``-lgomp``), so the library joins the team of the runtime already loaded.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(handle)
+    objects = [f"{partial}.{i}.o" for i in range(len(sources))]
     try:
-        done = subprocess.run(
-            [compiler, *FLAGS, *map(str, sources), "-o", partial, "-lm"], capture_output=True, text=True, timeout=120
-        )
-        if done.returncode != 0:
-            raise subprocess.SubprocessError(done.stderr.strip()[-2000:] or f"{compiler} exited {done.returncode}")
+        if runtime is None:
+            steps = [[compiler, *FLAGS, *map(str, sources), "-o", partial, "-lm"]]
+        else:
+            steps = [[compiler, *FLAGS, "-fopenmp", "-c", str(source), "-o", obj] for source, obj in zip(sources, objects)]
+            steps.append([compiler, *FLAGS, *objects, "-o", partial, "-lm", str(runtime), f"-Wl,-rpath,{runtime.parent}"])
+        for step in steps:
+            done = subprocess.run(step, capture_output=True, text=True, timeout=120)
+            if done.returncode != 0:
+                raise subprocess.SubprocessError(done.stderr.strip()[-2000:] or f"{compiler} exited {done.returncode}")
         os.replace(partial, target)
     finally:
-        if os.path.exists(partial):
-            os.unlink(partial)
+        for leftover in [partial, *objects]:
+            if os.path.exists(leftover):
+                os.unlink(leftover)
+
+
+def openmp_runtime() -> Path | None:
+    """The OpenMP runtime this process has loaded (torch's: GNU ``libgomp`` or Intel's ``libiomp5``), or None.
+
+    The inference loops link against this very file so that their parallel regions run on torch's threads.
+    """
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    for line in maps.splitlines():
+        fields = line.split()
+        name = Path(fields[-1]).name if len(fields) >= 6 else ""
+        if re.fullmatch(r"lib(gomp|iomp5)[-.\w]*\.so[.\d]*", name):
+            return Path(fields[-1])
+    return None
 
 
 def _declare(library: ctypes.CDLL) -> None:
@@ -208,3 +238,4 @@ def _declare_lut(library: ctypes.CDLL) -> None:
     library.tdkm_lut_gemv.restype = ctypes.c_int  # 0, or -1: out of memory
     library.tdkm_lut_gemv_threads.argtypes = library.tdkm_lut_gemv.argtypes + [ctypes.c_int]  # (..., threads)
     library.tdkm_lut_gemv_threads.restype = ctypes.c_int
+    library.tdkm_openmp.argtypes, library.tdkm_openmp.restype = [], ctypes.c_int

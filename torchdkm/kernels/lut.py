@@ -45,9 +45,12 @@ TILE = 1 << 20
 #: waiting for them cost more than a small product on a 2-core machine: at 2**18 the 576x1536 batch-1 rows
 #: of ``python -m bench.inference`` ran at 0.27x fp32 and SmolLM2 decoded at 0.62x; from 2**24 the split pays.
 MIN_PARALLEL = 1 << 24
-#: The same for the direct product, which splits its rows over the native pool (``pool.c``: a microsecond
-#: to hand a part to a spinning worker, not the Python pool's 30-50 us), so much smaller products pay.
+#: The same for the direct product on torch's OpenMP team (``pool.c``: a parallel region costs a few
+#: microseconds, not the Python pool's 30-50 us), so much smaller products pay.
 MIN_GEMV_PARALLEL = int(os.environ.get("TORCHDKM_GEMV_PARALLEL", str(1 << 16)))
+
+
+_PID = os.getpid()  # the process that imported torchdkm: a forked child's differs
 
 
 def available() -> bool:
@@ -138,10 +141,7 @@ class PackedWeight:
         n = flat.shape[0]
         if n <= GEMV_ROWS and self.direct:
             y = torch.empty(n, out_features, dtype=torch.float32)
-            threads = torch.get_num_threads() if out_features * row_len * n >= MIN_GEMV_PARALLEL else 1
-            gemv = self.library.tdkm_lut_gemv_threads
-            if gemv(self.ref, 0, out_features, flat.data_ptr(), row_len, n, y.data_ptr(), out_features, threads):
-                raise MemoryError("lut_linear: out of memory for the block tables")
+            self._product(flat, y)
             if bias is not None:
                 y += bias
         elif out_features * row_len <= TILE:  # one tile holds the weight: decode it, then a dense Linear's GEMM
@@ -151,6 +151,21 @@ class PackedWeight:
         else:
             y = self._tiles(flat, bias)
         return y.reshape(*x.shape[:-1], out_features)
+
+    def _product(self, flat: Tensor, y: Tensor) -> None:
+        """``y = flat @ W.T`` from the indices: on torch's OpenMP team where the loops joined it, else on the
+        Python pool (only products of :data:`MIN_PARALLEL` and more: handing jobs to it costs 30-50 us)."""
+        n, row_len, out = flat.shape[0], self.row_len, self.out_features
+        work = out * row_len * n
+        if self.library.tdkm_openmp():
+            # (a forked child runs on one thread: see pool.c; torch's operators do the same)
+            threads = torch.get_num_threads() if work >= MIN_GEMV_PARALLEL and os.getpid() == _PID else 1
+            status = [self.library.tdkm_lut_gemv_threads(self.ref, 0, out, flat.data_ptr(), row_len, n, y.data_ptr(), out, threads)]
+        else:
+            gemv = self.library.tdkm_lut_gemv
+            status = run_jobs([lambda s=s: gemv(self.ref, *s, flat.data_ptr(), row_len, n, y.data_ptr(), out) for s in _spans(out, work)])
+        if any(status):
+            raise MemoryError("lut_linear: out of memory for the block tables")
 
     def _tiles(self, flat: Tensor, bias: Tensor | None) -> Tensor:
         """A tile of rows at a time: decoded into one reused buffer, then multiplied by a GEMM."""
