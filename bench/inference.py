@@ -169,10 +169,13 @@ def smollm2(rounds: int, tokens: int) -> dict:
 
 
 def tiny_copy(model: nn.Module) -> nn.Module:
-    """A randomly initialised LLaMA of ``model``'s class with one small layer and a 256-token vocabulary."""
+    """A randomly initialised LLaMA of ``model``'s class with one small layer and a vocabulary of at most 256."""
     config = copy.deepcopy(model.config)
+    vocab = min(config.vocab_size, 256)
     config.update({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 4,
-                   "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 256})  # fmt: skip
+                   "num_key_value_heads": 2, "head_dim": 16, "vocab_size": vocab})  # fmt: skip
+    if config.pad_token_id is not None and config.pad_token_id >= vocab:
+        config.pad_token_id = None
     torch.manual_seed(0)
     return type(model)(config).eval()
 

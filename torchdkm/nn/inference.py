@@ -1,7 +1,9 @@
 """Forward passes of palettized modules that never materialise the dense weight.
 
-* ``Linear``: ``torch.ops.torchdkm.lut_linear`` computes ``x @ W.T`` from the packed indices and the LUT
-  (native loops on the CPU, see :mod:`torchdkm.kernels.lut`; a tile-at-a-time torch kernel elsewhere).
+* ``Linear`` (and transformers' ``Conv1D``): ``x @ W.T`` from the packed indices, the LUT and the block
+  scales (native loops on the CPU, see :mod:`torchdkm.kernels.lut`, called directly with the module's
+  prepared :func:`packed_weight` in eager gradient-free forwards; ``torch.ops.torchdkm.lut_linear``
+  otherwise, a tile-at-a-time torch kernel off the CPU).
 * ``Embedding``: ``torch.ops.torchdkm.lut_rows`` decodes only the rows looked up, bit for bit the rows of
   the decoded weight.
 * ``Conv1d/2d/3d``: a tile of output channels at a time, :data:`CONV_TILE` weights, each convolved and
@@ -9,7 +11,8 @@
   again, for as long as the model lives.  Why not smaller tiles: each tile convolves the whole input again,
   and most convolution weights (under 1M weights) fit in one tile, so they run as one call.
 
-Extra memory of a forward: one tile of float32 weights (the native Linear kernel: 4 MiB; the torch kernel:
+Extra memory of a forward: one tile of float32 weights (the native Linear kernel: 4 MiB, one buffer per
+thread kept for the next call; the torch kernel:
 ``LUT_TILE`` weights and their int64 temporaries, ~3 MiB; convolutions: ``CONV_TILE`` weights, 4 MiB, and
 the tile's slice of the output), or for an embedding the rows it returns.  :func:`keep_decoded` is the
 opt-in that trades memory for speed at large batch: it keeps one decoded copy per module.
