@@ -119,12 +119,12 @@ def load_pretrained(directory: str | os.PathLike, *, model_class: Any = None) ->
     config = transformers.AutoConfig.from_pretrained(directory)
     config.quantization_config = None  # built dense here, then filled by torchdkm.load
     cls = model_class or _model_class(config)
-    with _skip_init(transformers):
+    with _skip_init():
         model = cls(config) if cls is not None else transformers.AutoModel.from_config(config)
     return load(weights, model).eval()
 
 
-def _skip_init(transformers: Any) -> contextlib.AbstractContextManager:
+def _skip_init() -> contextlib.AbstractContextManager:
     """transformers' switch for building a model without initialising its weights, where it has one.
 
     Every weight is then read from the file, and a weight never written is never resident: a compressed
@@ -132,12 +132,10 @@ def _skip_init(transformers: Any) -> contextlib.AbstractContextManager:
     (``python -m bench.inference --smollm2``, the peak-memory rows).  Buffers computed in ``__init__``
     (rotary frequencies) are still computed, unlike on the meta device.
     """
-    initialization = sys.modules.get("transformers.initialization")
-    if initialization is None:
-        try:
-            initialization = importlib.import_module("transformers.initialization")
-        except ImportError:
-            return contextlib.nullcontext()
+    try:
+        initialization = importlib.import_module("transformers.initialization")
+    except ImportError:
+        return contextlib.nullcontext()
     no_init = getattr(initialization, "no_init_weights", None)
     return no_init() if no_init is not None else contextlib.nullcontext()
 

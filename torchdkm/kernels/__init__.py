@@ -179,9 +179,7 @@ def _lut_linear_backward(ctx, grad):
     for start in range(0, out_features, tile):
         rows = torch.arange(start, min(start + tile, out_features), device=grad.device)
         weight = torch.ops.torchdkm.lut_rows(packed, lut_, bits, dim, group_size, row_len, rows)
-        if scales is not None:
-            offset = None if offsets is None else offsets[rows].to(weight.dtype)
-            weight = default.rescale(weight, min(block or row_len, row_len), scales[rows].to(weight.dtype), offset)
+        weight = default.scale_rows(weight, rows, scales, offsets, block)
         grad_x.addmm_(flat[:, start : start + rows.numel()], weight.to(grad.dtype))
     grad_bias = flat.sum(0) if ctx.bias else None
     grad_x = grad_x.reshape(*grad.shape[:-1], row_len)

@@ -213,28 +213,19 @@ def lut_linear(
     for start in range(0, out_features, tile):
         stop = min(start + tile, out_features)
         rows = torch.arange(start, stop, device=x.device)
-        weight = scaled_rows(packed, lut, bits, dim, group_size, row_len, rows, scales, offsets, block).to(x.dtype)
+        weight = lut_rows(packed, lut, bits, dim, group_size, row_len, rows)
+        weight = scale_rows(weight, rows, scales, offsets, block).to(x.dtype)
         torch.mm(weight, flat.t(), out=out[start:stop])
     y = out.t() + bias.to(x.dtype) if bias is not None else out.t().contiguous()
     return y.reshape(*x.shape[:-1], out_features)
 
 
-def scaled_rows(
-    packed: Tensor,
-    lut: Tensor,
-    bits: int,
-    dim: int,
-    group_size: int,
-    row_len: int,
-    rows: Tensor,
-    scales: Tensor | None,
-    offsets: Tensor | None,
-    block: int,
-) -> Tensor:
-    """:func:`lut_rows` with the block scales (and offsets) of those rows applied, if any."""
-    weight = lut_rows(packed, lut, bits, dim, group_size, row_len, rows)
+def scale_rows(weight: Tensor, rows: Tensor, scales: Tensor | None, offsets: Tensor | None, block: int) -> Tensor:
+    """``weight``, the decoded ``rows``, with those rows' block scales (and offsets) applied as the decoder
+    applies them (:func:`rescale`: bit for bit); ``scales`` None: ``weight`` as it is."""
     if scales is None:
         return weight
+    row_len = weight.shape[1]
     offset = None if offsets is None else offsets[rows].to(weight.dtype)
     return rescale(weight, min(block or row_len, row_len), scales[rows].to(weight.dtype), offset)
 

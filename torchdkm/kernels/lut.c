@@ -577,7 +577,7 @@ static int gemv_part(void *arg, int part, int parts) {
     return first < last ? tdkm_lut_gemv(c->p, first, last, c->x, c->xs, c->nb, c->y, c->ys) : 0;
 }
 
-/* tdkm_lut_gemv over `threads` threads (the caller's and the pool's). */
+/* tdkm_lut_gemv over `threads` threads (torch's OpenMP team, see pool.c). */
 int tdkm_lut_gemv_threads(const palette *p, int64_t r0, int64_t r1, const float *x, int64_t xs, int64_t nb, float *y,
                           int64_t ys, int threads) {
     gemv_call call = {p, r0, r1, xs, nb, ys, x, y};

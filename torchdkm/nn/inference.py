@@ -20,6 +20,7 @@ opt-in that trades memory for speed at large batch: it keeps one decoded copy pe
 
 from __future__ import annotations
 
+import functools
 import weakref
 
 import torch
@@ -27,8 +28,7 @@ from torch import Tensor, nn
 from torch.nn import functional
 
 from .. import kernels  # noqa: F401  (declares the torch.ops.torchdkm ops these forwards call)
-from ..cluster.scales import BlockScales
-from ..kernels import lut
+from ..kernels import default, lut
 
 #: Weights of a convolution decoded at a time (float32: 4 MiB).
 CONV_TILE = 1 << 20
@@ -46,12 +46,7 @@ def decoded_rows(module: nn.Module, rows: Tensor, param: str = "weight") -> Tens
     packed, lut, bits, dim, group_size = lut_args(module, param)
     spec = module.palette[param]
     values = torch.ops.torchdkm.lut_rows(packed, lut, bits, dim, group_size, spec.layout.row_len, rows)
-    blocks = spec.scales
-    if blocks is None:
-        return values
-    offsets = getattr(module, f"{param}_offsets", None)
-    picked = BlockScales(len(rows), blocks.row_len, blocks.block, blocks.offset)
-    return picked.apply(values, getattr(module, f"{param}_scales")[rows], None if offsets is None else offsets[rows])
+    return default.scale_rows(values, rows, *scale_args(module, param))
 
 
 def scale_args(module: nn.Module, param: str = "weight") -> tuple:
@@ -63,19 +58,18 @@ def scale_args(module: nn.Module, param: str = "weight") -> tuple:
 
 
 _PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_BUFFER_NAMES: dict[str, tuple[str, ...]] = {}
 
 
+@functools.cache
 def _buffer_names(param: str) -> tuple[str, ...]:
-    names = _BUFFER_NAMES[param] = tuple(f"{param}_{part}" for part in ("indices", "lut", "scales", "offsets"))
-    return names
+    return tuple(f"{param}_{part}" for part in ("indices", "lut", "scales", "offsets"))
 
 
 def packed_weight(module: nn.Module, param: str = "weight") -> lut.PackedWeight:
     """The module's packed weight as the native loops read it, made once and kept (remade if a buffer moves
     or changes).  Kept beside the module, not in it: copies and pickles of the module do not carry it."""
     buffers = module._buffers  # (not getattr: a forward's every microsecond counts here)
-    tensors = [buffers.get(name) for name in _BUFFER_NAMES.get(param) or _buffer_names(param)]
+    tensors = [buffers.get(name) for name in _buffer_names(param)]
     key = tuple((t.data_ptr(), t._version) for t in tensors if t is not None)
     kept = _PACKED.setdefault(module, {}).get(param)
     if kept is None or kept[0] != key:
@@ -99,14 +93,19 @@ def native_call(input: Tensor, bias: Tensor | None) -> bool:
     return not torch.compiler.is_compiling() and lut.available()
 
 
+def packed_product(module: nn.Module, input: Tensor, out_features: int) -> Tensor:
+    """``input @ W.T + bias`` from the module's packed weight: the native loops directly where
+    :func:`native_call` allows, else ``torch.ops.torchdkm.lut_linear``."""
+    if native_call(input, module.bias):
+        return packed_weight(module).linear(input, module.bias)
+    return torch.ops.torchdkm.lut_linear(input, *lut_args(module), out_features, module.bias, *scale_args(module))
+
+
 def linear_forward(self: nn.Module, input: Tensor) -> Tensor:
     """``nn.Linear.forward`` from the packed weight and its block scales, never decoding the whole weight."""
     if self.decoded_copy() is not None:
         return functional.linear(input, self.weight, self.bias)
-    if native_call(input, self.bias):
-        return packed_weight(self).linear(input, self.bias)
-    args = lut_args(self)
-    return torch.ops.torchdkm.lut_linear(input, *args, self.out_features, self.bias, *scale_args(self))
+    return packed_product(self, input, self.out_features)
 
 
 def conv1d_forward(self: nn.Module, input: Tensor) -> Tensor:
@@ -117,10 +116,7 @@ def conv1d_forward(self: nn.Module, input: Tensor) -> Tensor:
     """
     if self.decoded_copy() is not None:
         return torch.addmm(self.bias, input.reshape(-1, input.shape[-1]), self.weight).view(*input.shape[:-1], self.nf)
-    if native_call(input, self.bias):
-        return packed_weight(self).linear(input, self.bias)
-    args = lut_args(self)
-    return torch.ops.torchdkm.lut_linear(input, *args, self.nf, self.bias, *scale_args(self))
+    return packed_product(self, input, self.nf)
 
 
 def embedding_forward(self: nn.Module, input: Tensor) -> Tensor:
