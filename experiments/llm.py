@@ -41,6 +41,7 @@ import math
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,7 @@ from experiments.common import (
     markdown_table,
     run_capped,
 )
-from torchdkm.integrations.causal import kl_next_token, perplexity, token_windows
+from torchdkm.integrations.causal import kl_next_token, perplexity, token_windows, window_losses
 from torchdkm.integrations.distill import train_mode
 
 FORTUNES = Path("/usr/share/games/fortunes")
@@ -85,6 +86,7 @@ class Options:
     coreml_grace_minutes: float = 12.0  # beyond training: prepare, first-step k-means, finalize, evaluation
     plan_bits: tuple[int, ...] = (1, 2, 3, 4)
     plan_blocks: tuple[int | None, ...] = (32, 64, 128, None)
+    calibration_windows: int = 16  # training windows whose losses' squared gradients weigh the plan's errors
     train_window: int = 128
     eval_window: int = 256
     eval_windows: int = 24
@@ -103,7 +105,7 @@ class Options:
     def tiny(cls, **changes: Any) -> Options:
         """A random tiny LLaMA and a byte tokenizer: every method in seconds (what the tests run)."""
         small = dict(targets=(4.5, 4.0), round_grid=((2, 32), (3, 32)), hqq_grid=((3, 32),), tensor_bits=(3,),
-                     coreml_bits=(3,), coreml_dkm_minutes=0.2, plan_bits=(1, 2, 3), plan_blocks=(32, None),
+                     coreml_bits=(3,), coreml_dkm_minutes=0.2, plan_bits=(1, 2, 3), plan_blocks=(32, None), calibration_windows=2,
                      train_window=32, eval_window=32, eval_windows=4, steps=3, new_tokens=4, tiny_model=True,
                      name="llm_tiny")  # fmt: skip
         return cls(**{**small, **changes})
@@ -208,6 +210,11 @@ class Experiment:
                  f"{record.seconds:6.0f} s  | {texts[0]!r}")  # fmt: skip
         self.results.write(self.opts.out)
         return record
+
+    def calibration_losses(self, model: nn.Module) -> Iterator[Tensor]:
+        """The plan's Fisher: the next-token loss of :attr:`Options.calibration_windows` training windows, evenly spread."""
+        count = self.opts.calibration_windows
+        return window_losses(model, self.train[:: max(1, len(self.train) // count)][:count])
 
     def student(self) -> nn.Module:
         model = copy.deepcopy(self.teacher)
@@ -320,9 +327,9 @@ def run_dkm(ex: Experiment) -> None:
     """Per target: plan (measured once for all targets), post-training k-means at the plan, then DKM."""
     opts = ex.opts
     started = time.perf_counter()
-    calibration = lambda model: model(input_ids=ex.train[: opts.batch_size])  # noqa: E731
     widest = torchdkm.plan_to_size(ex.teacher, max(opts.targets), "fc:4/1#64a, emb:4/1#64a", bits=opts.plan_bits,
-                                   blocks=opts.plan_blocks, offset=True, calibration=calibration)  # fmt: skip
+                                   blocks=opts.plan_blocks, offset=True, calibration=ex.calibration_losses,
+                                   fisher=True)  # fmt: skip
     log_line(f"measured {sum(len(layer.options) for layer in widest.layers)} layer options in {time.perf_counter() - started:.0f} s")
     for target in opts.targets:
         plan = widest.retarget(target)

@@ -95,3 +95,68 @@ def test_a_llama_file_with_block_scales_and_offsets_fits_its_target(tmp_path):
         plan = plan_to_size(model, target, "fc:4/1#32a, emb:4/1#32a", bits=(2, 3, 4), blocks=(32, None), offset=True)
         torchdkm.save(torchdkm.kmeans_compress(copy.deepcopy(model), plan.config), tmp_path / "m.dkm.safetensors")
         assert (tmp_path / "m.dkm.safetensors").stat().st_size <= plan.target_bytes
+
+
+def test_fisher_error_is_the_squared_gradients_times_the_squared_weight_error():
+    """With ``fisher``, a layer's error is sum_losses (dL/dW)^2 * (W_q - W)^2, every yielded loss counted."""
+    from torchdkm import LayerConfig
+    from torchdkm.cluster import WeightClusterer
+
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(32, 16))
+    xs = [torch.randn(8, 32) for _ in range(3)]
+
+    def losses(m):
+        for x in xs:
+            yield m(x).square().mean()
+
+    plan = plan_to_size(model, 64.0, "fc:4/1", bits=(2,), calibration=losses, fisher=True)
+    weight = model[0].weight.detach()
+    fisher = torch.zeros_like(weight)
+    for x in xs:
+        w = weight.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad((x @ w.T + model[0].bias.detach()).square().mean(), w)
+        fisher += grad.square()
+    clusterer = WeightClusterer("0", LayerConfig(bits=2), weight.shape)
+    want = float(((clusterer.snap(weight, clusterer.init(weight)) - weight).square() * fisher).sum())
+    assert plan.measure == "Fisher" and "Fisher" in str(plan)
+    assert plan.layers[0].error == pytest.approx(want, rel=1e-4)
+    assert all(not p.requires_grad or p.grad is None for p in model.parameters())  # no gradient left behind
+    assert all(p.requires_grad for p in model.parameters())  # requires_grad restored
+
+
+def test_fisher_spends_the_bits_where_the_loss_is():
+    """Two identical layers, one a hundred times more sensitive: Fisher gives it the bits, the relative error cannot tell."""
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.loud, self.quiet = nn.Linear(256, 256), nn.Linear(256, 256)
+            self.quiet.load_state_dict(self.loud.state_dict())
+
+        def forward(self, x):
+            return 10 * self.loud(x) + 0.1 * self.quiet(x)
+
+    torch.manual_seed(3)
+    model, x = Two(), torch.randn(32, 256)
+    target = torch.randn(32, 256)
+    for p in model.parameters():
+        p.requires_grad_(False)  # a frozen teacher: the planner turns the selected weights' gradients on itself
+    fisher = plan_to_size(model, 5.0, "fc:4/1", bits=(2, 3, 4, 6), calibration=lambda m: (m(x) - target).square().mean(), fisher=True)  # fmt: skip
+    bits = {layer.module: layer.config.bits for layer in fisher.layers}
+    assert bits["loud"] > bits["quiet"]
+    assert not any(p.requires_grad for p in model.parameters())
+    relative = plan_to_size(model, 5.0, "fc:4/1", bits=(2, 3, 4, 6))
+    assert relative.layers[0].options == relative.layers[1].options  # the norm sees two identical layers
+
+
+def test_fisher_needs_losses():
+    model = nn.Sequential(nn.Linear(32, 16))
+    x = torch.randn(2, 32)
+    with pytest.raises(TorchdkmError, match="fisher=True needs a calibration"):
+        plan_to_size(model, 64.0, "fc:4/1", fisher=True)
+    with pytest.raises(TorchdkmError, match=r"returned Tensor \(2, 16\) where a scalar loss"):
+        plan_to_size(model, 64.0, "fc:4/1", calibration=lambda m: m(x), fisher=True)
+    with pytest.raises(TorchdkmError, match="yielded no loss"):
+        plan_to_size(model, 64.0, "fc:4/1", calibration=lambda m: iter(()), fisher=True)
+    assert model[0].weight.requires_grad

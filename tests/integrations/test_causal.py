@@ -11,7 +11,7 @@ import torch
 import torchdkm
 from torchdkm.cli import main
 from torchdkm.errors import TorchdkmError
-from torchdkm.integrations import causal
+from torchdkm.integrations import causal, hf
 
 transformers = pytest.importorskip("transformers")
 TOKENIZER = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
@@ -76,3 +76,16 @@ def test_compress_a_causal_lm_by_next_token_distillation(tiny_llama_dir, tmp_pat
     model = torchdkm.load_pretrained(tmp_path / "out")
     assert type(model).__name__ == "LlamaForCausalLM"
     assert model.model.layers[0].mlp.down_proj.palette["weight"].scale_block == 16
+
+
+def test_a_causal_lm_to_a_target_size_is_planned_by_fisher(tiny_llama_dir, tmp_path, capsys):
+    """--target-bpw on a causal LM: the plan weighs errors by the next-token loss's squared gradients, and fits."""
+    data = tmp_path / "train.txt"
+    data.write_text("\n".join(PASSAGES))
+    argv = ["compress", tiny_llama_dir, "--config", "fc:4/1#16a", "--target-bpw", "5", "--data", data,
+            "--window", "16", "--batch-size", "2", "--max-steps", "1", "--out", tmp_path / "out"]  # fmt: skip
+    assert main([str(a) for a in argv]) == 0
+    err = capsys.readouterr().err
+    assert "Fisher" in err and "planned file:" in err
+    params = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir).parameters())
+    assert (tmp_path / "out" / hf.WEIGHTS).stat().st_size <= 5 * params / 8

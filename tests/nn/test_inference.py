@@ -82,6 +82,9 @@ def test_native_kernels_on_threads(threads, monkeypatch):
             check_product(lut_kernels.lut_linear(x, packed, lut, 3, 1, 64, 301, None), x, dense)
         rows = torch.randint(0, 301, (257,))
         assert torch.equal(lut_kernels.lut_rows(packed, lut, 3, 1, 64, 130, rows), dense[rows])
+        packed, lut, dense = packed_weight(4, 2, 23, 40, 5)  # one tile: the whole weight decoded on the threads
+        x = torch.randn(40, 40)
+        check_product(lut_kernels.lut_linear(x, packed, lut, 4, 2, 5, 23, None), x, dense)
         packed, lut, dense = packed_weight(3, 1, 2, 16, 2)  # fewer rows than threads: no empty part runs
         x = torch.randn(1, 16)
         check_product(lut_kernels.PackedWeight(packed, lut, 3, 1, 2, 2, 16).linear(x, None), x, dense)

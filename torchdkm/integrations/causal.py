@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -43,6 +44,12 @@ def token_windows(tokenizer, passages: list[str], length: int) -> Tensor:
     if count == 0:
         raise TorchdkmError(f"the text holds {len(ids)} tokens, fewer than one window of {length}")
     return torch.tensor(ids[: count * length], dtype=torch.long).view(count, length)
+
+
+def window_losses(model: nn.Module, windows: Tensor) -> Iterator[Tensor]:
+    """The next-token loss of each window in turn (what :func:`torchdkm.plan_to_size` needs for its Fisher)."""
+    for window in windows:
+        yield model(input_ids=window[None], labels=window[None]).loss
 
 
 def kl_next_token(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
@@ -117,4 +124,4 @@ def distill_causal(
     return losses
 
 
-__all__ = ["distill_causal", "is_causal_lm", "kl_next_token", "perplexity", "token_windows"]
+__all__ = ["distill_causal", "is_causal_lm", "kl_next_token", "perplexity", "token_windows", "window_losses"]

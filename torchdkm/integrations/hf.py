@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import importlib
 import inspect
 import os
@@ -186,12 +187,12 @@ def compress(
     windows = causal.token_windows(tokenizer, sentences, window) if causal.is_causal_lm(teacher) else None
     if target_bpw is not None:
         say(f"planning {target_bpw} bits per parameter (k-means per layer and option) ...", file=sys.stderr, flush=True)
-        if windows is not None:
-            run = lambda model: model(input_ids=windows[:4])  # noqa: E731
+        if windows is not None:  # a causal LM: its next-token loss on a few windows weighs the errors (Fisher)
+            run = functools.partial(causal.window_losses, windows=windows[:: max(1, len(windows) // 8)][:8])
         else:
             batch = tokenizer(sentences[:16], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
             run = lambda model: model(**batch)  # noqa: E731
-        plan = plan_to_size(teacher, target_bpw, config, calibration=run)
+        plan = plan_to_size(teacher, target_bpw, config, calibration=run, fisher=windows is not None)
         say(str(plan), file=sys.stderr, flush=True)
         config = plan.config
     say(f"loaded {type(teacher).__name__}; initialising the centroids by k-means ...", file=sys.stderr, flush=True)

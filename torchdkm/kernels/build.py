@@ -238,4 +238,6 @@ def _declare_lut(library: ctypes.CDLL) -> None:
     library.tdkm_lut_gemv.restype = ctypes.c_int  # 0, or -1: out of memory
     library.tdkm_lut_gemv_threads.argtypes = library.tdkm_lut_gemv.argtypes + [ctypes.c_int]  # (..., threads)
     library.tdkm_lut_gemv_threads.restype = ctypes.c_int
+    library.tdkm_lut_rows_threads.argtypes = library.tdkm_lut_rows.argtypes + [ctypes.c_int]  # (..., threads)
+    library.tdkm_lut_rows_threads.restype = None
     library.tdkm_openmp.argtypes, library.tdkm_openmp.restype = [], ctypes.c_int

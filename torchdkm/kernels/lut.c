@@ -506,6 +506,8 @@ static int vectorised(const palette *p) {
 }
 
 /* Whether the block scales (if any) leave every chunk in one block (else gemv takes the scalar loop). */
+int64_t tdkm_lut_row_len(const palette *p) { return p->row_len; }
+
 int tdkm_lut_whole_chunks(const palette *p) {
     return !p->scales || p->block >= p->row_len || p->block % (CHUNK * p->dim) == 0;
 }
@@ -558,29 +560,4 @@ int tdkm_lut_gemv(const palette *p, int64_t r0, int64_t r1, const float *x, int6
     free(cb), free(srow);
     (void)vector, (void)which;
     return 0;
-}
-
-/* -- the product on several threads (pool.c): output rows split evenly ---------------------------------------- */
-typedef int (*tdkm_task)(void *arg, int part, int parts);
-int tdkm_parallel(tdkm_task task, void *arg, int parts);
-
-typedef struct {
-    const palette *p;
-    int64_t r0, r1, xs, nb, ys;
-    const float *x;
-    float *y;
-} gemv_call;
-
-static int gemv_part(void *arg, int part, int parts) {
-    const gemv_call *c = (const gemv_call *)arg;
-    int64_t rows = c->r1 - c->r0, first = c->r0 + rows * part / parts, last = c->r0 + rows * (part + 1) / parts;
-    return first < last ? tdkm_lut_gemv(c->p, first, last, c->x, c->xs, c->nb, c->y, c->ys) : 0;
-}
-
-/* tdkm_lut_gemv over `threads` threads (torch's OpenMP team, see pool.c). */
-int tdkm_lut_gemv_threads(const palette *p, int64_t r0, int64_t r1, const float *x, int64_t xs, int64_t nb, float *y,
-                          int64_t ys, int threads) {
-    gemv_call call = {p, r0, r1, xs, nb, ys, x, y};
-    if (threads > r1 - r0) threads = (int)(r1 - r0);
-    return tdkm_parallel(gemv_part, &call, threads < 1 ? 1 : threads);
 }

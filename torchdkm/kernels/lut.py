@@ -126,13 +126,24 @@ class PackedWeight:
         out = torch.empty(rows.numel(), self.row_len, dtype=torch.float32)
         if not rows.numel() or not self.row_len:
             return out
+        self._decode(rows, 0, rows.numel(), out, scaled)
+        return out
+
+    def _decode(self, rows: Tensor, first: int, count: int, out: Tensor, scaled: bool) -> None:
+        """``out[:count] =`` rows ``rows[first : first + count]`` of the weight, on torch's OpenMP team where the
+        loops joined it (a whole weight decoded for a GEMM is written by every core), else on the
+        Python pool above :data:`MIN_PARALLEL`."""
+        pointer, work = rows.data_ptr() + 8 * first, count * self.row_len
+        if self.library.tdkm_openmp():
+            threads = torch.get_num_threads() if work >= MIN_GEMV_PARALLEL and os.getpid() == _PID else 1
+            self.library.tdkm_lut_rows_threads(self.ref, pointer, count, out.data_ptr(), int(scaled), threads)
+            return
         function = self.library.tdkm_lut_rows
 
         def job(start: int, stop: int) -> None:
-            function(self.ref, rows.data_ptr() + 8 * start, stop - start, out[start].data_ptr(), int(scaled))
+            function(self.ref, pointer + 8 * start, stop - start, out[start].data_ptr(), int(scaled))
 
-        run_jobs([lambda s=s: job(*s) for s in _spans(rows.numel(), rows.numel() * self.row_len)])
-        return out
+        run_jobs([lambda s=s: job(*s) for s in _spans(count, work)])
 
     def linear(self, x: Tensor, bias: Tensor | None) -> Tensor:
         """``x @ W.T + bias`` for float32 ``x`` on the CPU (see the module docstring for the three paths)."""
@@ -146,7 +157,7 @@ class PackedWeight:
                 y += bias
         elif out_features * row_len <= TILE:  # one tile holds the weight: decode it, then a dense Linear's GEMM
             buffer = scratch((out_features, row_len), torch.float32, flat.device, "lut")
-            self.library.tdkm_lut_rows(self.ref, _all_rows(out_features).data_ptr(), out_features, buffer.data_ptr(), 1)
+            self._decode(_all_rows(out_features), 0, out_features, buffer, True)
             y = torch.nn.functional.linear(flat, buffer, None if bias is None else bias.to(torch.float32))
         else:
             y = self._tiles(flat, bias)
@@ -176,9 +187,12 @@ class PackedWeight:
         rows = _all_rows(out_features)
         for first in range(0, out_features, tile):
             count = min(tile, out_features - first)
-            # on this thread: the GEMM's OpenMP threads still spin after each call, so pool threads decoding
-            # beside them would fight them for the cores (measured: 768x3072 at batch 64, 7x slower)
-            self.library.tdkm_lut_rows(self.ref, rows.data_ptr() + 8 * first, count, buffer.data_ptr(), 1)
+            # (without OpenMP on this thread: the GEMM's OpenMP threads still spin after each call, so pool
+            # threads decoding beside them would fight them for the cores; measured: 768x3072 at batch 64, 7x slower)
+            if self.library.tdkm_openmp():
+                self._decode(rows, first, count, buffer, True)
+            else:
+                self.library.tdkm_lut_rows(self.ref, rows.data_ptr() + 8 * first, count, buffer.data_ptr(), 1)
             torch.mm(buffer[:count], flat.t(), out=out[first : first + count])
         y = out.t()
         return y + bias.to(torch.float32) if bias is not None else y.contiguous()

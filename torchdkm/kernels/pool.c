@@ -11,6 +11,7 @@
  * does for its own operators, a forked child runs the parts one after another.
  */
 #include <pthread.h>
+#include <stdint.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -51,4 +52,52 @@ int tdkm_parallel(tdkm_task task, void *arg, int parts) {
     }
 #endif
     return status;
+}
+
+/* -- lut.c's loops over several threads: output rows split evenly ------------------------------------------- */
+int tdkm_lut_gemv(const void *p, int64_t r0, int64_t r1, const float *x, int64_t xs, int64_t nb, float *y, int64_t ys);
+void tdkm_lut_rows(const void *p, const int64_t *rows, int64_t n, float *out, int scaled);
+int64_t tdkm_lut_row_len(const void *p);
+
+typedef struct {
+    const void *p;
+    int64_t r0, r1, xs, nb, ys;
+    const float *x;
+    float *y;
+} gemv_call;
+
+static int gemv_part(void *arg, int part, int parts) {
+    const gemv_call *c = (const gemv_call *)arg;
+    int64_t rows = c->r1 - c->r0, first = c->r0 + rows * part / parts, last = c->r0 + rows * (part + 1) / parts;
+    return first < last ? tdkm_lut_gemv(c->p, first, last, c->x, c->xs, c->nb, c->y, c->ys) : 0;
+}
+
+/* tdkm_lut_gemv over `threads` threads. */
+int tdkm_lut_gemv_threads(const void *p, int64_t r0, int64_t r1, const float *x, int64_t xs, int64_t nb, float *y,
+                          int64_t ys, int threads) {
+    gemv_call call = {p, r0, r1, xs, nb, ys, x, y};
+    if (threads > r1 - r0) threads = (int)(r1 - r0);
+    return tdkm_parallel(gemv_part, &call, threads < 1 ? 1 : threads);
+}
+
+typedef struct {
+    const void *p;
+    const int64_t *rows;
+    int64_t n;
+    float *out;
+    int scaled;
+} rows_call;
+
+static int rows_part(void *arg, int part, int parts) {
+    const rows_call *c = (const rows_call *)arg;
+    int64_t first = c->n * part / parts, last = c->n * (part + 1) / parts;
+    if (first < last) tdkm_lut_rows(c->p, c->rows + first, last - first, c->out + first * tdkm_lut_row_len(c->p), c->scaled);
+    return 0;
+}
+
+/* tdkm_lut_rows over `threads` threads: a whole weight decoded for a GEMM is written at both cores' speed. */
+void tdkm_lut_rows_threads(const void *p, const int64_t *rows, int64_t n, float *out, int scaled, int threads) {
+    rows_call call = {p, rows, n, out, scaled};
+    if (threads > n) threads = (int)n;
+    tdkm_parallel(rows_part, &call, threads < 1 ? 1 : threads);
 }
