@@ -7,7 +7,7 @@ each step upgrades the layer whose next option removes the most error per
 byte.  The error of a layer at an option is measured on its post-training
 k-means weights (the clusterer's own ``init`` + ``snap``), one of two ways:
 
-* **Fisher** (when the calibration returns losses): the estimated increase of
+* **Fisher** (``fisher=True``, the calibration returning losses): the estimated increase of
   the loss, ``sum F (W_q - W)^2`` with ``F`` the squared gradient of each
   weight summed over the calibration losses (the diagonal empirical Fisher).
   It sees what a norm cannot: a few outlier weights that one LUT per tensor
@@ -154,8 +154,10 @@ def plan_to_size(
     relative error.  With ``fisher``, it returns a scalar loss or yields several
     (``for ids in batches: yield m(input_ids=ids, labels=ids).loss``; each is
     backpropagated before the next is computed), and the errors are Fisher
-    estimates of the loss increase (the module docstring says why).  Raises :class:`TorchdkmError` when even the cheapest option
-    of every layer does not fit, naming the smallest size that does.
+    estimates of the loss increase (the module docstring says why).
+
+    Raises :class:`TorchdkmError` when even the cheapest option of every layer
+    does not fit, naming the smallest size that does.
     """
     if isinstance(base, str):
         base = DKMConfig.parse(base)
@@ -171,8 +173,8 @@ def plan_to_size(
     dense += _header_allowance(model, [name for name, _, _, _ in chosen])
     if fisher and calibration is None:
         raise TorchdkmError("plan_to_size: fisher=True needs a calibration that returns (or yields) losses")
-    importance, fisher = (({}, _fisher(model, chosen, calibration)) if fisher
-                          else (_input_importance(model, chosen, calibration), {}))  # fmt: skip
+    squared_grads = _fisher(model, chosen, calibration) if fisher else {}
+    importance = {} if fisher else _input_importance(model, chosen, calibration)
     plan = SizePlan(target, parameters, dense, measure="Fisher" if fisher else "rel. error")
     for name, module, param, layer in chosen:
         weight = getattr(module, param).detach()
@@ -181,8 +183,8 @@ def plan_to_size(
         sizes = (layer.scale_block,) if blocks is None else tuple(blocks)
         asym = layer.scale_offset if offset is None else offset
         if fisher:
-            grad2 = fisher[id(getattr(module, param))]
-            scoring = _FisherError(grad2.mT if transposed else grad2)
+            grads = squared_grads[id(getattr(module, param))]
+            scoring = _FisherError(grads.mT if transposed else grads)
         else:
             scoring = _RelativeError(importance.get(name))
         options = [_option(name, weight, layer.replace(bits=b, scale_block=blk, scale_offset=asym and blk is not None),
@@ -341,8 +343,9 @@ def _accumulate_fisher(loss: object, weights: dict[int, Tensor], fisher: dict[in
         if grad is not None:
             square = grad.detach().float().square()
             fisher[key] = fisher[key] + square if key in fisher else square
-    for key, w in weights.items():
-        fisher.setdefault(key, torch.zeros(w.shape))
+    for key, w in weights.items():  # a weight this loss does not reach: zero, not missing
+        if key not in fisher:
+            fisher[key] = torch.zeros(w.shape)
 
 
 __all__ = ["LayerChoice", "SizePlan", "plan_to_size"]
