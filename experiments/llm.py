@@ -405,7 +405,7 @@ def merge(paths: list[Path], name: str, out: Path) -> Path:
 
 def verdicts(records: list[Record], fp32: float) -> list[str]:
     """Each DKM point against fp32 and against every post-training baseline of equal or larger size."""
-    post = [r for r in records if r.method not in ("fp32", "DKM (torchdkm)", "coremltools DKM")]
+    post = [r for r in records if r.steps == 0 and r.method != "fp32"]  # (trained methods are not baselines)
     lines = []
     for r in (r for r in records if r.method == "DKM (torchdkm)"):
         ppl = r.metrics["perplexity"]
