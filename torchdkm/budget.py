@@ -66,9 +66,6 @@ class LayerChoice:
     numel: int
     options: list[tuple[LayerConfig, int, float]]  # (config, bytes, error), cheapest first
     chosen: int = 0
-    #: How many times the error counts in the plan: ``numel`` for a relative error (every weight alike),
-    #: 1 for a Fisher estimate (already a sum over the weights).
-    weight: float = 1.0
 
     @property
     def config(self) -> LayerConfig:
@@ -190,8 +187,7 @@ def plan_to_size(
         options = [_option(name, weight, layer.replace(bits=b, scale_block=blk, scale_offset=asym and blk is not None),
                            scoring) for b, blk in itertools.product(bits, sizes)]  # fmt: skip
         options.sort(key=lambda o: (o[1], o[2]))
-        counts = 1.0 if fisher else float(weight.numel())
-        plan.layers.append(LayerChoice(f"{name}.{param}" if name else param, name, weight.numel(), options, weight=counts))
+        plan.layers.append(LayerChoice(f"{name}.{param}" if name else param, name, weight.numel(), options))
     _check_fits(plan, target_bpw)
     _spend(plan)
     return plan
@@ -213,13 +209,18 @@ def _check_fits(plan: SizePlan, target_bpw: float) -> None:
 
 
 def _spend(plan: SizePlan) -> None:
-    """Greedy: upgrade the layer whose next option removes the most weight-counted error per extra byte, while it fits."""
+    """Greedy: upgrade the layer whose next option removes the most error per extra byte, while it fits.
+
+    A relative error counts once per weight of its layer (every weight alike); a Fisher estimate is already a
+    sum over the weights and counts once.
+    """
+    per_weight = plan.measure != "Fisher"
     while True:
         best, best_gain = None, 0.0
         for layer in plan.layers:
             for j in range(layer.chosen + 1, len(layer.options)):
                 _, cost, error = layer.options[j]
-                extra, gain = cost - layer.bytes, (layer.error - error) * layer.weight
+                extra, gain = cost - layer.bytes, (layer.error - error) * (layer.numel if per_weight else 1)
                 if gain > 0 and plan.bytes + extra <= plan.target_bytes and gain / max(extra, 1) > best_gain:
                     best, best_gain = (layer, j), gain / max(extra, 1)
         if best is None:
@@ -318,15 +319,18 @@ def _fisher(model: nn.Module, chosen: list, calibration: Callable) -> dict[int, 
         for p in every:
             p.requires_grad_(id(p) in weights)
         result = calibration(model)
+        losses = 0
         for loss in (result if isinstance(result, Iterator) else [result]):
             _accumulate_fisher(loss, weights, fisher)
+            losses += 1
     finally:
         for p, flag in zip(every, needed):
             p.requires_grad_(flag)
         model.train(was_training)
-    if not fisher:
+    if not losses:
         raise TorchdkmError("plan_to_size: the calibration yielded no loss")
-    return fisher
+    # a weight no loss reached: zero, not missing
+    return {key: fisher[key] if key in fisher else torch.zeros(w.shape) for key, w in weights.items()}
 
 
 def _accumulate_fisher(loss: object, weights: dict[int, Tensor], fisher: dict[int, Tensor]) -> None:
@@ -343,9 +347,6 @@ def _accumulate_fisher(loss: object, weights: dict[int, Tensor], fisher: dict[in
         if grad is not None:
             square = grad.detach().float().square()
             fisher[key] = fisher[key] + square if key in fisher else square
-    for key, w in weights.items():  # a weight this loss does not reach: zero, not missing
-        if key not in fisher:
-            fisher[key] = torch.zeros(w.shape)
 
 
 __all__ = ["LayerChoice", "SizePlan", "plan_to_size"]

@@ -135,8 +135,7 @@ class PackedWeight:
         Python pool above :data:`MIN_PARALLEL`."""
         pointer, work = rows.data_ptr() + 8 * first, count * self.row_len
         if self.library.tdkm_openmp():
-            threads = torch.get_num_threads() if work >= MIN_GEMV_PARALLEL and os.getpid() == _PID else 1
-            self.library.tdkm_lut_rows_threads(self.ref, pointer, count, out.data_ptr(), int(scaled), threads)
+            self.library.tdkm_lut_rows_threads(self.ref, pointer, count, out.data_ptr(), int(scaled), _team_threads(work))
             return
         function = self.library.tdkm_lut_rows
 
@@ -169,8 +168,7 @@ class PackedWeight:
         n, row_len, out = flat.shape[0], self.row_len, self.out_features
         work = out * row_len * n
         if self.library.tdkm_openmp():
-            # (a forked child runs on one thread: see pool.c; torch's operators do the same)
-            threads = torch.get_num_threads() if work >= MIN_GEMV_PARALLEL and os.getpid() == _PID else 1
+            threads = _team_threads(work)
             status = [self.library.tdkm_lut_gemv_threads(self.ref, 0, out, flat.data_ptr(), row_len, n, y.data_ptr(), out, threads)]
         else:
             gemv = self.library.tdkm_lut_gemv
@@ -196,6 +194,12 @@ class PackedWeight:
             torch.mm(buffer[:count], flat.t(), out=out[first : first + count])
         y = out.t()
         return y + bias.to(torch.float32) if bias is not None else y.contiguous()
+
+
+def _team_threads(work: int) -> int:
+    """Threads of torch's OpenMP team for ``work`` (weights x rows): all of them from :data:`MIN_GEMV_PARALLEL`,
+    else one; one in a forked child too (see pool.c; torch's operators do the same)."""
+    return torch.get_num_threads() if work >= MIN_GEMV_PARALLEL and os.getpid() == _PID else 1
 
 
 def _pointer(t: Tensor | None) -> int | None:
