@@ -43,6 +43,7 @@ class Variant:
     setting: str
     fields: dict[str, Any] = field(default_factory=dict)
     tau_schedule: tuple[float, float] | None = None  # DKM: tau from ... to ... over the budget (TauSchedule)
+    fisher_batches: int = 0  # DKM: centroids weighted by the Fisher of this many training batches (0: unweighted)
 
 
 def _rules(spec: str) -> str:
@@ -80,6 +81,12 @@ VARIANTS = (
     # the softer temperature at 1 bit
     Variant("4/4, ST, tau 0.02", "DKM", _rules("4/4"), {**ST, "tau": 0.02}),
     Variant("1/1 scale+offset, ST, tau 0.02", "DKM", _rules("1/1#rowa"), {**ST, "tau": 0.02}),
+    # centroids weighted by the Fisher of 16 training batches (torchdkm.fisher, prepare's importance)
+    Variant("4/4, ST, Fisher", "DKM", _rules("4/4"), ST, fisher_batches=16),
+    Variant("1/1 scale+offset, ST, Fisher", "DKM", _rules("1/1#rowa"), ST, fisher_batches=16),
+    Variant("4/8, ST, classifier dense, tau 0.02, Fisher", "DKM", "cv:4/8", {**ST, "tau": 0.02}, fisher_batches=16),
+    # a per-channel scale and offset under 4-vectors
+    Variant("4/4 scale+offset, ST", "DKM", _rules("4/4#rowa"), ST),
     # probed on one seed (see the README's notes), not in the default run:
     Variant("1/1 per-channel LUT", "DKM", _rules("1/1@1"), EXACT),
     Variant("1/1 scale", "DKM", _rules("1/1#row"), EXACT),
@@ -94,13 +101,14 @@ VARIANTS = (
     Variant("4/8 scale, ST", "DKM", _rules("4/8#row"), ST),
 )
 #: What ``python -m experiments.fashion_ablation`` runs by default (``--all``: every variant).
-DEFAULT = 21
+DEFAULT = 25
 
 
 def measure(fp32: torch.nn.Module, variant: Variant, data: Any, seed: int, opts: vision.Options) -> Record:
     """``variant``'s record (its label as the method, what it ran as the note)."""
     if variant.method == "DKM":
-        _, record = vision.dkm(fp32, variant.setting, data, seed, opts, variant.tau_schedule, **variant.fields)
+        _, record = vision.dkm(fp32, variant.setting, data, seed, opts, variant.tau_schedule, variant.fisher_batches,
+                               **variant.fields)  # fmt: skip
     elif variant.method == "uniform QAT":
         record = vision.uniform(fp32, variant.setting, data, seed, opts, qat=True)
     elif variant.method == "coremltools DKM":
@@ -111,6 +119,8 @@ def measure(fp32: torch.nn.Module, variant: Variant, data: Any, seed: int, opts:
     fields = ", ".join(f"{k}={v}" for k, v in variant.fields.items())
     if variant.tau_schedule is not None:
         fields = ", ".join(filter(None, [fields, "tau {:g} to {:g}".format(*variant.tau_schedule)]))
+    if variant.fisher_batches:
+        fields = ", ".join(filter(None, [fields, f"Fisher-weighted centroids ({variant.fisher_batches} batches)"]))
     note = "; ".join(n for n in (f"{variant.method} `{variant.setting}`" + (f" ({fields})" if fields else ""), record.note) if n)
     return replace(record, method=variant.label, note=note)
 

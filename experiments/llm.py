@@ -335,7 +335,7 @@ def run_dkm(ex: Experiment) -> None:
         plan = widest.retarget(target)
         log_line(summary_of(plan))
         started = time.perf_counter()
-        student = torchdkm.prepare(ex.student(), plan.config, progress=False)
+        student = torchdkm.prepare(ex.student(), plan.config, progress=False, importance=plan.importance)
         snapped = torchdkm.finalize(copy.deepcopy(student))
         ex.record("k-means planned", f"{target:g} bpw", snapped, saved_bytes(snapped), started)
         del snapped

@@ -177,11 +177,20 @@ def dkm(
     seed: int,
     opts: Options,
     tau_schedule: tuple[float, float] | None = None,
+    fisher_batches: int = 0,
     **fields,
 ) -> tuple[nn.Module, Record]:
-    """DKM at ``setting`` (config ``fields`` beside it); ``tau_schedule``: ``(start, end)`` over the whole budget."""
+    """DKM at ``setting`` (config ``fields`` beside it); ``tau_schedule``: ``(start, end)`` over the whole budget;
+    ``fisher_batches``: centroids weighted by the Fisher of that many training batches (``torchdkm.fisher``)."""
     start = time.perf_counter()
-    model = torchdkm.prepare(copy.deepcopy(fp32), torchdkm.DKMConfig.parse(setting, **fields))
+    config = torchdkm.DKMConfig.parse(setting, **fields)
+    importance = None
+    if fisher_batches:
+        batches = minibatches(len(data.y_train), BATCH_SIZE)(torch.Generator().manual_seed(seed))
+        chosen = [batch for batch, _ in zip(batches, range(fisher_batches))]
+        losses = (lambda m: (loss_fn(data)(m, batch) for batch in chosen))  # noqa: E731
+        importance = torchdkm.fisher(fp32, losses, config)
+    model = torchdkm.prepare(copy.deepcopy(fp32), config, importance=importance)
     after = None
     if tau_schedule is not None:
         after = torchdkm.TauSchedule(model, opts.dkm_epochs * steps_per_epoch(data), *tau_schedule).step

@@ -118,9 +118,13 @@ def test_fisher_error_is_the_squared_gradients_times_the_squared_weight_error():
         (grad,) = torch.autograd.grad((x @ w.T + model[0].bias.detach()).square().mean(), w)
         fisher += grad.square()
     clusterer = WeightClusterer("0", LayerConfig(bits=2), weight.shape)
+    plain = float(((clusterer.snap(weight, clusterer.init(weight)) - weight).square() * fisher).sum())
+    clusterer.weigh(fisher, weight)  # the options are Fisher-weighted k-means
     want = float(((clusterer.snap(weight, clusterer.init(weight)) - weight).square() * fisher).sum())
     assert plan.measure == "Fisher" and "Fisher" in str(plan)
     assert plan.layers[0].error == pytest.approx(want, rel=1e-4)
+    assert want < plain  # the weighted optimum is the better one by the Fisher measure
+    assert torch.allclose(plan.importance["0.weight"], fisher, rtol=1e-5)  # what prepare is to weigh by
     assert all(not p.requires_grad or p.grad is None for p in model.parameters())  # no gradient left behind
     assert all(p.requires_grad for p in model.parameters())  # requires_grad restored
 

@@ -10,6 +10,7 @@ from .api import finalize, kmeans_compress, prepare
 from .budget import SizePlan, plan_to_size
 from .config import DKMConfig, LayerConfig
 from .errors import TorchdkmError
+from .importance import fisher
 from .integrations.hf import load_pretrained, save_pretrained
 from .integrations.hf_quantizer import register_when_transformers_loads
 from .io import load, save
@@ -30,6 +31,7 @@ __all__ = [
     "TauSchedule",
     "TorchdkmError",
     "finalize",
+    "fisher",
     "kmeans_compress",
     "load",
     "load_pretrained",

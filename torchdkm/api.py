@@ -8,9 +8,10 @@ centroids by k-means) then finalize.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from tqdm import tqdm
 
@@ -28,11 +29,16 @@ from .nn.parametrization import (
     stop_caching,
 )
 from .pack import pack
-from .select import few, is_transposed, select, skip_warning
+from .select import Selection, few, is_transposed, key_of, select, skip_warning
 
 
 def prepare(
-    model: nn.Module, config: DKMConfig | str, *, progress: bool = False, batch_numel: int = BATCH_NUMEL
+    model: nn.Module,
+    config: DKMConfig | str,
+    *,
+    progress: bool = False,
+    batch_numel: int = BATCH_NUMEL,
+    importance: Mapping[str, Tensor] | None = None,
 ) -> nn.Module:
     """Attach DKM to the weights ``config`` selects, in place; returns ``model``.
 
@@ -50,6 +56,12 @@ def prepare(
     milliseconds of fixed overhead alone.  Each layer gets its own step's result
     to float rounding; ``0`` steps every layer alone.  Train the model
     afterwards with your own loop and loss; nothing else changes.
+
+    ``importance``: per-weight importance by parameter name (``"layers.0.fc.weight"``, each of a shape like
+    the weight's; e.g. :attr:`torchdkm.SizePlan.importance`, the squared gradients of calibration losses):
+    each centroid is then the importance-weighted mean of its cluster, in the initial k-means and in every
+    training step (:meth:`torchdkm.cluster.WeightClusterer.weigh`).  It is not stored in ``state_dict``: a
+    resumed run passes it again.
     """
     if isinstance(config, str):
         config = DKMConfig.parse(config)
@@ -65,11 +77,13 @@ def prepare(
             "prepare: the config selects no weight of this model (check rules and min_numel)"
             + (f"; left dense: {', '.join(s.key for s in selection.skipped[:5])}" if selection.skipped else "")
         )
+    weighing = importance_by_layer(importance or {}, selection)
     chosen = tqdm(selection.chosen, desc="k-means init", unit="layer", disable=not progress, leave=False)
     prepared = []
     for name, module, param, layer in chosen:
         weight = getattr(module, param)
-        dkm = DKMParametrization(name, layer, weight.detach(), transposed=is_transposed(module))
+        dkm = DKMParametrization(name, layer, weight.detach(), transposed=is_transposed(module),
+                                 importance=weighing.get((name, param)))  # fmt: skip
         # A tied tensor: the same parametrization on every holder, whose `original` is the one shared Parameter.
         for holder, holder_module, holder_param in [(name, module, param), *selection.tied.get((name, param), [])]:
             parametrize.register_parametrization(holder_module, holder_param, dkm, unsafe=True)
@@ -78,6 +92,30 @@ def prepare(
         prepared.append((dkm, module.parametrizations[param]))
     batch_layers(prepared, batch_numel)
     return model
+
+
+def importance_by_layer(importance: Mapping[str, Tensor], selection: Selection) -> dict[tuple[str, str], Tensor]:
+    """``prepare``'s ``importance`` by chosen ``(module name, parameter)``, checked: every key names a chosen
+    weight (a tied tensor by any of its holders' names), has its shape, and is finite and >= 0."""
+    owners = {}
+    for name, _, param, _ in selection.chosen:
+        for holder, holder_param in [(name, param), *((h, hp) for h, _, hp in selection.tied.get((name, param), []))]:
+            owners[key_of(holder, holder_param)] = (name, param)
+    shapes = {(name, param): tuple(getattr(module, param).shape) for name, module, param, _ in selection.chosen}
+    found = {}
+    for key, values in importance.items():
+        if key not in owners:
+            raise TorchdkmError(f"prepare: importance for {key!r}, which the config does not cluster "
+                                f"(clustered: {few(sorted(owners))})")  # fmt: skip
+        owner = owners[key]
+        if not isinstance(values, Tensor) or tuple(values.shape) != shapes[owner]:
+            got = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
+            raise TorchdkmError(f"prepare: importance for {key!r} must be a tensor of the weight's shape {shapes[owner]}, got {got}")
+        low = float(values.min()) if values.numel() else 0.0
+        if not (bool(torch.isfinite(values).all()) and low >= 0):
+            raise TorchdkmError(f"prepare: importance for {key!r} must be finite and >= 0 (least value {low})")
+        found[owner] = values
+    return found
 
 
 @torch.no_grad()
@@ -120,13 +158,15 @@ def finalize(model: nn.Module) -> nn.Module:
     return model
 
 
-def kmeans_compress(model: nn.Module, config: DKMConfig | str) -> nn.Module:
+def kmeans_compress(
+    model: nn.Module, config: DKMConfig | str, *, importance: Mapping[str, Tensor] | None = None
+) -> nn.Module:
     """Post-training k-means (no training): the baseline every DKM result sits beside.
 
     Like ``prepare`` and ``finalize`` it works in place: ``copy.deepcopy`` the
-    model first to keep the original.
+    model first to keep the original.  ``importance``: as ``prepare``'s (importance-weighted k-means).
     """
-    prepare(model, config)
+    prepare(model, config, importance=importance)
     for _, _, _, par in dkm_parametrizations(model):
         par.refresh = False  # snap to the k-means centroids themselves
     return finalize(model)

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -43,9 +43,10 @@ from torch import Tensor, nn
 from .cluster import WeightClusterer
 from .config import DKMConfig, LayerConfig
 from .errors import TorchdkmError
+from .importance import fisher as fisher_of
 from .nn.palettized import PaletteSpec
 from .report import layer_row
-from .select import is_transposed, select
+from .select import is_transposed, key_of, select
 
 #: Bytes the planner keeps back for the file's header: the safetensors JSON entry of each tensor (dtype,
 #: shape, offsets: at most this much beyond its name), torchdkm's JSON metadata of each clustered layer
@@ -89,6 +90,9 @@ class SizePlan:
     dense_bytes: int  # every tensor no layer of the plan compresses, header allowance included
     layers: list[LayerChoice] = field(default_factory=list)
     measure: str = "rel. error"  # or "Fisher": what each layer's error is (see the module docstring)
+    #: With Fisher: each planned weight's squared gradients, by ``LayerChoice.name``; the options were measured
+    #: on k-means weighted by them, and ``prepare(model, plan.config, importance=plan.importance)`` weighs alike.
+    importance: dict[str, Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def bytes(self) -> int:
@@ -106,7 +110,8 @@ class SizePlan:
         """
         _check_target(target_bpw)
         layers = [replace(layer, chosen=0) for layer in self.layers]
-        plan = SizePlan(int(target_bpw * self.parameters / 8), self.parameters, self.dense_bytes, layers, self.measure)
+        plan = SizePlan(int(target_bpw * self.parameters / 8), self.parameters, self.dense_bytes, layers, self.measure,
+                        self.importance)  # fmt: skip
         _check_fits(plan, target_bpw)
         _spend(plan)
         return plan
@@ -170,7 +175,7 @@ def plan_to_size(
     dense += _header_allowance(model, [name for name, _, _, _ in chosen])
     if fisher and calibration is None:
         raise TorchdkmError("plan_to_size: fisher=True needs a calibration that returns (or yields) losses")
-    squared_grads = _fisher(model, chosen, calibration) if fisher else {}
+    squared_grads = fisher_of(model, calibration, base) if fisher else {}
     importance = {} if fisher else _input_importance(model, chosen, calibration)
     plan = SizePlan(target, parameters, dense, measure="Fisher" if fisher else "rel. error")
     for name, module, param, layer in chosen:
@@ -179,15 +184,17 @@ def plan_to_size(
         weight = weight.mT if transposed else weight
         sizes = (layer.scale_block,) if blocks is None else tuple(blocks)
         asym = layer.scale_offset if offset is None else offset
+        weighing = None
         if fisher:
-            grads = squared_grads[id(getattr(module, param))]
-            scoring = _FisherError(grads.mT if transposed else grads)
+            grads = plan.importance[key_of(name, param)] = squared_grads[key_of(name, param)]
+            weighing = grads.mT if transposed else grads
+            scoring = _FisherError(weighing)
         else:
             scoring = _RelativeError(importance.get(name))
         options = [_option(name, weight, layer.replace(bits=b, scale_block=blk, scale_offset=asym and blk is not None),
-                           scoring) for b, blk in itertools.product(bits, sizes)]  # fmt: skip
+                           scoring, weighing) for b, blk in itertools.product(bits, sizes)]  # fmt: skip
         options.sort(key=lambda o: (o[1], o[2]))
-        plan.layers.append(LayerChoice(f"{name}.{param}" if name else param, name, weight.numel(), options))
+        plan.layers.append(LayerChoice(key_of(name, param), name, weight.numel(), options))
     _check_fits(plan, target_bpw)
     _spend(plan)
     return plan
@@ -252,9 +259,13 @@ class _FisherError:
         return float(((snapped - weight).float().square() * self.fisher.reshape(weight.shape)).sum())
 
 
-def _option(name: str, weight: Tensor, layer: LayerConfig, scoring: Callable[[Tensor, Tensor], float]) -> tuple[LayerConfig, int, float]:
-    """``(config, bytes, error)``: the layer's stored size and the error of its post-training k-means weights."""
+def _option(
+    name: str, weight: Tensor, layer: LayerConfig, scoring: Callable[[Tensor, Tensor], float], weighing: Tensor | None
+) -> tuple[LayerConfig, int, float]:
+    """``(config, bytes, error)``: the layer's stored size and the error of its post-training k-means weights
+    (weighted by ``weighing``, as ``prepare`` with the plan's importance weighs them)."""
     clusterer = WeightClusterer(name, layer, weight.shape)
+    clusterer.weigh(weighing, weight)
     snapped = clusterer.snap(weight, clusterer.init(weight))
     spec = PaletteSpec(clusterer.layout.shape, layer.bits, layer.dim, clusterer.layout.group_size,
                        layer.scale_block, layer.scale_offset)  # fmt: skip
@@ -302,51 +313,6 @@ def _input_importance(model: nn.Module, chosen: list, calibration: Callable | No
         for handle in handles:
             handle.remove()
     return {name: sums[name] / counts[name] for name in sums}
-
-
-def _fisher(model: nn.Module, chosen: list, calibration: Callable) -> dict[int, Tensor]:
-    """Each selected weight's squared gradients summed over the calibration's losses, by tensor id (tied: once).
-
-    Only the selected weights take gradients during the run (``requires_grad`` restored after).
-    """
-    weights = {id(w): w for w in (getattr(module, param) for _, module, param, _ in chosen)}
-    every = list(model.parameters())
-    needed = [p.requires_grad for p in every]
-    was_training = model.training
-    fisher: dict[int, Tensor] = {}
-    try:
-        model.eval()
-        for p in every:
-            p.requires_grad_(id(p) in weights)
-        result = calibration(model)
-        losses = 0
-        for loss in (result if isinstance(result, Iterator) else [result]):
-            _accumulate_fisher(loss, weights, fisher)
-            losses += 1
-    finally:
-        for p, flag in zip(every, needed):
-            p.requires_grad_(flag)
-        model.train(was_training)
-    if not losses:
-        raise TorchdkmError("plan_to_size: the calibration yielded no loss")
-    # a weight no loss reached: zero, not missing
-    return {key: fisher[key] if key in fisher else torch.zeros(w.shape) for key, w in weights.items()}
-
-
-def _accumulate_fisher(loss: object, weights: dict[int, Tensor], fisher: dict[int, Tensor]) -> None:
-    """Backpropagate one calibration loss and add each selected weight's squared gradient to ``fisher``."""
-    if not (isinstance(loss, Tensor) and loss.numel() == 1 and loss.requires_grad and loss.dtype.is_floating_point):
-        raise TorchdkmError(
-            f"plan_to_size: the calibration returned {type(loss).__name__} "
-            f"{tuple(loss.shape) if isinstance(loss, Tensor) else ''} where a scalar loss with a gradient was expected"
-        )
-    if not torch.isfinite(loss):
-        raise TorchdkmError(f"plan_to_size: a calibration loss is {float(loss)}")
-    grads = torch.autograd.grad(loss, list(weights.values()), allow_unused=True)
-    for key, grad in zip(weights, grads):
-        if grad is not None:
-            square = grad.detach().float().square()
-            fisher[key] = fisher[key] + square if key in fisher else square
 
 
 __all__ = ["LayerChoice", "SizePlan", "plan_to_size"]

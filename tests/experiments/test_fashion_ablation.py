@@ -18,17 +18,18 @@ def test_variants_run_and_are_tabled_per_seed(tmp_path: Path) -> None:
     data = synthetic_fashion(tmp_path / "data", n_train=5100, n_test=40)
     torch.manual_seed(0)
     torch.save(MobileNetV1().state_dict(), tmp_path / "fashion_mobilenet_s0.pt")
-    only = ["1/1 scale+offset, ST", "4/4, ST, schedule", "1/1 uniform QAT", "4/4 coremltools scale"]
+    only = ["1/1 scale+offset, ST", "4/4, ST, schedule", "1/1 uniform QAT", "4/4 coremltools scale", "4/4, ST, Fisher"]
     argv = ["--model", "mobilenet", "--steps", "2", "--seeds", "0", "1", "--only", *only, "--data-dir", str(data),
             "--checkpoints", str(tmp_path), "--out", str(tmp_path), "--no-progress", "--threads", "1"]  # fmt: skip
     assert cli(argv) == 0
     saved = json.loads((tmp_path / "fashion_ablation_mobilenet.json").read_text())
     records = [r for r in saved["records"] if r["method"] != "fp32"]
     assert sorted({r["method"] for r in records}) == sorted(only)
-    assert sorted(r["seed"] for r in records) == [0] * 4 + [1] * 4
+    assert sorted(r["seed"] for r in records) == [0] * 5 + [1] * 5
     st = next(r for r in records if r["method"] == only[0])
     assert "straight_through=1.0" in st["note"] and st["steps"] == 2 and st["bits_per_weight"] == 1
     assert "tau 0.05 to 0.002" in next(r for r in records if r["method"] == only[1])["note"]
+    assert "Fisher-weighted centroids (16 batches)" in next(r for r in records if r["method"] == only[4])["note"]
     table = (tmp_path / "fashion_ablation_mobilenet.md").read_text()
     assert "fine-tuning seeds 0, 1" in table
     assert all(f"| {label} |" in table for label in only)

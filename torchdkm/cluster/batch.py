@@ -144,6 +144,10 @@ def _unique(clusterers: list[WeightClusterer], weights: list[Tensor], c0: list[T
     c, scale = margin(stacked.values, stacked.counts, torch.cat(c0), rows, picks=picks)
     problem = _problem(clusterers, stacked.values, stacked.counts, scale, plan, groups)
     source = torch.cat([w.reshape(-1) for w in weights])
-    out, c = run(source, UniqueAttention(problem, stacked, source.shape, weights[0].dtype), c)
+    importance = None
+    if any(cl.importance is not None for cl in clusterers):  # (a layer without: every weight weighs 1)
+        shares = [cl.weight_importance(w.device) for cl, w in zip(clusterers, weights)]
+        importance = torch.cat([w.new_ones(w.numel()) if s is None else s.to(w.dtype) for s, w in zip(shares, weights)])
+    out, c = run(source, UniqueAttention(problem, stacked, source.shape, weights[0].dtype, importance), c)
     pieces = out.split([w.numel() for w in weights])
     return [SoftResult(p.view(w.shape), ci.detach()) for p, w, ci in zip(pieces, weights, c.split(groups))]

@@ -11,7 +11,7 @@ into a :class:`.Problem` and runs the plan's attention variant through
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -35,6 +35,9 @@ _FP16_MAX = 65504.0
 #: Weights may reach this fraction of the square root of the compute dtype's largest value
 #: (1.8e15 in float32): squared distances and their sums over many vectors stay finite.
 MAGNITUDE_MARGIN = 1e-4
+#: The least pull a weight keeps under an importance weighting, relative to its group's mean (a value whose
+#: weights all had zero importance would otherwise count as padding and lose its centroid's pull entirely).
+IMPORTANCE_FLOOR = 1e-3
 #: Up to this many scalars the 1-D optimum is found on the exact values; above, on
 #: their distinct 16-bit roundings (then polished by Lloyd on the exact values).
 DP_EXACT_LIMIT = 65536
@@ -76,6 +79,41 @@ class WeightClusterer:
         self._plans: dict[tuple, Plan] = {}
         #: Per-block normalisation (``config.scale_block``): DKM then clusters ``(W - offset) / scale``.
         self.scales = BlockScales.of(shape, config.scale_block, config.scale_offset)
+        #: ``(G, n)`` per-vector weights of the centroid means (:meth:`weigh`), or None: every vector alike.
+        self.importance: Tensor | None = None
+
+    @torch.no_grad()
+    def weigh(self, importance: Tensor | None, weight: Tensor) -> None:
+        """Weigh each weight's pull on its centroid by ``importance`` (``weight``'s shape, e.g. the diagonal Fisher).
+
+        Every centroid becomes the importance-weighted mean of its soft cluster, in the initial k-means and in
+        every DKM step (multiplicities of the :class:`.Problem`, so every attention variant and the shared
+        backward take it), as SqueezeLLM weighs its post-training k-means: the weights the loss is sensitive
+        to are the ones the LUT should reproduce.  Block-normalised weights weigh ``importance x scale**2`` (an
+        error ``e`` of a normalised weight is ``scale x e`` in the weight), the scales being those of
+        ``weight``.  A vector weighs the mean of its values' importance.  Normalised to mean 1 per group and
+        floored at :data:`IMPORTANCE_FLOOR`, so the temperature and stopping rules keep their scale.
+        """
+        if importance is None:
+            self.importance = None
+            return
+        values = importance.detach().to(torch.float32).reshape(weight.shape)
+        if self.scales is not None:
+            scale = self.normalised(weight.detach())[1].to(torch.float32)
+            per_weight = scale.repeat_interleave(self.scales.block, 1)[:, : self.scales.row_len]
+            values = values * per_weight.reshape(weight.shape).square()
+        vectors = self.layout.to_vectors(values).mean(-1)
+        real = self.layout.multiplicity(vectors.dtype, vectors.device)
+        real = torch.ones_like(vectors) if real is None else real
+        mean = (vectors * real).sum(1, keepdim=True) / real.sum(1, keepdim=True).clamp_min(1)
+        vectors = torch.where(mean > 0, vectors / mean.clamp_min(1e-30), torch.ones_like(vectors))
+        self.importance = vectors.clamp_min(IMPORTANCE_FLOOR) * real
+
+    def weight_importance(self, device: torch.device) -> Tensor | None:
+        """``(numel,)``: each weight's own weighing (scalars: :attr:`importance` in the weight's order), or None."""
+        if self.importance is None:
+            return None
+        return self.layout.from_vectors(self.importance.unsqueeze(-1)).reshape(-1).to(device)
 
     def plan(self, weight: Tensor) -> Plan:
         """The step plan for this weight's dtype and device (made once for each)."""
@@ -120,10 +158,14 @@ class WeightClusterer:
             )
         if found.values.numel():
             self.check_magnitude(float(found.values.abs().amax()), found.values.dtype)
+        if self.importance is not None:  # each distinct value weighs the sum of its weights' importance
+            found = replace(found, counts=found.sum_per_slot(self.weight_importance(weight.device), found.counts.dtype))
         return found
 
     def vectors(self, weight: Tensor, plan: Plan) -> tuple[Tensor, Tensor | None]:
         x = self.layout.to_vectors(weight.to(plan.compute))
+        if self.importance is not None:
+            return x, self.importance.to(x.dtype).to(x.device)
         return x, self.layout.multiplicity(x.dtype, x.device)
 
     def thresholds(self, scale: Tensor) -> tuple[Tensor, Tensor]:
@@ -200,7 +242,8 @@ class WeightClusterer:
             found = self.uniquify(weight, plan.cluster_dtype, plan)
             c0, scale = margin(found.values, found.counts, c0, plan.rows)
             problem = self._problem(found.values, found.counts, scale, plan)
-            out, c = run(weight, UniqueAttention(problem, found, weight.shape, weight.dtype), c0)
+            attention = UniqueAttention(problem, found, weight.shape, weight.dtype, self.weight_importance(weight.device))
+            out, c = run(weight, attention, c0)
             return SoftResult(out, c.detach())
         self.check_finite(weight, plan)
         x, m = self.vectors(weight, plan)

@@ -2,7 +2,8 @@
 
 Shapes: ``x`` is ``(G, n, d)`` (G independent groups of n vectors), ``m`` is
 ``(G, n)`` vector multiplicities (1 for an ordinary vector, the count of a
-distinct value when uniquified, 0 for padding; ``None`` means all 1), the
+distinct value when uniquified, 0 for padding, the importance of each vector or
+distinct value when weighed, see ``WeightClusterer.weigh``; ``None`` means all 1), the
 centroids are ``(G, k, d)`` and ``tau`` is ``(G,)`` absolute temperatures.
 Several small layers may share one problem (:mod:`.batch`): ``members`` then
 says which layer each group belongs to, and the stopping rules apply per layer.

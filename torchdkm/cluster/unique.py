@@ -254,9 +254,18 @@ class UniqueAttention(DenseAttention):
     The 16-bit rounding is straight-through.
     """
 
-    def __init__(self, problem: Problem, found: Distinct | StackedDistinct, shape: torch.Size, dtype: torch.dtype):
+    def __init__(
+        self,
+        problem: Problem,
+        found: Distinct | StackedDistinct,
+        shape: torch.Size,
+        dtype: torch.dtype,
+        importance: Tensor | None = None,
+    ):
         super().__init__(problem)
         self.found, self.shape, self.dtype = found, shape, dtype
+        #: ``(numel,)`` each weight's share of its value's weighted count (counts summed importance), or None
+        self.importance = importance
         self.slope: Tensor | None = None
         self.grad_out: Tensor | None = None
 
@@ -282,8 +291,13 @@ class UniqueAttention(DenseAttention):
         counts, dtype = self.problem.m, self.problem.x.dtype
         assert counts is not None
         shared = super().input_grad()
-        share = torch.where(counts > 0, shared[..., 0] / counts.clamp_min(1), torch.zeros_like(counts))
+        share = torch.where(counts > 0, shared[..., 0] / counts.clamp_min(torch.finfo(counts.dtype).tiny), torch.zeros_like(counts))
         grad_out, slope, self.grad_out, self.slope = self.grad_out, self.slope, None, None
+        if self.importance is not None:  # a weight's share of its value's gradient: its share of the weighted count
+            through = self.found.expand(share, dtype) * self.importance.to(dtype)
+            if grad_out is None or slope is None:
+                return through.view(self.shape)
+            return (self.found.gather_affine(torch.zeros_like(share), slope, grad_out) + through).view(grad_out.shape)
         if grad_out is None or slope is None:
             return self.found.expand(share, dtype).view(self.shape)
         return self.found.gather_affine(share, slope, grad_out).view(grad_out.shape)

@@ -194,9 +194,11 @@ def compress(
             run = lambda model: model(**batch)  # noqa: E731
         plan = plan_to_size(teacher, target_bpw, config, calibration=run, fisher=windows is not None)
         say(str(plan), file=sys.stderr, flush=True)
-        config = plan.config
+        config, importance = plan.config, plan.importance  # (Fisher: the k-means weighs what the plan measured)
+    else:
+        importance = None
     say(f"loaded {type(teacher).__name__}; initialising the centroids by k-means ...", file=sys.stderr, flush=True)
-    student = prepare(copy.deepcopy(teacher), config, progress=progress)
+    student = prepare(copy.deepcopy(teacher), config, progress=progress, importance=importance)
     if windows is not None:
         say(f"distilling next-token distributions on {len(windows)} windows of {window} tokens", file=sys.stderr)
         causal.distill_causal(

@@ -36,8 +36,13 @@ SPARSE_SOURCE = Path(__file__).with_name("sparse.c")
 LUT_SOURCE = Path(__file__).with_name("lut.c")
 #: Their threads (torch's OpenMP team), compiled into the same library.
 POOL_SOURCE = Path(__file__).with_name("pool.c")
+#: The inference loops' vector paths, one file per instruction set, and the header they share with lut.c.
+LUT_VECTOR_SOURCES = tuple(Path(__file__).with_name(name) for name in ("lut_avx512.c", "lut_avx2.c"))
+LUT_HEADER = Path(__file__).with_name("lut.h")
 #: The files each library is compiled from (named by its first).
-PARTS = {SOURCE: (SOURCE, SPARSE_SOURCE), LUT_SOURCE: (LUT_SOURCE, POOL_SOURCE)}
+PARTS = {SOURCE: (SOURCE, SPARSE_SOURCE), LUT_SOURCE: (LUT_SOURCE, *LUT_VECTOR_SOURCES, POOL_SOURCE)}
+#: Headers the sources include: part of the cache key, not compiled on their own.
+HEADERS = {LUT_SOURCE: (LUT_HEADER,)}
 FLAGS = ("-O3", "-std=c99", "-shared", "-fPIC", "-ffp-contract=off")
 
 _lock = threading.Lock()
@@ -98,7 +103,7 @@ def _load(path: Path) -> ctypes.CDLL | None:
         return None
     parts = PARTS.get(path, (path,))
     runtime = openmp_runtime() if path == LUT_SOURCE else None
-    sources = [part.read_bytes() for part in parts]
+    sources = [part.read_bytes() for part in (*parts, *HEADERS.get(path, ()))]
     key = hashlib.sha256(b"\0".join([*sources, compiler.encode(), " ".join(FLAGS).encode(), platform.machine().encode(),
                                      str(runtime).encode()]))  # fmt: skip
     stem = "native_loops" if path == SOURCE else f"native_{path.stem}"

@@ -43,12 +43,16 @@ class DKMParametrization(nn.Module):
     the same soft weight, and one forward is one DKM step, as for an untied weight.
     """
 
-    def __init__(self, name: str, config: LayerConfig, weight: Tensor, *, transposed: bool = False):
+    def __init__(
+        self, name: str, config: LayerConfig, weight: Tensor, *, transposed: bool = False, importance: Tensor | None = None
+    ):
         super().__init__()
         self.layer_name = name
         self.config = config
         self.transposed = transposed
         self.clusterer = WeightClusterer(name, config, self.view(weight).shape)
+        # (weighs the centroid means from the initial k-means on; kept by the clusterer, not in state_dict)
+        self.clusterer.weigh(None if importance is None else self.view(importance), self.view(weight))
         self.register_buffer("centroids", self.clusterer.init(self.view(weight)))
         #: (key, the hard result, its centroids, the snapped weight in the module's layout)
         self._snapped: tuple[tuple, HardResult, Tensor, Tensor] | None = None
