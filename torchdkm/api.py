@@ -77,7 +77,7 @@ def prepare(
             "prepare: the config selects no weight of this model (check rules and min_numel)"
             + (f"; left dense: {', '.join(s.key for s in selection.skipped[:5])}" if selection.skipped else "")
         )
-    weighing = importance_by_layer(importance or {}, selection)
+    weighing = _importance_by_layer(importance or {}, selection)
     chosen = tqdm(selection.chosen, desc="k-means init", unit="layer", disable=not progress, leave=False)
     prepared = []
     for name, module, param, layer in chosen:
@@ -94,7 +94,7 @@ def prepare(
     return model
 
 
-def importance_by_layer(importance: Mapping[str, Tensor], selection: Selection) -> dict[tuple[str, str], Tensor]:
+def _importance_by_layer(importance: Mapping[str, Tensor], selection: Selection) -> dict[tuple[str, str], Tensor]:
     """``prepare``'s ``importance`` by chosen ``(module name, parameter)``, checked: every key names a chosen
     weight (a tied tensor by any of its holders' names), has its shape, and is finite and >= 0."""
     owners = {}

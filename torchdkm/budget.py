@@ -9,7 +9,9 @@ k-means weights (the clusterer's own ``init`` + ``snap``), one of two ways:
 
 * **Fisher** (``fisher=True``, the calibration returning losses): the estimated increase of
   the loss, ``sum F (W_q - W)^2`` with ``F`` the squared gradient of each
-  weight summed over the calibration losses (the diagonal empirical Fisher).
+  weight summed over the calibration losses (the diagonal empirical Fisher,
+  :func:`torchdkm.fisher`), the k-means itself weighted by ``F`` (as ``prepare``
+  weighs it with ``importance=plan.importance``).
   It sees what a norm cannot: a few outlier weights that one LUT per tensor
   clips cost little Frobenius norm but much loss.  Measured on SmolLM2-135M at
   3 bits per weight: the relative error below chose one LUT per tensor (no
