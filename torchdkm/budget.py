@@ -179,7 +179,7 @@ def plan_to_size(
         raise TorchdkmError("plan_to_size: fisher=True needs a calibration that returns (or yields) losses")
     squared_grads = fisher_of(model, calibration, base) if fisher else {}
     importance = {} if fisher else _input_importance(model, chosen, calibration)
-    plan = SizePlan(target, parameters, dense, measure="Fisher" if fisher else "rel. error")
+    plan = SizePlan(target, parameters, dense, measure="Fisher" if fisher else "rel. error", importance=squared_grads)
     for name, module, param, layer in chosen:
         weight = getattr(module, param).detach()
         transposed = is_transposed(module)  # (transformers' Conv1D: output channels first)
@@ -188,7 +188,7 @@ def plan_to_size(
         asym = layer.scale_offset if offset is None else offset
         weighing = None
         if fisher:
-            grads = plan.importance[key_of(name, param)] = squared_grads[key_of(name, param)]
+            grads = squared_grads[key_of(name, param)]
             weighing = grads.mT if transposed else grads
             scoring = _FisherError(weighing)
         else:

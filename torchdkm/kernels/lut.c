@@ -64,8 +64,6 @@ static int vectorised(const palette *p) {
 }
 
 /* Whether the block scales (if any) leave every chunk in one block (else gemv takes the scalar loop). */
-int64_t tdkm_lut_row_len(const palette *p) { return p->row_len; }
-
 int tdkm_lut_whole_chunks(const palette *p) {
     return !p->scales || p->block >= p->row_len || p->block % (CHUNK * p->dim) == 0;
 }
@@ -76,8 +74,8 @@ void tdkm_lut_rows(const palette *p, const int64_t *rows, int64_t n, float *out,
     int vector = vectorised(p), which = tdkm_lut_isa(-1);
     for (int64_t j = 0; j < n; j++, out += p->row_len) {
 #if HAVE_X86
-        if (vector && which == ISA_AVX512) rows512_any(p, rows[j], out);
-        else if (vector && which == ISA_AVX2) rows256_any(p, rows[j], out);
+        if (vector && which == ISA_AVX512) tdkm_rows512_any(p, rows[j], out);
+        else if (vector && which == ISA_AVX2) tdkm_rows256_any(p, rows[j], out);
         else
 #endif
             row_scalar(p, rows[j], 0, p->row_len, out);
@@ -95,8 +93,8 @@ int tdkm_lut_gemv(const palette *p, int64_t r0, int64_t r1, const float *x, int6
     while (nb > 0) {
         int step = nb >= 8 ? 8 : nb >= 4 ? 4 : nb >= 2 ? 2 : 1;
 #if HAVE_X86
-        if (vector && which == ISA_AVX512) gemv512_any(p, r0, r1, x, xs, y, ys, cb, srow, step);
-        else if (vector && which == ISA_AVX2) gemv256_any(p, r0, r1, x, xs, y, ys, cb, srow, step);
+        if (vector && which == ISA_AVX512) tdkm_gemv512_any(p, r0, r1, x, xs, y, ys, cb, srow, step);
+        else if (vector && which == ISA_AVX2) tdkm_gemv256_any(p, r0, r1, x, xs, y, ys, cb, srow, step);
         else
 #endif
         {

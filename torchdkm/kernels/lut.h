@@ -34,6 +34,9 @@ enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
 
 /* The instruction set in use (lut.c): -1 the current choice, else the best supported one up to `want`. */
 int tdkm_lut_isa(int want);
+/* lut.c's loops (pool.c runs them on threads). */
+int tdkm_lut_gemv(const palette *p, int64_t r0, int64_t r1, const float *x, int64_t xs, int64_t nb, float *y, int64_t ys);
+void tdkm_lut_rows(const palette *p, const int64_t *rows, int64_t n, float *out, int scaled);
 
 /* Index q of the stream (scalar): the bits may straddle two bytes. */
 SHARED uint32_t index_at(const palette *p, int64_t q) {
@@ -97,7 +100,6 @@ SHARED const uint8_t *bytes_at(const palette *p, int64_t byte, uint8_t *spare) {
     return spare;
 }
 
-
 /* How many of a row's `whole` vectors, from its byte `start` on (`step` bytes a chunk), can be read with
  * whole loads, in groups of `unroll` chunks (the rest go through bytes_at: only the tensor's last rows). */
 SHARED int64_t whole_loads(const palette *p, int64_t start, int64_t step, int64_t whole, int unroll) {
@@ -106,7 +108,6 @@ SHARED int64_t whole_loads(const palette *p, int64_t start, int64_t step, int64_
     if (chunks * CHUNK > whole) chunks = whole / CHUNK;
     return chunks / unroll * unroll * CHUNK;
 }
-
 
 #if HAVE_X86
 /* Lane l's index starts at bit shift + l * bits of 16 bytes (shift < 8): it lies in bytes b and b + 1,
@@ -125,7 +126,6 @@ SHARED void lanes(int64_t bits, int64_t shift, int n, int32_t *pick, int32_t *ri
 SHARED void first_entries(const float *table, int64_t entries, int64_t dim, float *first) {
     for (int i = 0; i < 64; i++) first[i] = dim == 1 || i < entries ? table[i & (entries - 1)] : 0.0f;
 }
-
 
 /* The lookup mode of a palette for a vector width: by how many float entries its LUT has (dim << bits). */
 SHARED int mode_of(const palette *p, int wide) {
@@ -162,11 +162,11 @@ SHARED int mode_of(const palette *p, int wide) {
     default: BY_MODE(fn, mode, p, o, out, 4) break;                                                               \
     }
 
-void gemv512_any(const palette *p, int64_t r0, int64_t r1, const float *x, int64_t xs, float *y, int64_t ys,
-                 const int32_t *cb, float *srow, int nb);
-void gemv256_any(const palette *p, int64_t r0, int64_t r1, const float *x, int64_t xs, float *y, int64_t ys,
-                 const int32_t *cb, float *srow, int nb);
-void rows512_any(const palette *p, int64_t o, float *out);
-void rows256_any(const palette *p, int64_t o, float *out);
+void tdkm_gemv512_any(const palette *p, int64_t r0, int64_t r1, const float *x, int64_t xs, float *y, int64_t ys,
+                      const int32_t *cb, float *srow, int nb);
+void tdkm_gemv256_any(const palette *p, int64_t r0, int64_t r1, const float *x, int64_t xs, float *y, int64_t ys,
+                      const int32_t *cb, float *srow, int nb);
+void tdkm_rows512_any(const palette *p, int64_t o, float *out);
+void tdkm_rows256_any(const palette *p, int64_t o, float *out);
 #endif
 #endif

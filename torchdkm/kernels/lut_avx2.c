@@ -143,9 +143,9 @@ AVX2 INLINE void rows256(const palette *p, int64_t o, float *out, const int dim,
     if (whole * dim < p->row_len) row_scalar(p, o, whole * dim, p->row_len, out + whole * dim);
 }
 
-AVX2 void gemv256_any(const palette *p, int64_t r0, int64_t r1, const float *x, int64_t xs, float *y, int64_t ys,
-                      const int32_t *cb, float *srow, int nb) {
+AVX2 void tdkm_gemv256_any(const palette *p, int64_t r0, int64_t r1, const float *x, int64_t xs, float *y, int64_t ys,
+                           const int32_t *cb, float *srow, int nb) {
     BY_DIM(gemv256, mode_of(p, 0), nb, p, r0, r1, x, xs, y, ys, cb, srow)
 }
-AVX2 void rows256_any(const palette *p, int64_t o, float *out) { ROWS(rows256, mode_of(p, 0), o, out) }
+AVX2 void tdkm_rows256_any(const palette *p, int64_t o, float *out) { ROWS(rows256, mode_of(p, 0), o, out) }
 #endif

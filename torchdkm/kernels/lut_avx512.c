@@ -146,9 +146,9 @@ AVX512 INLINE void rows512(const palette *p, int64_t o, float *out, const int di
     if (whole * dim < p->row_len) row_scalar(p, o, whole * dim, p->row_len, out + whole * dim);
 }
 
-AVX512 void gemv512_any(const palette *p, int64_t r0, int64_t r1, const float *x, int64_t xs, float *y, int64_t ys,
-                        const int32_t *cb, float *srow, int nb) {
+AVX512 void tdkm_gemv512_any(const palette *p, int64_t r0, int64_t r1, const float *x, int64_t xs, float *y, int64_t ys,
+                             const int32_t *cb, float *srow, int nb) {
     BY_DIM(gemv512, mode_of(p, 1), nb, p, r0, r1, x, xs, y, ys, cb, srow)
 }
-AVX512 void rows512_any(const palette *p, int64_t o, float *out) { ROWS(rows512, mode_of(p, 1), o, out) }
+AVX512 void tdkm_rows512_any(const palette *p, int64_t o, float *out) { ROWS(rows512, mode_of(p, 1), o, out) }
 #endif

@@ -12,6 +12,8 @@
  */
 #include <pthread.h>
 #include <stdint.h>
+
+#include "lut.h"
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -55,12 +57,8 @@ int tdkm_parallel(tdkm_task task, void *arg, int parts) {
 }
 
 /* -- lut.c's loops over several threads: output rows split evenly ------------------------------------------- */
-int tdkm_lut_gemv(const void *p, int64_t r0, int64_t r1, const float *x, int64_t xs, int64_t nb, float *y, int64_t ys);
-void tdkm_lut_rows(const void *p, const int64_t *rows, int64_t n, float *out, int scaled);
-int64_t tdkm_lut_row_len(const void *p);
-
 typedef struct {
-    const void *p;
+    const palette *p;
     int64_t r0, r1, xs, nb, ys;
     const float *x;
     float *y;
@@ -73,7 +71,7 @@ static int gemv_part(void *arg, int part, int parts) {
 }
 
 /* tdkm_lut_gemv over `threads` threads. */
-int tdkm_lut_gemv_threads(const void *p, int64_t r0, int64_t r1, const float *x, int64_t xs, int64_t nb, float *y,
+int tdkm_lut_gemv_threads(const palette *p, int64_t r0, int64_t r1, const float *x, int64_t xs, int64_t nb, float *y,
                           int64_t ys, int threads) {
     gemv_call call = {p, r0, r1, xs, nb, ys, x, y};
     if (threads > r1 - r0) threads = (int)(r1 - r0);
@@ -81,7 +79,7 @@ int tdkm_lut_gemv_threads(const void *p, int64_t r0, int64_t r1, const float *x,
 }
 
 typedef struct {
-    const void *p;
+    const palette *p;
     const int64_t *rows;
     int64_t n;
     float *out;
@@ -91,12 +89,12 @@ typedef struct {
 static int rows_part(void *arg, int part, int parts) {
     const rows_call *c = (const rows_call *)arg;
     int64_t first = c->n * part / parts, last = c->n * (part + 1) / parts;
-    if (first < last) tdkm_lut_rows(c->p, c->rows + first, last - first, c->out + first * tdkm_lut_row_len(c->p), c->scaled);
+    if (first < last) tdkm_lut_rows(c->p, c->rows + first, last - first, c->out + first * c->p->row_len, c->scaled);
     return 0;
 }
 
 /* tdkm_lut_rows over `threads` threads: a whole weight decoded for a GEMM is written at both cores' speed. */
-void tdkm_lut_rows_threads(const void *p, const int64_t *rows, int64_t n, float *out, int scaled, int threads) {
+void tdkm_lut_rows_threads(const palette *p, const int64_t *rows, int64_t n, float *out, int scaled, int threads) {
     rows_call call = {p, rows, n, out, scaled};
     if (threads > n) threads = (int)n;
     tdkm_parallel(rows_part, &call, threads < 1 ? 1 : threads);
