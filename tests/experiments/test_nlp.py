@@ -40,6 +40,8 @@ def test_tiny_nlp_run(tmp_path: Path, fortunes_dir: Path) -> None:
     saved = json.loads((tmp_path / "nlp-tiny.json").read_text())
     assert saved["config"]["data"]["fingerprint"] and len(saved["records"]) == len(results.records)
     assert "Embedding model by distillation" in (tmp_path / "nlp-tiny.md").read_text()
+    fp32 = by[("fp32", "-")]
+    assert fp32.note.startswith("best validation accuracy at epoch") and fp32.steps > 0
     for png in ("nlp-tiny_tradeoff.png", "nlp-tiny_histogram.png", "nlp-tiny_distill_cosine.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -64,3 +66,23 @@ def test_cli_refuses_coremltools_without_dkm() -> None:
     with pytest.raises(SystemExit) as exit_:
         nlp.cli(["--methods", "coremltools DKM"])
     assert exit_.value.code == 2
+
+
+def test_merge_reruns_one_part_and_keeps_the_other(tmp_path: Path, fortunes_dir: Path) -> None:
+    """--parts classify --merge: the earlier distill records stay, the earlier classify records are replaced."""
+    first = nlp.run(nlp.Options.tiny(out=tmp_path, methods=("k-means",), fortunes_dir=fortunes_dir))
+    earlier_distill = [r for r in first.records if nlp.part_of(r) == "distill"]
+    again = nlp.Options.tiny(
+        out=tmp_path,
+        methods=("k-means",),
+        parts=("classify",),
+        merge=tmp_path / "nlp-tiny.json",
+        fortunes_dir=fortunes_dir,
+        max_epochs=1,
+    )
+    merged = nlp.run(again)
+    assert [r for r in merged.records if nlp.part_of(r) == "distill"] == earlier_distill
+    classify = [r for r in merged.records if nlp.part_of(r) == "classify"]
+    assert sorted(r.method for r in classify) == ["fp32", "k-means"]  # replaced, not doubled
+    assert merged.config["merged"]["rerun_parts"] == ["classify"]
+    assert "Embedding model by distillation" in (tmp_path / "nlp-tiny.md").read_text()
