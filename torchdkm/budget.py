@@ -128,7 +128,9 @@ class SizePlan:
         for layer in self.layers:
             cfg = layer.config
             block = "-" if cfg.scale_block is None else f"{cfg.scale_block or 'row'}{'a' if cfg.scale_offset else ''}"
-            lines.append(f"{layer.name:40s} {cfg.bits:>4d}/{cfg.dim:<3d} {block:>6s} {layer.bytes:>12,} {layer.error:>10.4g}")
+            lines.append(
+                f"{layer.name:40s} {cfg.bits:>4d}/{cfg.dim:<3d} {block:>6s} {layer.bytes:>12,} {layer.error:>10.4g}"
+            )
         lines.append(
             f"planned file: {self.bytes:,} B of {self.target_bytes:,} B ({self.bits_per_weight:.3f} bits per parameter, "
             f"{self.parameters:,} parameters; dense tensors and header {self.dense_bytes:,} B)"
@@ -193,8 +195,18 @@ def plan_to_size(
             scoring = _FisherError(weighing)
         else:
             scoring = _RelativeError(importance.get(name))
-        options = [_option(name, weight, layer.replace(bits=b, scale_block=blk, scale_offset=asym and blk is not None),
-                           scoring, weighing) for b, blk in itertools.product(bits, sizes)]  # fmt: skip
+        options = [
+            option
+            for blk in sizes
+            for option in _options(
+                name,
+                weight,
+                layer.replace(scale_block=blk, scale_offset=asym and blk is not None),
+                tuple(bits),
+                scoring,
+                weighing,
+            )  # fmt: skip
+        ]
         options.sort(key=lambda o: (o[1], o[2]))
         plan.layers.append(LayerChoice(key_of(name, param), name, weight.numel(), options))
     _check_fits(plan, target_bpw)
@@ -261,23 +273,39 @@ class _FisherError:
         return float(((snapped - weight).float().square() * self.fisher.reshape(weight.shape)).sum())
 
 
-def _option(
-    name: str, weight: Tensor, layer: LayerConfig, scoring: Callable[[Tensor, Tensor], float], weighing: Tensor | None
-) -> tuple[LayerConfig, int, float]:
-    """``(config, bytes, error)``: the layer's stored size and the error of its post-training k-means weights
-    (weighted by ``weighing``, as ``prepare`` with the plan's importance weighs them)."""
-    clusterer = WeightClusterer(name, layer, weight.shape)
-    clusterer.weigh(weighing, weight)
-    snapped = clusterer.snap(weight, clusterer.init(weight))
-    spec = PaletteSpec(clusterer.layout.shape, layer.bits, layer.dim, clusterer.layout.group_size,
-                       layer.scale_block, layer.scale_offset)  # fmt: skip
-    return layer, layer_row(name, spec, weight.element_size()).bytes, scoring(snapped, weight)
+def _options(
+    name: str,
+    weight: Tensor,
+    layer: LayerConfig,
+    bits: tuple[int, ...],
+    scoring: Callable[[Tensor, Tensor], float],
+    weighing: Tensor | None,
+) -> list[tuple[LayerConfig, int, float]]:
+    """``(config, bytes, error)`` of ``layer`` at each of ``bits``: the stored size and the error of its
+    post-training k-means weights (weighted by ``weighing``, as ``prepare`` with the plan's importance weighs
+    them).  One initialisation serves every width (:meth:`WeightClusterer.init_many`), unpolished: the
+    planner ranks options and the polish moves the errors by about 2**-11."""
+    widest = WeightClusterer(name, layer.replace(bits=max(bits)), weight.shape)
+    widest.weigh(weighing, weight)
+    starts = widest.init_many(weight, bits, polish=False)
+    out = []
+    for b in bits:
+        config = layer.replace(bits=b)
+        clusterer = WeightClusterer(name, config, weight.shape)
+        snapped = clusterer.snap(weight, starts[b])
+        spec = PaletteSpec(clusterer.layout.shape, b, config.dim, clusterer.layout.group_size,
+                           config.scale_block, config.scale_offset)  # fmt: skip
+        out.append((config, layer_row(name, spec, weight.element_size()).bytes, scoring(snapped, weight)))
+    return out
 
 
 def _header_allowance(model: nn.Module, clustered: list[str]) -> int:
     """An upper bound of the header's bytes: every state_dict entry, and every clustered layer's tensors and metadata."""
     dense = sum(HEADER_PER_TENSOR + len(key) for key in model.state_dict(keep_vars=True))
-    layers = sum(TENSORS_PER_LAYER * (HEADER_PER_TENSOR + len(name) + SUFFIX) + HEADER_PER_LAYER + len(name) for name in clustered)
+    layers = sum(
+        TENSORS_PER_LAYER * (HEADER_PER_TENSOR + len(name) + SUFFIX) + HEADER_PER_LAYER + len(name)
+        for name in clustered
+    )
     return HEADER_FIXED + dense + layers
 
 
@@ -305,7 +333,9 @@ def _input_importance(model: nn.Module, chosen: list, calibration: Callable | No
 
         return record
 
-    handles = [module.register_forward_pre_hook(hook(name)) for name, module, _, _ in chosen if isinstance(module, nn.Linear)]
+    handles = [
+        module.register_forward_pre_hook(hook(name)) for name, module, _, _ in chosen if isinstance(module, nn.Linear)
+    ]
     try:
         was_training = model.training
         model.eval()

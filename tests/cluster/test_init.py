@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from torchdkm.cluster import init as init_mod
-from torchdkm.cluster import init_centroids, kmeans_pp, optimal_1d
+from torchdkm.cluster import init_centroids, kmeans_pp, optimal_1d, optimal_1d_many
 
 F64 = torch.float64
 
@@ -215,3 +215,35 @@ def test_scalar_init_from_distinct_values():
     c = init_centroids(x, None, 8, rows=100, distinct=(values[None], counts[None].float()), lloyd_iters=0)
     opt = dp_optimum(x[0, :, 0], torch.ones(500), 8)
     assert nearest_cost(x[0, :, 0], torch.ones(500), c[0, :, 0]) == pytest.approx(opt, rel=1e-5)
+
+
+def test_optimal_1d_many_equals_one_programme_per_k() -> None:
+    """One programme up to the largest k gives every smaller k's optimum (rows padded and uneven)."""
+    torch.manual_seed(3)
+    values = torch.randn(3, 40, dtype=torch.float64)
+    weights = torch.rand(3, 40, dtype=torch.float64)
+    weights[1, 25:] = 0  # padding
+    found = optimal_1d_many(values, weights, (16, 2, 4, 8))
+    assert sorted(found) == [2, 4, 8, 16]
+    for k, centroids in found.items():
+        torch.testing.assert_close(centroids, optimal_1d(values, weights, k), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="cluster counts"):
+        optimal_1d_many(values, weights, (0, 2))
+
+
+def test_init_many_shares_one_start_and_polishes_on_request() -> None:
+    from torchdkm.cluster import WeightClusterer
+    from torchdkm.config import LayerConfig
+
+    torch.manual_seed(4)
+    weight = torch.randn(48, 96)
+    layer = LayerConfig(bits=4, dim=1, scale_block=32, scale_offset=True)
+    widest = WeightClusterer("w", layer, weight.shape)
+    many = widest.init_many(weight, (1, 2, 4))
+    rough = widest.init_many(weight, (1, 2, 4), polish=False)
+    for bits in (1, 2, 4):
+        alone = WeightClusterer("w", layer.replace(bits=bits), weight.shape).init(weight)
+        torch.testing.assert_close(many[bits], alone, rtol=0, atol=0)
+        torch.testing.assert_close(rough[bits], alone, rtol=1e-3, atol=1e-3)  # the 16-bit optimum, unpolished
+    with pytest.raises(ValueError, match="bits must lie in 1..4"):
+        widest.init_many(weight, (5,))

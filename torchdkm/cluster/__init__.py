@@ -12,7 +12,7 @@ from ..kernels.ranking import Ranking, rank_vectors
 from .clusterer import SoftResult, WeightClusterer
 from .dense import DenseAttention, Shard, ShardedAttention
 from .engine import Attention, ClusterFunction, GramSums, run
-from .init import init_centroids, kmeans_pp, optimal_1d
+from .init import init_centroids, kmeans_pp, optimal_1d, optimal_1d_many
 from .layout import Layout
 from .plan import Plan, make_plan
 from .problem import Problem, rows_for
@@ -40,6 +40,7 @@ __all__ = [
     "kmeans_pp",
     "make_plan",
     "optimal_1d",
+    "optimal_1d_many",
     "rank_vectors",
     "rows_for",
     "run",

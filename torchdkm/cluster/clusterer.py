@@ -11,6 +11,7 @@ into a :class:`.Problem` and runs the plan's attention variant through
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -22,7 +23,7 @@ from ..kernels.ranking import rank_vectors
 from .dense import DenseAttention, Shard, ShardedAttention
 from .engine import Attention, run
 from .hard import nearest
-from .init import init_centroids
+from .init import init_centroids_many
 from .layout import Layout
 from .plan import Plan, make_plan
 from .problem import Problem
@@ -64,9 +65,7 @@ class WeightClusterer:
     loops where they are available; see :func:`torchdkm.kernels.select`).
     """
 
-    def __init__(
-        self, name: str, config: LayerConfig, shape: torch.Size | tuple[int, ...], backend: str | None = None
-    ):
+    def __init__(self, name: str, config: LayerConfig, shape: torch.Size | tuple[int, ...], backend: str | None = None):
         self.name = name
         self.config = config
         self.backend = backend
@@ -121,7 +120,9 @@ class WeightClusterer:
         key = (weight.dtype, weight.device, shard)
         found = self._plans.get(key)
         if found is None:
-            found = self._plans[key] = make_plan(self.config, self.layout, weight.dtype, weight.device, shard, self.backend)
+            found = self._plans[key] = make_plan(
+                self.config, self.layout, weight.dtype, weight.device, shard, self.backend
+            )
         return found
 
     # -- checks ---------------------------------------------------------------
@@ -211,6 +212,19 @@ class WeightClusterer:
     # -- the operations -------------------------------------------------------
     def init(self, weight: Tensor) -> Tensor:
         """k-means initial centroids ``(G, k, dim)`` in the compute dtype."""
+        return self.init_many(weight, (self.config.bits,))[self.config.bits]
+
+    def init_many(self, weight: Tensor, bits: Sequence[int], *, polish: bool = True) -> dict[int, Tensor]:
+        """:meth:`init` for several bit widths of this layout, by bits (what a size planner weighs).
+
+        One normalisation and, for scalars, one dynamic programme serve every
+        width.  ``polish=False`` skips the Lloyd steps that move the scalar
+        optimum (found on the 16-bit-rounded weights) to the exact ones: a
+        relative change of about 2**-11, nothing a planner's ranking sees.
+        ``bits`` are at most this layer's (its plan's chunks are sized for them).
+        """
+        if not bits or max(bits) > self.config.bits or min(bits) < 1:
+            raise ValueError(f"init_many: bits must lie in 1..{self.config.bits}, got {list(bits)}")
         weight = self.normalised(weight.detach())[0]
         plan = self.plan(weight)
         self.check_finite(weight, plan)
@@ -223,7 +237,9 @@ class WeightClusterer:
             if dtype is not None:
                 found = self.uniquify(weight, dtype, plan)
                 pair = (found.values[..., 0], found.counts)
-        return init_centroids(x, m, self.config.k, plan.rows, distinct=pair)
+        iters = None if polish or self.config.dim > 1 else 0
+        found = init_centroids_many(x, m, [1 << b for b in bits], plan.rows, distinct=pair, lloyd_iters=iters)
+        return {b: found[1 << b] for b in bits}
 
     def soft(self, weight: Tensor, centroids: Tensor) -> SoftResult:
         """One DKM step: the soft-clustered weight (differentiable) and the new centroids."""
@@ -242,7 +258,9 @@ class WeightClusterer:
             found = self.uniquify(weight, plan.cluster_dtype, plan)
             c0, scale = margin(found.values, found.counts, c0, plan.rows)
             problem = self._problem(found.values, found.counts, scale, plan)
-            attention = UniqueAttention(problem, found, weight.shape, weight.dtype, self.weight_importance(weight.device))
+            attention = UniqueAttention(
+                problem, found, weight.shape, weight.dtype, self.weight_importance(weight.device)
+            )
             out, c = run(weight, attention, c0)
             return SoftResult(out, c.detach())
         self.check_finite(weight, plan)

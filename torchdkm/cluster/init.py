@@ -16,7 +16,7 @@ generator) and Lloyd on all vectors, chunked.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -34,8 +34,20 @@ def optimal_1d(values: Tensor, weights: Tensor, k: int) -> Tensor:
     Entries with weight 0 are ignored (padding).  Returns ``(G, k)`` sorted
     centroids; a row with fewer than ``k`` distinct values repeats its values.
     """
+    return optimal_1d_many(values, weights, (k,))[k]
+
+
+def optimal_1d_many(values: Tensor, weights: Tensor, ks: Sequence[int]) -> dict[int, Tensor]:
+    """:func:`optimal_1d` for several ``k`` at once, by cluster count.
+
+    The programme for the largest ``k`` fills every smaller one's rows on its
+    way (row ``q`` is the optimum with ``q + 1`` clusters), so a planner that
+    weighs 1 to 4 bits pays for one programme, not four.
+    """
+    if not ks or min(ks) < 1:
+        raise ValueError(f"optimal_1d_many: cluster counts must be >= 1, got {list(ks)}")
     with _one_thread():  # thousands of small ops: thread start-up would dominate
-        return _optimal_1d(values, weights, k)
+        return _optimal_1d(values, weights, sorted(set(ks)))
 
 
 @contextmanager
@@ -48,7 +60,7 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _optimal_1d(values: Tensor, weights: Tensor, k: int) -> Tensor:
+def _optimal_1d(values: Tensor, weights: Tensor, ks: list[int]) -> dict[int, Tensor]:
     device = values.device
     g_count = values.shape[0]
     v = values.to(torch.float64)
@@ -85,24 +97,27 @@ def _optimal_1d(values: Tensor, weights: Tensor, k: int) -> Tensor:
     idx = torch.arange(n, device=device)
     best = cost(start_of, idx)  # one cluster
     choices = []
-    for _ in range(1, k):
+    for _ in range(1, ks[-1]):
         before = torch.where(is_start, torch.zeros_like(best), best.roll(1))
         best, opt = _dp_row(before, cost, starts, ends)
         choices.append(opt)
 
-    # Backtrack every row at once: the q-th cluster spans opt_q[i]..i.
-    centroids = torch.full((g_count, k), float("nan"), dtype=torch.float64, device=device)
-    i = ends.clone()
-    for q in range(k - 1, -1, -1):
-        alive = i >= starts
-        j = choices[q - 1][i.clamp_min(0)] if q > 0 else starts
-        j = torch.where(alive, j, i + 1)
-        nonempty = alive & (j <= i)
-        jj, ii = j.clamp(0, n - 1), i.clamp(0, n - 1)
-        mean = (cs[ii + 1] - cs[jj]) / (cw[ii + 1] - cw[jj]).clamp_min(1e-300)
-        centroids[:, q] = torch.where(nonempty, mean + centre, centroids[:, q])
-        i = torch.where(nonempty, j - 1, i)
-    return _fill_missing(centroids).to(values.dtype)
+    def backtrack(k: int) -> Tensor:
+        """Every row at once: the q-th of ``k`` clusters spans opt_q[i]..i."""
+        centroids = torch.full((g_count, k), float("nan"), dtype=torch.float64, device=device)
+        i = ends.clone()
+        for q in range(k - 1, -1, -1):
+            alive = i >= starts
+            j = choices[q - 1][i.clamp_min(0)] if q > 0 else starts
+            j = torch.where(alive, j, i + 1)
+            nonempty = alive & (j <= i)
+            jj, ii = j.clamp(0, n - 1), i.clamp(0, n - 1)
+            mean = (cs[ii + 1] - cs[jj]) / (cw[ii + 1] - cw[jj]).clamp_min(1e-300)
+            centroids[:, q] = torch.where(nonempty, mean + centre, centroids[:, q])
+            i = torch.where(nonempty, j - 1, i)
+        return _fill_missing(centroids).to(values.dtype)
+
+    return {k: backtrack(k) for k in ks}
 
 
 def _dp_row(before: Tensor, cost, starts: Tensor, ends: Tensor) -> tuple[Tensor, Tensor]:
@@ -191,19 +206,32 @@ def init_centroids(
 
     distinct: for ``dim == 1``, ``(values, counts)`` of shape ``(G, U)``; when
         given, the 1-D optimum is found on them and polished on ``x``.
+    lloyd_iters: Lloyd steps after the start (default 3 polishing the 1-D
+        optimum, 25 after k-means++).
     """
+    return init_centroids_many(x, m, (k,), rows, distinct=distinct, lloyd_iters=lloyd_iters, seed=seed)[k]
+
+
+def init_centroids_many(
+    x: Tensor,
+    m: Tensor | None,
+    ks: Sequence[int],
+    rows: int,
+    *,
+    distinct: tuple[Tensor, Tensor] | None = None,
+    lloyd_iters: int | None = None,
+    seed: int = 0,
+) -> dict[int, Tensor]:
+    """:func:`init_centroids` for several cluster counts (scalars share one dynamic programme)."""
     work = x.to(torch.float64) if x.dtype not in (torch.float32, torch.float64) else x
     if work.shape[-1] == 1:
         values, weights = distinct if distinct is not None else (work[..., 0], _ones(work, m))
-        c = optimal_1d(values, weights, k).to(work.dtype).unsqueeze(-1)
+        starts = {k: c.to(work.dtype).unsqueeze(-1) for k, c in optimal_1d_many(values, weights, ks).items()}
         iters = 3 if lloyd_iters is None else lloyd_iters
     else:
-        generator = torch.Generator().manual_seed(seed)
-        c = kmeans_pp(work, m, k, generator)
+        starts = {k: kmeans_pp(work, m, k, torch.Generator().manual_seed(seed)) for k in ks}
         iters = 25 if lloyd_iters is None else lloyd_iters
-    if iters:
-        c = lloyd(work, m, c, rows, iters)
-    return c.to(x.dtype)
+    return {k: (lloyd(work, m, c, rows, iters) if iters else c).to(x.dtype) for k, c in starts.items()}
 
 
 def _ones(x: Tensor, m: Tensor | None) -> Tensor:
