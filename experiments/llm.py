@@ -352,6 +352,7 @@ def summary_of(plan: torchdkm.SizePlan) -> str:
     for layer in plan.layers:
         cfg = layer.config
         key = f"{cfg.bits}-bit" + ("" if cfg.scale_block is None else f"#{cfg.scale_block}")
+        key += "" if cfg.group_size is None else f"@{cfg.group_size}"
         counts[key] = counts.get(key, 0) + 1
     parts = ", ".join(f"{n} x {k}" for k, n in sorted(counts.items()))
     return f"plan for {plan.bits_per_weight:.3f} bits per weight: {parts}"

@@ -14,17 +14,26 @@ from torchdkm import TorchdkmError, plan_to_size
 
 def make_model() -> nn.Module:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Embedding(1000, 48), nn.Linear(48, 192), nn.ReLU(), nn.Linear(192, 48), nn.Linear(48, 1000))
+    model = nn.Sequential(
+        nn.Embedding(1000, 48), nn.Linear(48, 192), nn.ReLU(), nn.Linear(192, 48), nn.Linear(48, 1000)
+    )
     with torch.no_grad():  # one layer with outlier-heavy input channels
         model[3].weight.mul_(torch.logspace(-2, 1, 192)[None, :])
     return model
 
 
 @pytest.mark.parametrize("target", [3.0, 4.5])
-@pytest.mark.parametrize(("base", "blocks"), [("fc:4/1, emb:4/1", None), ("fc:4/1#32a, emb:4/1", (None, 32))])
-def test_the_written_file_never_exceeds_the_target(tmp_path, target, base, blocks):
+@pytest.mark.parametrize(
+    ("base", "blocks", "groups"),
+    [
+        ("fc:4/1, emb:4/1", None, None),
+        ("fc:4/1#32a, emb:4/1", (None, 32), None),
+        ("fc:4/1, emb:4/1", (None, 32), (None, 1, 7)),
+    ],
+)
+def test_the_written_file_never_exceeds_the_target(tmp_path, target, base, blocks, groups):
     model = make_model()
-    plan = plan_to_size(model, target, base, blocks=blocks)
+    plan = plan_to_size(model, target, base, blocks=blocks, groups=groups)
     assert plan.bytes <= plan.target_bytes == int(target * plan.parameters / 8)
     final = torchdkm.kmeans_compress(copy.deepcopy(model), plan.config)
     torchdkm.save(final, tmp_path / "m.dkm.safetensors")
@@ -164,3 +173,18 @@ def test_fisher_needs_losses():
     with pytest.raises(TorchdkmError, match="yielded no loss"):
         plan_to_size(model, 64.0, "fc:4/1", calibration=lambda m: iter(()), fisher=True)
     assert model[0].weight.requires_grad
+
+
+def test_lut_groups_are_options_the_plan_can_take():
+    """Rows of very different scales: a LUT per few channels (cheap beside block scales) is what the plan takes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(512, 64), nn.Linear(512, 64))
+    with torch.no_grad():
+        for layer in model:
+            layer.weight.mul_(torch.logspace(-2, 1, 64)[:, None])
+    plain = plan_to_size(model, 3.0, "fc:4/1", blocks=(None, 32))
+    grouped = plan_to_size(model, 3.0, "fc:4/1", blocks=(None, 32), groups=(None, 1, 4))
+    assert all(len(g.options) == 3 * len(p.options) for g, p in zip(grouped.layers, plain.layers))
+    assert sum(layer.error for layer in grouped.layers) < sum(layer.error for layer in plain.layers)
+    assert all(layer.config.group_size is not None for layer in grouped.layers)
+    assert "LUT per" in str(grouped) and " ch " in str(grouped)

@@ -124,12 +124,14 @@ class SizePlan:
         return DKMConfig(default=None, by_name={layer.module: layer.config for layer in self.layers})
 
     def __str__(self) -> str:
-        lines = [f"{'layer':40s} {'bits/dim':>8s} {'block':>6s} {'bytes':>12s} {self.measure:>10s}"]
+        lines = [f"{'layer':40s} {'bits/dim':>8s} {'block':>6s} {'LUT per':>8s} {'bytes':>12s} {self.measure:>10s}"]
         for layer in self.layers:
             cfg = layer.config
             block = "-" if cfg.scale_block is None else f"{cfg.scale_block or 'row'}{'a' if cfg.scale_offset else ''}"
+            group = "tensor" if cfg.group_size is None else f"{cfg.group_size} ch"
             lines.append(
-                f"{layer.name:40s} {cfg.bits:>4d}/{cfg.dim:<3d} {block:>6s} {layer.bytes:>12,} {layer.error:>10.4g}"
+                f"{layer.name:40s} {cfg.bits:>4d}/{cfg.dim:<3d} {block:>6s} {group:>8s} {layer.bytes:>12,} "
+                f"{layer.error:>10.4g}"
             )
         lines.append(
             f"planned file: {self.bytes:,} B of {self.target_bytes:,} B ({self.bits_per_weight:.3f} bits per parameter, "
@@ -146,14 +148,18 @@ def plan_to_size(
     bits: Iterable[int] = (2, 3, 4),
     blocks: Iterable[int | None] | None = None,
     offset: bool | None = None,
+    groups: Iterable[int | None] | None = None,
     calibration: Callable[[nn.Module], object] | None = None,
     fisher: bool = False,
 ) -> SizePlan:
     """A per-layer plan whose all-in file size is at most ``target_bpw x parameters / 8`` bytes.
 
-    ``base`` selects the layers (and their ``dim``, ``group_size`` and other
-    fields); each may take any of ``bits`` x ``blocks`` (block scales, with
-    ``offset``; by default the base rule's own ``scale_block`` and ``scale_offset``).
+    ``base`` selects the layers (and their ``dim`` and other fields); each may
+    take any of ``bits`` x ``blocks`` (block scales, with ``offset``; by default
+    the base rule's own ``scale_block`` and ``scale_offset``) x ``groups`` (output
+    channels per LUT, ``None`` one LUT per tensor; by default the base rule's
+    ``group_size``): a LUT per few channels follows each row's own distribution
+    for 2**bits float16 values per group, where block scales cost two per block.
 
     ``calibration``: a callable that runs the model on sample inputs
     (``lambda m: m(ids)``); the activations it produces weight each layer's
@@ -187,6 +193,7 @@ def plan_to_size(
         transposed = is_transposed(module)  # (transformers' Conv1D: output channels first)
         weight = weight.mT if transposed else weight
         sizes = (layer.scale_block,) if blocks is None else tuple(blocks)
+        lut_groups = (layer.group_size,) if groups is None else tuple(groups)
         asym = layer.scale_offset if offset is None else offset
         weighing = None
         if fisher:
@@ -197,11 +204,11 @@ def plan_to_size(
             scoring = _RelativeError(importance.get(name))
         options = [
             option
-            for blk in sizes
+            for blk, group in itertools.product(sizes, lut_groups)
             for option in _options(
                 name,
                 weight,
-                layer.replace(scale_block=blk, scale_offset=asym and blk is not None),
+                layer.replace(scale_block=blk, scale_offset=asym and blk is not None, group_size=group),
                 tuple(bits),
                 scoring,
                 weighing,
