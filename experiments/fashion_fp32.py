@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import fcntl
 import json
 import sys
 import time
@@ -83,7 +84,9 @@ def load_fp32(model: str, seed: int, checkpoints: Path = CHECKPOINTS) -> nn.Modu
     """The fp32 model :func:`run` saved, in eval mode; ``None`` (after saying how to make it) if it is missing."""
     checkpoint = checkpoints / f"fashion_{model}_s{seed}.pt"
     if not checkpoint.is_file():
-        print(f"error: no fp32 weights at {checkpoint}; run `python -m experiments.fashion_fp32` first", file=sys.stderr)
+        print(
+            f"error: no fp32 weights at {checkpoint}; run `python -m experiments.fashion_fp32` first", file=sys.stderr
+        )
         return None
     fp32 = MODELS[model]()
     fp32.load_state_dict(torch.load(checkpoint))
@@ -192,6 +195,12 @@ def write(opts: Options, data: Fashion, runs: list[Trained]) -> Path:
     """Add ``runs`` to the JSON (replacing the same model and seed), then rewrite the Markdown from all of it."""
     opts.out.mkdir(parents=True, exist_ok=True)
     path = opts.out / f"{opts.name}.json"
+    with open(path.with_suffix(".lock"), "w") as lock:  # make reproduce-vision trains both models at once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _merge(opts, data, runs, path)
+
+
+def _merge(opts: Options, data: Fashion, runs: list[Trained], path: Path) -> Path:
     saved: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {"runs": []}
     fresh = {(r.model, r.seed) for r in runs}
     kept = [r for r in saved["runs"] if (r["model"], r["seed"]) not in fresh]
