@@ -84,9 +84,7 @@ def load_fp32(model: str, seed: int, checkpoints: Path = CHECKPOINTS) -> nn.Modu
     """The fp32 model :func:`run` saved, in eval mode; ``None`` (after saying how to make it) if it is missing."""
     checkpoint = checkpoints / f"fashion_{model}_s{seed}.pt"
     if not checkpoint.is_file():
-        print(
-            f"error: no fp32 weights at {checkpoint}; run `python -m experiments.fashion_fp32` first", file=sys.stderr
-        )
+        print(f"error: no fp32 weights at {checkpoint}; run `python -m experiments.fashion_fp32` first", file=sys.stderr)
         return None
     fp32 = MODELS[model]()
     fp32.load_state_dict(torch.load(checkpoint))

@@ -9,7 +9,8 @@ de-duplicated, fixed 60/20/20 split).  Two parts:
 (:class:`~transformers.BertForSequenceClassification`; the seed sets the head
 and the batch order) to a validation plateau (:func:`train_to_plateau`: no
 better validation accuracy for ``patience`` epochs, the best epoch's weights
-kept), so that a compressed model is compared with a converged one, then compress every Linear and every Embedding at each
+kept), so that a compressed model is compared with a converged one, then
+compress every Linear and every Embedding at each
 setting of :data:`SETTINGS` by
 - **DKM** (prepare, fine-tune with the task loss, finalize),
 - **k-means** (post-training, no training),
@@ -597,8 +598,8 @@ def train_to_plateau(model: nn.Module, task: Task, val: Encoded, seed: int) -> t
     A fixed short budget left the fp32 model unconverged, and then "DKM above
     fp32" measured the baseline's extra steps, not compression.  AdamW at the
     fp32 learning rate, divided by 5 after two epochs without a better
-    validation accuracy (as :mod:`experiments.fashion_fp32`); stops after ``patience`` such epochs in a row (or
-    ``max_epochs``).  Returns the steps taken and a note for the table.
+    validation accuracy (as :mod:`experiments.fashion_fp32`); stops after
+    ``patience`` such epochs in a row (or ``max_epochs``).  Returns the steps taken and a note for the table.
     """
     opts = task.opts
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=opts.lr, weight_decay=0.0)

@@ -14,9 +14,7 @@ from torchdkm import TorchdkmError, plan_to_size
 
 def make_model() -> nn.Module:
     torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Embedding(1000, 48), nn.Linear(48, 192), nn.ReLU(), nn.Linear(192, 48), nn.Linear(48, 1000)
-    )
+    model = nn.Sequential(nn.Embedding(1000, 48), nn.Linear(48, 192), nn.ReLU(), nn.Linear(192, 48), nn.Linear(48, 1000))
     with torch.no_grad():  # one layer with outlier-heavy input channels
         model[3].weight.mul_(torch.logspace(-2, 1, 192)[None, :])
     return model

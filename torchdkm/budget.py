@@ -205,14 +205,8 @@ def plan_to_size(
         options = [
             option
             for blk, group in itertools.product(sizes, lut_groups)
-            for option in _options(
-                name,
-                weight,
-                layer.replace(scale_block=blk, scale_offset=asym and blk is not None, group_size=group),
-                tuple(bits),
-                scoring,
-                weighing,
-            )  # fmt: skip
+            for option in _options(name, weight, layer.replace(scale_block=blk, scale_offset=asym and blk is not None,
+                                                               group_size=group), tuple(bits), scoring, weighing)  # fmt: skip
         ]
         options.sort(key=lambda o: (o[1], o[2]))
         plan.layers.append(LayerChoice(key_of(name, param), name, weight.numel(), options))
@@ -309,10 +303,7 @@ def _options(
 def _header_allowance(model: nn.Module, clustered: list[str]) -> int:
     """An upper bound of the header's bytes: every state_dict entry, and every clustered layer's tensors and metadata."""
     dense = sum(HEADER_PER_TENSOR + len(key) for key in model.state_dict(keep_vars=True))
-    layers = sum(
-        TENSORS_PER_LAYER * (HEADER_PER_TENSOR + len(name) + SUFFIX) + HEADER_PER_LAYER + len(name)
-        for name in clustered
-    )
+    layers = sum(TENSORS_PER_LAYER * (HEADER_PER_TENSOR + len(name) + SUFFIX) + HEADER_PER_LAYER + len(name) for name in clustered)
     return HEADER_FIXED + dense + layers
 
 
@@ -340,9 +331,7 @@ def _input_importance(model: nn.Module, chosen: list, calibration: Callable | No
 
         return record
 
-    handles = [
-        module.register_forward_pre_hook(hook(name)) for name, module, _, _ in chosen if isinstance(module, nn.Linear)
-    ]
+    handles = [module.register_forward_pre_hook(hook(name)) for name, module, _, _ in chosen if isinstance(module, nn.Linear)]
     try:
         was_training = model.training
         model.eval()

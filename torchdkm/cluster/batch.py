@@ -118,7 +118,9 @@ def _vectors(
         assert plan.top is not None
         ranked = rank_vectors(x.detach(), c, plan.kernels.nearest_two)
         c, scale = margin(x, m, c, _rows(plan, x, k), ranked.nearest_two(), picks)
-        attention = SparseAttention(_problem(clusterers, x, m, scale, plan, groups), plan.top, plan.kernels, ranked)
+        attention = SparseAttention(
+            _problem(clusterers, x, m, scale, plan, groups), plan.top, plan.kernels, ranked
+        )
     else:
         c, scale = margin(x, m, c, _rows(plan, x, k), picks=picks)
         attention = DenseAttention(_problem(clusterers, x, m, scale, plan, groups))

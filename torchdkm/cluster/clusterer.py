@@ -65,7 +65,9 @@ class WeightClusterer:
     loops where they are available; see :func:`torchdkm.kernels.select`).
     """
 
-    def __init__(self, name: str, config: LayerConfig, shape: torch.Size | tuple[int, ...], backend: str | None = None):
+    def __init__(
+        self, name: str, config: LayerConfig, shape: torch.Size | tuple[int, ...], backend: str | None = None
+    ):
         self.name = name
         self.config = config
         self.backend = backend
@@ -120,9 +122,7 @@ class WeightClusterer:
         key = (weight.dtype, weight.device, shard)
         found = self._plans.get(key)
         if found is None:
-            found = self._plans[key] = make_plan(
-                self.config, self.layout, weight.dtype, weight.device, shard, self.backend
-            )
+            found = self._plans[key] = make_plan(self.config, self.layout, weight.dtype, weight.device, shard, self.backend)
         return found
 
     # -- checks ---------------------------------------------------------------
@@ -258,9 +258,7 @@ class WeightClusterer:
             found = self.uniquify(weight, plan.cluster_dtype, plan)
             c0, scale = margin(found.values, found.counts, c0, plan.rows)
             problem = self._problem(found.values, found.counts, scale, plan)
-            attention = UniqueAttention(
-                problem, found, weight.shape, weight.dtype, self.weight_importance(weight.device)
-            )
+            attention = UniqueAttention(problem, found, weight.shape, weight.dtype, self.weight_importance(weight.device))
             out, c = run(weight, attention, c0)
             return SoftResult(out, c.detach())
         self.check_finite(weight, plan)

@@ -93,7 +93,9 @@ class BlockScales:
         high, low = self.bounds(weight) if bounds is None else bounds
         return _Normalise.apply(weight, self, kernels, high, low)
 
-    def apply(self, normalised: Tensor, scale: Tensor, offset: Tensor | None, kernels: Kernels | None = None) -> Tensor:
+    def apply(
+        self, normalised: Tensor, scale: Tensor, offset: Tensor | None, kernels: Kernels | None = None
+    ) -> Tensor:
         """``normalised * scale (+ offset)`` in ``normalised``'s dtype: the decoded weight (differentiable)."""
         return _Rescale.apply(normalised, scale, offset, self, kernels)
 

@@ -48,9 +48,7 @@ class Selection:
     hard_sums: Tensor  # (P, G * k) float64: the hard rows' Gram weights (m, m x, m x x^T) summed per centroid
     base: Tensor  # (G,)
     rebased: bool = False  # some rows were chosen at centroids other than ``ref``
-    soft: list[SoftChunk] | None = (
-        None  # the soft rows laid out as they were chosen (None: lay them out from the flags)
-    )
+    soft: list[SoftChunk] | None = None  # the soft rows laid out as they were chosen (None: lay them out from the flags)
 
     @property
     def top(self) -> int:

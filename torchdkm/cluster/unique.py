@@ -291,9 +291,7 @@ class UniqueAttention(DenseAttention):
         counts, dtype = self.problem.m, self.problem.x.dtype
         assert counts is not None
         shared = super().input_grad()
-        share = torch.where(
-            counts > 0, shared[..., 0] / counts.clamp_min(torch.finfo(counts.dtype).tiny), torch.zeros_like(counts)
-        )
+        share = torch.where(counts > 0, shared[..., 0] / counts.clamp_min(torch.finfo(counts.dtype).tiny), torch.zeros_like(counts))
         grad_out, slope, self.grad_out, self.slope = self.grad_out, self.slope, None, None
         if self.importance is not None:  # a weight's share of its value's gradient: its share of the weighted count
             through = self.found.expand(share, dtype) * self.importance.to(dtype)
