@@ -44,6 +44,7 @@ class Variant:
     fields: dict[str, Any] = field(default_factory=dict)
     tau_schedule: tuple[float, float] | None = None  # DKM: tau from ... to ... over the budget (TauSchedule)
     fisher_batches: int = 0  # DKM: centroids weighted by the Fisher of this many training batches (0: unweighted)
+    size: vision.SizeTarget | None = None  # DKM: each layer's bits and scales planned to this size (on that Fisher)
 
 
 def _rules(spec: str) -> str:
@@ -90,6 +91,9 @@ VARIANTS = (
     # on coremltools' terms at 1 bit: it leaves the classifier dense (10 output channels do not split into 4-vectors)
     Variant("4/4, ST, Fisher, classifier dense", "DKM", "cv:4/4", ST, fisher_batches=16),
     Variant("4/4 scale+offset, ST, Fisher", "DKM", _rules("4/4#rowa"), ST, fisher_batches=16),
+    # each layer's bits (0.75 / 1 / 1.25 per weight) and per-channel scale+offset planned to uniform QAT's size
+    Variant("4/4, ST, Fisher, planned to QAT's size", "DKM", _rules("4/4"), ST, fisher_batches=16,
+            size=vision.SizeTarget(_rules("1/1"), bits=(3, 4, 5), blocks=(None, 0))),  # fmt: skip
     # probed on one seed (see the README's notes), not in the default run:
     Variant("1/1 per-channel LUT", "DKM", _rules("1/1@1"), EXACT),
     Variant("1/1 scale", "DKM", _rules("1/1#row"), EXACT),
@@ -104,14 +108,14 @@ VARIANTS = (
     Variant("4/8 scale, ST", "DKM", _rules("4/8#row"), ST),
 )
 #: What ``python -m experiments.fashion_ablation`` runs by default (``--all``: every variant).
-DEFAULT = 27
+DEFAULT = 28
 
 
 def measure(fp32: torch.nn.Module, variant: Variant, data: Any, seed: int, opts: vision.Options) -> Record:
     """``variant``'s record (its label as the method, what it ran as the note)."""
     if variant.method == "DKM":
         _, record = vision.dkm(fp32, variant.setting, data, seed, opts, variant.tau_schedule, variant.fisher_batches,
-                               **variant.fields)  # fmt: skip
+                               variant.size, **variant.fields)  # fmt: skip
     elif variant.method == "uniform QAT":
         record = vision.uniform(fp32, variant.setting, data, seed, opts, qat=True)
     elif variant.method == "coremltools DKM":
@@ -124,6 +128,10 @@ def measure(fp32: torch.nn.Module, variant: Variant, data: Any, seed: int, opts:
         fields = ", ".join(filter(None, [fields, "tau {:g} to {:g}".format(*variant.tau_schedule)]))
     if variant.fisher_batches:
         fields = ", ".join(filter(None, [fields, f"Fisher-weighted centroids ({variant.fisher_batches} batches)"]))
+    if variant.size is not None:
+        size = variant.size
+        fields = ", ".join([fields, f"bits {'/'.join(map(str, size.bits))} and scales per channel or none planned "
+                                    f"to the size of uniform `{size.like}`"])  # fmt: skip
     note = "; ".join(n for n in (f"{variant.method} `{variant.setting}`" + (f" ({fields})" if fields else ""), record.note) if n)
     return replace(record, method=variant.label, note=note)
 

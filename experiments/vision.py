@@ -170,6 +170,23 @@ def train(model: nn.Module, data: Data, epochs: int, seed: int, opts: Options, d
     )
 
 
+@dataclass(frozen=True)
+class SizeTarget:
+    """DKM with each layer's bits and scales chosen by ``torchdkm.plan_to_size`` (Fisher-weighted errors) so
+    that the model is at most as large, all in, as uniform quantization at ``like``: what a user asking for
+    "the best model of this size" gets, against uniform QAT at that size."""
+
+    like: str  # a uniform-quantization setting ("cv:1/1, fc:1/1"): its all-in bytes are the budget
+    bits: tuple[int, ...]  # index bits each layer may take (at the base setting's dim)
+    blocks: tuple[int | None, ...]  # scale blocks each layer may take (0: one per output channel; offsets on)
+
+
+def uniform_bytes(fp32: nn.Module, setting: str) -> int:
+    """All-in bytes of ``fp32`` quantized uniformly at ``setting`` (QAT's size: training does not change it)."""
+    model = copy.deepcopy(fp32)
+    return uniform_size(model, uniform_quantize_(model, setting))[0]
+
+
 def dkm(
     fp32: nn.Module,
     setting: str,
@@ -178,18 +195,28 @@ def dkm(
     opts: Options,
     tau_schedule: tuple[float, float] | None = None,
     fisher_batches: int = 0,
+    size: SizeTarget | None = None,
     **fields,
 ) -> tuple[nn.Module, Record]:
     """DKM at ``setting`` (config ``fields`` beside it); ``tau_schedule``: ``(start, end)`` over the whole budget;
-    ``fisher_batches``: centroids weighted by the Fisher of that many training batches (``torchdkm.fisher``)."""
+    ``fisher_batches``: centroids weighted by the Fisher of that many training batches (``torchdkm.fisher``);
+    ``size``: the layers of ``setting`` planned to that size on the same Fisher (needs ``fisher_batches``)."""
     start = time.perf_counter()
     config = torchdkm.DKMConfig.parse(setting, **fields)
-    importance = None
+    importance, note = None, ""
     if fisher_batches:
         batches = minibatches(len(data.y_train), BATCH_SIZE)(torch.Generator().manual_seed(seed))
         chosen = [batch for batch, _ in zip(batches, range(fisher_batches))]
         losses = (lambda m: (loss_fn(data)(m, batch) for batch in chosen))  # noqa: E731
-        importance = torchdkm.fisher(fp32, losses, config)
+        if size is None:
+            importance = torchdkm.fisher(fp32, losses, config)
+        else:
+            budget, parameters = uniform_bytes(fp32, size.like), sum(p.numel() for p in fp32.parameters())
+            plan = torchdkm.plan_to_size(fp32, 8 * budget / parameters, config, bits=size.bits, blocks=size.blocks,
+                                         offset=True, calibration=losses, fisher=True, header=False)  # fmt: skip
+            config, importance, note = plan.config, plan.importance, plan_summary(plan)
+    elif size is not None:
+        raise ValueError("dkm: a size target plans on the Fisher: give fisher_batches")
     model = torchdkm.prepare(copy.deepcopy(fp32), config, importance=importance)
     after = None
     if tau_schedule is not None:
@@ -210,8 +237,20 @@ def dkm(
         report.bits_per_weight,
         steps,
         seconds,
+        note,
     )
     return model, record
+
+
+def plan_summary(plan: torchdkm.SizePlan) -> str:
+    """How many layers took each setting, in the shorthand: the plan in one line."""
+    counts: dict[str, int] = {}
+    for layer in plan.layers:
+        cfg = layer.config
+        block = "" if cfg.scale_block is None else f"#{cfg.scale_block or 'row'}{'a' if cfg.scale_offset else ''}"
+        key = f"{cfg.bits}/{cfg.dim}{block}"
+        counts[key] = counts.get(key, 0) + 1
+    return "plan: " + ", ".join(f"{n} x {k}" for k, n in sorted(counts.items()))
 
 
 def kmeans(fp32: nn.Module, setting: str, data: Data, seed: int, opts: Options | None = None) -> Record:

@@ -186,3 +186,14 @@ def test_lut_groups_are_options_the_plan_can_take():
     assert sum(layer.error for layer in grouped.layers) < sum(layer.error for layer in plain.layers)
     assert all(layer.config.group_size is not None for layer in grouped.layers)
     assert "LUT per" in str(grouped) and " ch " in str(grouped)
+
+
+def test_without_the_header_the_budget_is_what_report_counts():
+    """header=False: the tensors' bytes (report's count) fit the target; the header's allowance goes to the layers."""
+    model = make_model()
+    with_header = plan_to_size(model, 3.0, "fc:4/1, emb:4/1")
+    tensors_only = plan_to_size(model, 3.0, "fc:4/1, emb:4/1", header=False)
+    assert tensors_only.dense_bytes < with_header.dense_bytes
+    assert sum(layer.error for layer in tensors_only.layers) <= sum(layer.error for layer in with_header.layers)
+    final = torchdkm.kmeans_compress(copy.deepcopy(model), tensors_only.config)
+    assert torchdkm.report(final, show=False).compressed_bytes <= tensors_only.target_bytes

@@ -108,7 +108,12 @@ class SizePlan:
     def retarget(self, target_bpw: float) -> SizePlan:
         """The same measured options spent for another size: plans for several sizes cost one measurement.
 
-        Raises :class:`TorchdkmError` when even the cheapest options do not fit.
+        ``header``: the budget holds the file's header too (an allowance: the
+    written file never exceeds the target); ``False`` budgets the tensors'
+    bytes only, as :func:`torchdkm.report` counts them (to match a size counted
+    that way, another method's).
+
+    Raises :class:`TorchdkmError` when even the cheapest options do not fit.
         """
         _check_target(target_bpw)
         layers = [replace(layer, chosen=0) for layer in self.layers]
@@ -151,6 +156,7 @@ def plan_to_size(
     groups: Iterable[int | None] | None = None,
     calibration: Callable[[nn.Module], object] | None = None,
     fisher: bool = False,
+    header: bool = True,
 ) -> SizePlan:
     """A per-layer plan whose all-in file size is at most ``target_bpw x parameters / 8`` bytes.
 
@@ -182,7 +188,7 @@ def plan_to_size(
     target = int(target_bpw * parameters / 8)
     clustered = {id(getattr(module, param)) for _, module, param, _ in chosen}
     dense = sum(t.numel() * t.element_size() for key, t in tensors.items() if key not in clustered)
-    dense += _header_allowance(model, [name for name, _, _, _ in chosen])
+    dense += _header_allowance(model, [name for name, _, _, _ in chosen]) if header else 0
     if fisher and calibration is None:
         raise TorchdkmError("plan_to_size: fisher=True needs a calibration that returns (or yields) losses")
     squared_grads = fisher_of(model, calibration, base) if fisher else {}

@@ -42,6 +42,20 @@ def test_variants_run_and_are_tabled_per_seed(tmp_path: Path) -> None:
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def test_a_plan_to_qat_size_is_no_larger_than_qat(tmp_path: Path) -> None:
+    data = synthetic_fashion(tmp_path / "data", n_train=5100, n_test=40)
+    torch.manual_seed(0)
+    torch.save(MobileNetV1().state_dict(), tmp_path / "fashion_mobilenet_s0.pt")
+    only = ["1/1 uniform QAT", "4/4, ST, Fisher, planned to QAT's size"]
+    argv = ["--model", "mobilenet", "--steps", "2", "--seeds", "0", "--only", *only, "--data-dir", str(data),
+            "--checkpoints", str(tmp_path), "--out", str(tmp_path), "--no-progress", "--threads", "1"]  # fmt: skip
+    assert cli(argv) == 0
+    records = {r["method"]: r for r in json.loads((tmp_path / "fashion_ablation_mobilenet.json").read_text())["records"]}
+    qat, planned = records[only[0]], records[only[1]]
+    assert planned["bytes"] <= qat["bytes"]
+    assert "plan: " in planned["note"] and "planned to the size of uniform `cv:1/1, fc:1/1`" in planned["note"]
+
+
 def test_readme_quotes_the_stored_results() -> None:
     """README's Fashion-MNIST table is what ``--readme`` renders from ``results/fashion_ablation_*.json``."""
     paths = {m: ROOT / "results" / f"fashion_ablation_{m}.json" for m in ("mobilenet", "resnet")}
