@@ -340,3 +340,15 @@ def run_from_cli(options: Any, args: argparse.Namespace, run: Callable[[Any], An
     run(opts)
     print(f"run time: {time.perf_counter() - start:.0f} s")
     return 0
+
+
+def plan_summary(plan: Any) -> str:
+    """How many layers of a ``torchdkm.SizePlan`` took each setting, in the shorthand: the plan in one line."""
+    counts: dict[str, int] = {}
+    for layer in plan.layers:
+        cfg = layer.config
+        block = "" if cfg.scale_block is None else f"#{cfg.scale_block or 'row'}{'a' if cfg.scale_offset else ''}"
+        group = "" if cfg.group_size is None else f"@{cfg.group_size}"
+        key = f"{cfg.bits}/{cfg.dim}{group}{block}"
+        counts[key] = counts.get(key, 0) + 1
+    return "plan: " + ", ".join(f"{n} x {k}" for k, n in sorted(counts.items()))

@@ -59,6 +59,7 @@ from experiments.common import (
     fit,
     log_line,
     markdown_table,
+    plan_summary,
     run_capped,
 )
 from torchdkm.integrations.causal import kl_next_token, perplexity, token_windows, window_losses
@@ -333,7 +334,7 @@ def run_dkm(ex: Experiment) -> None:
     log_line(f"measured {sum(len(layer.options) for layer in widest.layers)} layer options in {time.perf_counter() - started:.0f} s")
     for target in opts.targets:
         plan = widest.retarget(target)
-        log_line(summary_of(plan))
+        log_line(f"{plan.bits_per_weight:.3f} bits per weight, {plan_summary(plan)}")
         started = time.perf_counter()
         student = torchdkm.prepare(ex.student(), plan.config, progress=False, importance=plan.importance)
         snapped = torchdkm.finalize(copy.deepcopy(student))
@@ -344,18 +345,6 @@ def run_dkm(ex: Experiment) -> None:
         final = torchdkm.finalize(student)
         ex.record("DKM (torchdkm)", f"{target:g} bpw", final, saved_bytes(final), started, steps=steps,
                   note=f"{steps} steps of {opts.batch_size}x{opts.train_window} tokens, lr {opts.lr:g}")  # fmt: skip
-
-
-def summary_of(plan: torchdkm.SizePlan) -> str:
-    """How many layers took each (bits, block): the plan in one line."""
-    counts: dict[str, int] = {}
-    for layer in plan.layers:
-        cfg = layer.config
-        key = f"{cfg.bits}-bit" + ("" if cfg.scale_block is None else f"#{cfg.scale_block}")
-        key += "" if cfg.group_size is None else f"@{cfg.group_size}"
-        counts[key] = counts.get(key, 0) + 1
-    parts = ", ".join(f"{n} x {k}" for k, n in sorted(counts.items()))
-    return f"plan for {plan.bits_per_weight:.3f} bits per weight: {parts}"
 
 
 def write_report(results: Results, out: Path) -> Path:

@@ -58,6 +58,7 @@ from experiments.common import (
     markdown_table,
     minibatches,
     pivot_table,
+    plan_summary,
     plot_histograms,
     plot_tradeoff,
     run_from_cli,
@@ -240,17 +241,6 @@ def dkm(
         note,
     )
     return model, record
-
-
-def plan_summary(plan: torchdkm.SizePlan) -> str:
-    """How many layers took each setting, in the shorthand: the plan in one line."""
-    counts: dict[str, int] = {}
-    for layer in plan.layers:
-        cfg = layer.config
-        block = "" if cfg.scale_block is None else f"#{cfg.scale_block or 'row'}{'a' if cfg.scale_offset else ''}"
-        key = f"{cfg.bits}/{cfg.dim}{block}"
-        counts[key] = counts.get(key, 0) + 1
-    return "plan: " + ", ".join(f"{n} x {k}" for k, n in sorted(counts.items()))
 
 
 def kmeans(fp32: nn.Module, setting: str, data: Data, seed: int, opts: Options | None = None) -> Record:
