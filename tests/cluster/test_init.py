@@ -247,3 +247,17 @@ def test_init_many_shares_one_start_and_polishes_on_request() -> None:
         torch.testing.assert_close(rough[bits], alone, rtol=1e-3, atol=1e-3)  # the 16-bit optimum, unpolished
     with pytest.raises(ValueError, match="bits must lie in 1..4"):
         widest.init_many(weight, (5,))
+
+
+def test_init_many_for_vectors_is_each_width_alone() -> None:
+    """4-vectors: k-means++ and Lloyd per width, the same as one initialisation per width (polish or not)."""
+    from torchdkm.cluster import WeightClusterer
+    from torchdkm.config import LayerConfig
+
+    torch.manual_seed(5)
+    weight = torch.randn(32, 64)
+    layer = LayerConfig(bits=3, dim=4)
+    many = WeightClusterer("w", layer, weight.shape).init_many(weight, (1, 2, 3), polish=False)
+    for bits in (1, 2, 3):
+        alone = WeightClusterer("w", layer.replace(bits=bits), weight.shape).init(weight)
+        torch.testing.assert_close(many[bits], alone, rtol=0, atol=0)
