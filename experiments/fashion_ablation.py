@@ -95,6 +95,7 @@ VARIANTS = (
     Variant("4/4, ST, Fisher, planned to QAT's size", "DKM", _rules("4/4"), ST, fisher_batches=16,
             size=vision.SizeTarget(_rules("1/1"), bits=(3, 4, 5), blocks=(None, 0))),  # fmt: skip
     # probed on one seed (see the README's notes), not in the default run:
+    Variant("4/4, ST, Fisher 64, classifier dense", "DKM", "cv:4/4", ST, fisher_batches=64),
     Variant("4/4, ST, Fisher, planned to QAT's size, bits 2-6", "DKM", _rules("4/4"), ST, fisher_batches=16,
             size=vision.SizeTarget(_rules("1/1"), bits=(2, 3, 4, 5, 6), blocks=(None, 0))),  # fmt: skip
     Variant("1/1 per-channel LUT", "DKM", _rules("1/1@1"), EXACT),
