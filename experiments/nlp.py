@@ -571,10 +571,10 @@ def merge_into(results: Results, opts: Options) -> None:
         return part_of(r) in opts.parts and r.method in rerun
 
     kept = [r for r in old if not replaced(r)]
+    checked_parts = {part_of(r) for r in kept} & set(opts.parts)  # re-run parts with earlier records kept
     new_fp32 = {(r.setting, r.seed): r.metrics for r in results.records if r.method == "fp32"}
     for r in old:
-        checked = any(part_of(k) == part_of(r) for k in kept) and part_of(r) in opts.parts
-        if checked and r.method == "fp32" and (r.setting, r.seed) in new_fp32:
+        if part_of(r) in checked_parts and r.method == "fp32" and (r.setting, r.seed) in new_fp32:
             if new_fp32[(r.setting, r.seed)] != r.metrics:
                 raise torchdkm.TorchdkmError(
                     f"--merge: fp32 seed {r.seed} {r.setting} differs from {opts.merge} "

@@ -292,16 +292,15 @@ def _options(
     post-training k-means weights (weighted by ``weighing``, as ``prepare`` with the plan's importance weighs
     them).  One initialisation serves every width (:meth:`WeightClusterer.init_many`), unpolished: the
     planner ranks options and the polish moves the errors by about 2**-11."""
-    widest = WeightClusterer(name, layer.replace(bits=max(bits)), weight.shape)
-    widest.weigh(weighing, weight)
-    starts = widest.init_many(weight, bits, polish=False)
+    clusterer = WeightClusterer(name, layer.replace(bits=max(bits)), weight.shape)
+    clusterer.weigh(weighing, weight)
+    starts = clusterer.init_many(weight, bits, polish=False)
+    layout = clusterer.layout  # (the same for every width; snapping reads the width from the centroids)
     out = []
     for b in bits:
         config = layer.replace(bits=b)
-        clusterer = WeightClusterer(name, config, weight.shape)
+        spec = PaletteSpec(layout.shape, b, config.dim, layout.group_size, config.scale_block, config.scale_offset)
         snapped = clusterer.snap(weight, starts[b])
-        spec = PaletteSpec(clusterer.layout.shape, b, config.dim, clusterer.layout.group_size,
-                           config.scale_block, config.scale_offset)  # fmt: skip
         out.append((config, layer_row(name, spec, weight.element_size()).bytes, scoring(snapped, weight)))
     return out
 

@@ -82,6 +82,8 @@ class WeightClusterer:
         self.scales = BlockScales.of(shape, config.scale_block, config.scale_offset)
         #: ``(G, n)`` per-vector weights of the centroid means (:meth:`weigh`), or None: every vector alike.
         self.importance: Tensor | None = None
+        #: Scalars: the same in the weight's own order, ``(numel,)``: made once by :meth:`weigh`, read every step.
+        self._per_weight: Tensor | None = None
 
     @torch.no_grad()
     def weigh(self, importance: Tensor | None, weight: Tensor) -> None:
@@ -96,7 +98,7 @@ class WeightClusterer:
         floored at :data:`IMPORTANCE_FLOOR`, so the temperature and stopping rules keep their scale.
         """
         if importance is None:
-            self.importance = None
+            self.importance = self._per_weight = None
             return
         values = importance.detach().to(torch.float32).reshape(weight.shape)
         if self.scales is not None:
@@ -109,12 +111,14 @@ class WeightClusterer:
         mean = (vectors * real).sum(1, keepdim=True) / real.sum(1, keepdim=True).clamp_min(1)
         vectors = torch.where(mean > 0, vectors / mean.clamp_min(1e-30), torch.ones_like(vectors))
         self.importance = vectors.clamp_min(IMPORTANCE_FLOOR) * real
+        if self.config.dim == 1:  # (read by the uniquified path, which clusters scalars only)
+            self._per_weight = self.layout.from_vectors(self.importance.unsqueeze(-1)).reshape(-1)
 
     def weight_importance(self, device: torch.device) -> Tensor | None:
         """``(numel,)``: each weight's own weighing (scalars: :attr:`importance` in the weight's order), or None."""
-        if self.importance is None:
-            return None
-        return self.layout.from_vectors(self.importance.unsqueeze(-1)).reshape(-1).to(device)
+        if self._per_weight is not None and self._per_weight.device != device:
+            self._per_weight = self._per_weight.to(device)  # (moved once, with the model)
+        return self._per_weight
 
     def plan(self, weight: Tensor) -> Plan:
         """The step plan for this weight's dtype and device (made once for each)."""
