@@ -155,6 +155,10 @@ def smollm2(rounds: int, tokens: int) -> dict:
     out = {"compress_s": compress_s, "tokens": tokens}
     out.update({f"{k} tokens/s": tokens / v for k, v in timed.items()})
     out["speedup_vs_fp32"] = timed["fp32"] / timed[label]
+    # What bounds the ratio: each model's Linears alone, once each at batch 1 as a decoded token calls them
+    alone = alternate({"fp32": linears_once(dense), label: linears_once(compressed)}, rounds, 1)
+    out.update({f"{k} Linears ms/token": 1e3 * v for k, v in alone.items()})
+    out.update({f"{k} rest ms/token": 1e3 * (timed[k] / tokens - alone[k]) for k in timed})
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
         tiny = tiny_copy(dense)  # the runtime's warm-up: the same architecture and route, a few weights
@@ -166,6 +170,19 @@ def smollm2(rounds: int, tokens: int) -> dict:
             out.update({f"{name} {key}": value for key, value in memory.items()})
     print(f"SmolLM2-135M greedy decoding: {out}")
     return out
+
+
+def linears_once(model: nn.Module) -> Callable[[], object]:
+    """Every ``nn.Linear`` of ``model`` once on a one-token input, in model order: the Linears' share of a
+    decoded token (the rest of ``generate``'s time is attention, norms and Python, the same in both models)."""
+    calls = [(m, torch.randn(1, 1, m.in_features)) for m in model.modules() if isinstance(m, nn.Linear)]
+
+    def run() -> None:
+        with torch.no_grad():
+            for module, x in calls:
+                module(x)
+
+    return run
 
 
 def tiny_copy(model: nn.Module) -> nn.Module:

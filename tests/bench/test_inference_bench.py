@@ -19,3 +19,5 @@ def test_smollm2_decoding_rows(monkeypatch) -> None:
     assert found["fp32 tokens/s"] > 0 and found["torchdkm fc:3/1 tokens/s"] > 0
     assert found["fp32 peak MiB"] > 0 and found["torchdkm peak MiB"] > 0 and found["torchdkm file MiB"] < found["fp32 file MiB"]
     assert found["speedup_vs_fp32"] == pytest.approx(found["torchdkm fc:3/1 tokens/s"] / found["fp32 tokens/s"])
+    assert found["fp32 Linears ms/token"] > 0 and found["torchdkm fc:3/1 Linears ms/token"] > 0
+    assert "fp32 rest ms/token" in found and "torchdkm fc:3/1 rest ms/token" in found
