@@ -94,6 +94,11 @@ VARIANTS = (
     # each layer's bits (0.75 / 1 / 1.25 per weight) and per-channel scale+offset planned to uniform QAT's size
     Variant("4/4, ST, Fisher, planned to QAT's size", "DKM", _rules("4/4"), ST, fisher_batches=16,
             size=vision.SizeTarget(_rules("1/1"), bits=(3, 4, 5), blocks=(None, 0))),  # fmt: skip
+    # scalars at 1 bit on coremltools' terms: the same 2-entry LUT per tensor (or per-channel scale), no offset
+    Variant("1/1, ST", "DKM", _rules("1/1"), ST),
+    Variant("1/1, ST, Fisher", "DKM", _rules("1/1"), ST, fisher_batches=16),
+    Variant("1/1 coremltools", "coremltools DKM", _rules("1/1")),
+    Variant("1/1 coremltools scale", "coremltools DKM", _rules("1/1#row")),
     # probed on one seed (see the README's notes), not in the default run:
     Variant("4/4, ST, Fisher 64, classifier dense", "DKM", "cv:4/4", ST, fisher_batches=64),
     Variant("4/4, ST, Fisher, planned to QAT's size, bits 2-6", "DKM", _rules("4/4"), ST, fisher_batches=16,
@@ -111,7 +116,7 @@ VARIANTS = (
     Variant("4/8 scale, ST", "DKM", _rules("4/8#row"), ST),
 )
 #: What ``python -m experiments.fashion_ablation`` runs by default (``--all``: every variant).
-DEFAULT = 28
+DEFAULT = 32
 
 
 def measure(fp32: torch.nn.Module, variant: Variant, data: Any, seed: int, opts: vision.Options) -> Record:
