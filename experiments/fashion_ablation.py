@@ -45,6 +45,7 @@ class Variant:
     tau_schedule: tuple[float, float] | None = None  # DKM: tau from ... to ... over the budget (TauSchedule)
     fisher_batches: int = 0  # DKM: centroids weighted by the Fisher of this many training batches (0: unweighted)
     size: vision.SizeTarget | None = None  # DKM: each layer's bits and scales planned to this size (on that Fisher)
+    distill: float = 0.0  # any trained method: the KL term's weight against the fp32 model (vision.loss_fn)
 
 
 def _rules(spec: str) -> str:
@@ -100,6 +101,13 @@ VARIANTS = (
     Variant("1/1 coremltools", "coremltools DKM", _rules("1/1")),
     Variant("1/1 coremltools scale", "coremltools DKM", _rules("1/1#row")),
     # probed on one seed (see the README's notes), not in the default run:
+    Variant("4/4, ST, Fisher, planned to QAT's size, distilled", "DKM", _rules("4/4"), ST, fisher_batches=16,
+            size=vision.SizeTarget(_rules("1/1"), bits=(3, 4, 5), blocks=(None, 0)), distill=0.5),  # fmt: skip
+    Variant("4/4, ST, Fisher, planned to QAT's size, distilled 0.9", "DKM", _rules("4/4"), ST, fisher_batches=16,
+            size=vision.SizeTarget(_rules("1/1"), bits=(3, 4, 5), blocks=(None, 0)), distill=0.9),  # fmt: skip
+    Variant("4/4, ST, Fisher, classifier dense, distilled", "DKM", "cv:4/4", ST, fisher_batches=16, distill=0.5),
+    Variant("4/4 coremltools, distilled", "coremltools DKM", _rules("4/4"), distill=0.5),
+    Variant("1/1 uniform QAT, distilled", "uniform QAT", _rules("1/1"), distill=0.5),
     Variant("4/4, ST, Fisher 64, classifier dense", "DKM", "cv:4/4", ST, fisher_batches=64),
     Variant("4/4, ST, Fisher, planned to QAT's size, bits 2-6", "DKM", _rules("4/4"), ST, fisher_batches=16,
             size=vision.SizeTarget(_rules("1/1"), bits=(2, 3, 4, 5, 6), blocks=(None, 0))),  # fmt: skip
@@ -121,6 +129,7 @@ DEFAULT = 32
 
 def measure(fp32: torch.nn.Module, variant: Variant, data: Any, seed: int, opts: vision.Options) -> Record:
     """``variant``'s record (its label as the method, what it ran as the note)."""
+    opts = replace(opts, distill=variant.distill)
     if variant.method == "DKM":
         _, record = vision.dkm(fp32, variant.setting, data, seed, opts, variant.tau_schedule, variant.fisher_batches,
                                variant.size, **variant.fields)  # fmt: skip
@@ -136,6 +145,8 @@ def measure(fp32: torch.nn.Module, variant: Variant, data: Any, seed: int, opts:
         fields = ", ".join(filter(None, [fields, "tau {:g} to {:g}".format(*variant.tau_schedule)]))
     if variant.fisher_batches:
         fields = ", ".join(filter(None, [fields, f"Fisher-weighted centroids ({variant.fisher_batches} batches)"]))
+    if variant.distill:
+        fields = ", ".join(filter(None, [fields, f"distilled from fp32, KL weight {variant.distill:g}"]))
     if variant.size is not None:
         size = variant.size
         fields = ", ".join([fields, f"bits {'/'.join(map(str, size.bits))} and scales per channel or none planned "

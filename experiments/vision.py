@@ -106,6 +106,9 @@ class Options:
     #: re-estimated on this many training batches (``torch.optim.swa_utils.update_bn``; they were gathered
     #: on the weights as trained, soft ones for DKM, not on the weights shipped)
     bn_batches: int = 0
+    #: > 0: the trained compression methods learn from the fp32 model too: their loss is
+    #: ``(1 - distill) * cross-entropy + distill * KL(fp32's softmax || the model's)`` (see :func:`loss_fn`)
+    distill: float = 0.0
     out: Path = RESULTS
     name: str = "vision"
     progress: bool = True
@@ -148,19 +151,37 @@ def scores(model: nn.Module, data: Data, opts: Options | None = None) -> dict[st
     return out
 
 
-def loss_fn(data: Data):
-    return lambda model, batch: F.cross_entropy(model(data.x_train[batch]), data.y_train[batch])
+def loss_fn(data: Data, teacher: nn.Module | None = None, distill: float = 0.0):
+    """Cross-entropy on the labels; with a ``teacher`` and ``distill`` > 0, mixed with the KL divergence from
+    the teacher's predicted distribution (temperature 1): the compressed model is fitted to what the fp32
+    model it came from predicts, not only to the labels (knowledge distillation, Hinton et al. 2015)."""
+    if teacher is None or distill <= 0:
+        return lambda model, batch: F.cross_entropy(model(data.x_train[batch]), data.y_train[batch])
+    teacher = teacher.eval()
+
+    def loss(model: nn.Module, batch) -> torch.Tensor:
+        x = data.x_train[batch]
+        with torch.no_grad():
+            target = F.log_softmax(teacher(x), -1)
+        logits = model(x)
+        kl = F.kl_div(F.log_softmax(logits, -1), target, reduction="batchmean", log_target=True)
+        return (1 - distill) * F.cross_entropy(logits, data.y_train[batch]) + distill * kl
+
+    return loss
 
 
 def steps_per_epoch(data: Data) -> int:
     return -(-len(data.y_train) // BATCH_SIZE)
 
 
-def train(model: nn.Module, data: Data, epochs: int, seed: int, opts: Options, desc: str, **kw) -> int:
+def train(
+    model: nn.Module, data: Data, epochs: int, seed: int, opts: Options, desc: str, teacher: nn.Module | None = None, **kw
+) -> int:
+    """``fit`` on the training images; ``teacher`` (the fp32 model) is distilled from when ``opts.distill``."""
     return fit(
         model,
         minibatches(len(data.y_train), BATCH_SIZE),
-        loss_fn(data),
+        loss_fn(data, teacher, opts.distill),
         epochs=epochs,
         steps_per_epoch=steps_per_epoch(data),
         lr=opts.lr,
@@ -222,7 +243,7 @@ def dkm(
     after = None
     if tau_schedule is not None:
         after = torchdkm.TauSchedule(model, opts.dkm_epochs * steps_per_epoch(data), *tau_schedule).step
-    steps = train(model, data, opts.dkm_epochs, seed, opts, f"DKM {setting} s{seed}", after_step=after)
+    steps = train(model, data, opts.dkm_epochs, seed, opts, f"DKM {setting} s{seed}", fp32, after_step=after)
     gap = max(r.gap for r in torchdkm.report(model, show=False).layers)
     model = torchdkm.finalize(model)
     seconds = time.perf_counter() - start
@@ -280,6 +301,7 @@ def coreml(
             seed,
             opts,
             f"coremltools {setting} s{seed}",
+            fp32,
             after_step=palettizer.step,
             deadline=time.monotonic() + opts.coreml_seconds,
         )
@@ -329,7 +351,7 @@ def uniform(fp32: nn.Module, setting: str, data: Data, seed: int, opts: Options,
     steps = 0
     if qat:
         uniform_qat_(model, setting)
-        steps = train(model, data, opts.dkm_epochs, seed, opts, f"uniform QAT {setting} s{seed}")
+        steps = train(model, data, opts.dkm_epochs, seed, opts, f"uniform QAT {setting} s{seed}", fp32)
     layers = uniform_quantize_(model, setting)
     size, fp32_bytes = uniform_size(model, layers)
     bits = sum(q.bits * q.numel for q in layers) / sum(q.numel for q in layers)
