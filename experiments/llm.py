@@ -334,17 +334,18 @@ def run_dkm(ex: Experiment) -> None:
     log_line(f"measured {sum(len(layer.options) for layer in widest.layers)} layer options in {time.perf_counter() - started:.0f} s")
     for target in opts.targets:
         plan = widest.retarget(target)
-        log_line(f"{plan.bits_per_weight:.3f} bits per weight, {plan_summary(plan)}")
+        chosen = plan_summary(plan)
+        log_line(f"{plan.bits_per_weight:.3f} bits per weight, {chosen}")
         started = time.perf_counter()
         student = torchdkm.prepare(ex.student(), plan.config, progress=False, importance=plan.importance)
         snapped = torchdkm.finalize(copy.deepcopy(student))
-        ex.record("k-means planned", f"{target:g} bpw", snapped, saved_bytes(snapped), started)
+        ex.record("k-means planned", f"{target:g} bpw", snapped, saved_bytes(snapped), started, note=chosen)
         del snapped
         started = time.perf_counter()
         steps = ex.distill(student)
         final = torchdkm.finalize(student)
         ex.record("DKM (torchdkm)", f"{target:g} bpw", final, saved_bytes(final), started, steps=steps,
-                  note=f"{steps} steps of {opts.batch_size}x{opts.train_window} tokens, lr {opts.lr:g}")  # fmt: skip
+                  note=f"{steps} steps of {opts.batch_size}x{opts.train_window} tokens, lr {opts.lr:g}; {chosen}")  # fmt: skip
 
 
 def write_report(results: Results, out: Path) -> Path:

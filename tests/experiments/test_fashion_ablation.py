@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from experiments.baselines import CoremlDKM, unpalettized
-from experiments.fashion import synthetic_fashion
+from experiments.fashion import load_fashion, synthetic_fashion
 from experiments.fashion_ablation import DEFAULT, VARIANTS, cli, readme_table
 from experiments.fashion_models import MobileNetV1
+from experiments.vision import loss_fn
 
 
 def test_variants_run_and_are_tabled_per_seed(tmp_path: Path) -> None:
@@ -110,3 +111,31 @@ def test_a_per_channel_scaled_weight_counts_as_palettized() -> None:
     model = torch.nn.Sequential(layer)
     assert unpalettized(model, "fc:1/1#row") == []
     assert unpalettized(model, "fc:1/1") == [("0", 512)]  # one LUT for the tensor: 16 values are too many
+
+
+def test_distillation_mixes_the_kl_to_the_fp32_model_into_the_loss(tmp_path: Path) -> None:
+    data = synthetic_fashion(tmp_path / "data", n_train=5100, n_test=40)
+    fashion = load_fashion(data)
+    torch.manual_seed(0)
+    student, teacher = MobileNetV1().eval(), MobileNetV1().eval()
+    batch = torch.arange(8)
+    with torch.no_grad():
+        ce = float(loss_fn(fashion)(student, batch))
+        assert float(loss_fn(fashion, teacher, 0.0)(student, batch)) == ce  # no weight: cross-entropy alone
+        assert float(loss_fn(fashion, student, 0.5)(student, batch)) == pytest.approx(0.5 * ce, rel=1e-5)  # KL 0
+        logits, target = student(fashion.x_train[batch]), teacher(fashion.x_train[batch])
+        kl = float((target.softmax(-1) * (target.log_softmax(-1) - logits.log_softmax(-1))).sum(-1).mean())
+        assert kl > 0
+        assert float(loss_fn(fashion, teacher, 1.0)(student, batch)) == pytest.approx(kl, rel=1e-4)
+
+
+def test_a_distilled_variant_says_so(tmp_path: Path) -> None:
+    data = synthetic_fashion(tmp_path / "data", n_train=5100, n_test=40)
+    torch.manual_seed(0)
+    torch.save(MobileNetV1().state_dict(), tmp_path / "fashion_mobilenet_s0.pt")
+    only = ["1/1 uniform QAT, distilled"]
+    argv = ["--model", "mobilenet", "--steps", "1", "--seeds", "0", "--only", *only, "--data-dir", str(data),
+            "--checkpoints", str(tmp_path), "--out", str(tmp_path), "--no-progress", "--threads", "1"]  # fmt: skip
+    assert cli(argv) == 0
+    records = {r["method"]: r for r in json.loads((tmp_path / "fashion_ablation_mobilenet.json").read_text())["records"]}
+    assert "distilled from fp32, KL weight 0.5" in records[only[0]]["note"] and records[only[0]]["steps"] == 1

@@ -73,6 +73,8 @@ def test_tiny_run_records_every_method_with_sizes_and_completions(tmp_path: Path
     assert [r["steps"] for r in dkm] == [3, 3]
     for r, target in zip(dkm, (4.5, 4.0)):
         assert r["bits_per_weight"] <= target  # the saved file's size, measured
+        assert "plan: " in r["note"]  # the plan each layer got, kept with the result
+    assert all("plan: " in r["note"] for r in data["records"] if r["method"] == "k-means planned")
     assert len(data["config"]["completions"]) == len(data["records"])
     text = path.read_text()
     assert "## Against the targets" in text and "Greedy completions" in text
