@@ -152,7 +152,29 @@ def test_block_scales_become_a_lut_op_then_a_blockwise_scale_op(frontend):
         np.testing.assert_array_equal(decoded.reshape(weight.shape), weight)
 
 
-def test_asymmetric_blocks_are_refused_with_a_reason():
-    model = torchdkm.kmeans_compress(Scaled(), torchdkm.DKMConfig.parse("fc:3/1#16a", min_numel=0)).eval()
-    with pytest.raises(TorchdkmError, match="scale_offset"):
+@pytest.mark.parametrize("frontend", ["trace", "export"])
+def test_asymmetric_blocks_add_their_offsets_after_the_blockwise_scale(frontend):
+    """``scale_offset``: the LUT op, the blockwise scale, then an ``add`` of the (out, blocks, 1) offsets;
+    LUT x scale + offset is the torchdkm weight (float32, to a rounding: torchdkm may fuse the multiply-add)."""
+    torch.manual_seed(2)
+    config = torchdkm.DKMConfig.parse("conv:2/1#6a, fc:3/2#48a", min_numel=0)
+    model = torchdkm.kmeans_compress(Scaled(), config).eval()
+    x = torch.randn(1, 4, 6, 6)
+    torch.testing.assert_close(coreml_ready(model)(x), model(x))
+    converted = export_coreml(model, (x,), compute_precision="float32", frontend=frontend)
+    ops = [op for f in converted._mil_program.functions.values() for op in f.operations]
+    for layer, shape in (("conv", (8, 6, 6)), ("fc", (10, 8, 16))):
+        scale = next(op for op in ops if op.op_type == "constexpr_blockwise_shift_scale" and layer in op.name)
+        assert scale.data.op.op_type == "constexpr_lut_to_dense"
+        added = next(op for op in scale.outputs[0].child_ops if op.op_type == "add")
+        offsets = next(v for v in added.inputs.values() if v is not scale.outputs[0])
+        decoded = np.asarray(scale.materialized_val_inference()) + np.asarray(offsets.val)
+        assert decoded.shape == shape and offsets.val.shape == (*shape[:2], 1)
+        weight = getattr(model, layer).weight.detach().numpy()
+        np.testing.assert_allclose(decoded.reshape(weight.shape), weight, rtol=1e-6, atol=1e-7)
+
+
+def test_block_scales_on_vectors_across_kernel_rows_are_refused_with_a_reason():
+    model = torchdkm.kmeans_compress(Scaled(), torchdkm.DKMConfig.parse("conv:2/2#6, fc:3/1", min_numel=0)).eval()
+    with pytest.raises(TorchdkmError, match="cross rows"):
         export_coreml(model, (torch.randn(1, 4, 6, 6),))

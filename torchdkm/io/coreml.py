@@ -31,9 +31,10 @@ makes the converter follow the LUT op with ``constexpr_blockwise_shift_scale``
 divide the axis they run along: blocks that do not divide a row are given at
 the largest block length that divides both (each block's scale repeated).
 Such a weight is stored as ``(out, blocks, block)`` and reshaped
-back in the graph.  The converter's metadata path has no offsets, so asymmetric blocks
-(``scale_offset``) are refused with a message, as are scales on vectors that
-cross kernel rows.
+back in the graph.  The converter's metadata path has no offsets: asymmetric blocks
+(``scale_offset``) add theirs in the graph, an ``add`` of an ``(out, blocks, 1)``
+constant after the blockwise scale (stored in the compute precision, as many values as
+the torchdkm file holds).  Scales on vectors that cross kernel rows are refused with a message.
 
 Core ML runs predictions only on Apple platforms; on Linux the package can be
 built, saved and inspected (see :func:`lut_ops`), not run.
@@ -103,24 +104,36 @@ def _metadata(module: nn.Module, param: str, lut: Tensor, axis: int | None) -> N
         module.register_buffer(f"_COREML_/{param}/vector_axis", torch.tensor(axis))
 
 
-def _block_scale(module: nn.Module, param: str, spec: PaletteSpec, axis: int | None) -> tuple[Tensor, int] | None:
-    """``(palettization_scale (out, blocks, 1), block length)`` for a weight with block scales, or ``None``.
+@dataclass(frozen=True)
+class _BlockTables:
+    """A weight's block scales (and offsets) as Core ML's blocks want them: ``(out, blocks, 1)``, float32."""
+
+    scales: Tensor
+    offsets: Tensor | None
+    step: int  # Core ML's block length
+
+
+def _block_tables(module: nn.Module, param: str, spec: PaletteSpec, axis: int | None) -> _BlockTables | None:
+    """The block tables of a weight with block scales, or ``None``.
 
     Core ML's blocks must divide the axis they run along: the block length is
     the largest that divides both the row and ``scale_block`` (each block's
-    scale repeated over its pieces).
+    scale and offset repeated over its pieces).
     """
     blocks = spec.scales
     if blocks is None:
         return None
-    where = f"Core ML export: {type(module).__name__} {param}"
-    if blocks.offset:
-        raise TorchdkmError(f"{where}: asymmetric blocks (scale_offset) have no Core ML form here; use scale_offset=False")
     if axis is None:
-        raise TorchdkmError(f"{where}: block scales on vectors that cross rows have no Core ML form")
+        raise TorchdkmError(
+            f"Core ML export: {type(module).__name__} {param}: block scales on vectors that cross rows have no Core ML form"
+        )
     step = math.gcd(blocks.block, blocks.row_len)
-    scales = getattr(module, f"{param}_scales").repeat_interleave(blocks.block // step, dim=1)
-    return scales[:, : blocks.row_len // step].unsqueeze(-1).float(), step
+
+    def per_piece(name: str) -> Tensor:
+        table = getattr(module, f"{param}_{name}").repeat_interleave(blocks.block // step, dim=1)
+        return table[:, : blocks.row_len // step].unsqueeze(-1).float()
+
+    return _BlockTables(per_piece("scales"), per_piece("offsets") if blocks.offset else None, step)
 
 
 def _vector_class(base: type, crossing: tuple[str, ...], blocked: tuple[str, ...] = ()) -> type:
@@ -138,7 +151,12 @@ def _vector_class(base: type, crossing: tuple[str, ...], blocked: tuple[str, ...
         return property(get)
 
     def from_blocks(param: str):
-        return property(lambda self: getattr(self, f"{param}_blocks").reshape(self.palette[param].shape))
+        def get(self):
+            blocks = getattr(self, f"{param}_blocks")
+            offsets = self._buffers.get(f"{param}_block_offsets")
+            return (blocks if offsets is None else blocks + offsets).reshape(self.palette[param].shape)
+
+        return property(get)
 
     props = {p: from_vectors(p) for p in crossing} | {p: from_blocks(p) for p in blocked}
     return type(f"CoreML{base.__name__}", (base,), props)
@@ -183,7 +201,7 @@ def _plain_module(module: nn.Module) -> nn.Module:
         index = spec.indices(getattr(module, f"{param}_indices"))
         lut = getattr(module, f"{param}_lut")
         axis = vector_axis(spec)
-        scale = _block_scale(module, param, spec, axis)
+        tables = _block_tables(module, param, spec, axis)
         if axis is None:  # store the (groups, vectors * dim) matrix, palettized along axis 1
             vectors = torch.gather(lut, 1, index.unsqueeze(-1).expand(-1, -1, spec.dim))
             flat = vectors.reshape(layout.groups, -1).clone()
@@ -192,12 +210,15 @@ def _plain_module(module: nn.Module) -> nn.Module:
             continue
         if layout.groups > 1 and layout.out % layout.group_size:
             lut = lut[torch.arange(layout.out) // layout.group_size]  # one LUT per channel
-        if scale is not None:  # (out, blocks, block): palettized along the block axis, scaled per block
-            scale, step = scale
-            blocks = module.decode(param).reshape(spec.shape[0], -1, step).clone()
-            new.register_parameter(f"{param}_blocks", nn.Parameter(blocks, False))
+        if tables is not None:  # (out, blocks, block): palettized along the block axis, scaled per block
+            packed, scales = getattr(module, f"{param}_indices"), getattr(module, f"{param}_scales")
+            zero = None if tables.offsets is None else torch.zeros_like(scales)  # LUT x scale, the offsets added after
+            blocks = spec.decode(packed, getattr(module, f"{param}_lut"), scales, zero).reshape(spec.shape[0], -1, tables.step)
+            new.register_parameter(f"{param}_blocks", nn.Parameter(blocks.clone(), False))
             _metadata(new, f"{param}_blocks", lut.reshape(lut.shape[0], 1, 1, *lut.shape[1:]), 2)
-            new.register_buffer(f"_COREML_/{param}_blocks/palettization_scale", scale)
+            new.register_buffer(f"_COREML_/{param}_blocks/palettization_scale", tables.scales)
+            if tables.offsets is not None:
+                new.register_buffer(f"{param}_block_offsets", tables.offsets)
             continue
         shape = (lut.shape[0],) + (1,) * (len(spec.shape) - 1) + tuple(lut.shape[1:])
         if spec.transposed:  # (in, out): one LUT per group of output channels, along axis 1
