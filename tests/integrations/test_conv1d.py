@@ -157,3 +157,33 @@ def test_core_ml_keeps_conv1d_palettized(mlp):
     spec = mlp.down.palette["weight"]
     vectors = spec.layout.to_vectors(mlp.down.weight.T).reshape(spec.layout.groups, -1)
     assert np.array_equal(ops["down_weight_vectors"].op.materialized_val_inference(), vectors.numpy())
+
+
+@pytest.mark.parametrize("rule", ["fc:3/1#16", "fc:3/2#16a"])
+def test_core_ml_takes_conv1d_block_scales_along_its_input_axis(rule):
+    """A Conv1D's blocks run along its input axis (rows of the transposed weight): Core ML gets the (out, blocks,
+    block) tensor, the LUT op, the blockwise scale (and the offsets' add), transposed back in the graph."""
+    pytest.importorskip("coremltools")
+    from torchdkm.io.coreml import coreml_ready, export_coreml
+
+    warnings.filterwarnings("ignore", module="coremltools")
+    torch.manual_seed(3)
+    model = torchdkm.kmeans_compress(Mlp(), torchdkm.DKMConfig.parse(rule, min_numel=0)).eval()
+    x = torch.randn(2, 32)
+    torch.testing.assert_close(coreml_ready(model)(x), model(x))
+    converted = export_coreml(model, (x[:1],), compute_precision="float32")
+    ops = [op for f in converted._mil_program.functions.values() for op in f.operations]
+    # the LUT op and the blockwise scale, in either order (coremltools moves a scalar LUT's scale onto the LUT)
+    chain = [op for op in ops if op.name.startswith("up_weight_blocks") and op.op_type.startswith("constexpr_")]
+    assert sorted(op.op_type for op in chain) == ["constexpr_blockwise_shift_scale", "constexpr_lut_to_dense"]
+    last = next(op for op in chain if not any(c.op_type.startswith("constexpr_") for c in op.outputs[0].child_ops))
+    if last.op_type == "constexpr_lut_to_dense":  # indices into per-block scaled LUTs (64, 2, 1, 8, 1)
+        luts = np.asarray(last.lut.op.materialized_val_inference())[:, :, 0, :, 0]
+        decoded = np.take_along_axis(luts, last.indices.val.astype(np.int64), axis=-1)
+    else:
+        decoded = np.asarray(last.materialized_val_inference())
+    assert decoded.shape == (64, 2, 16)  # 64 outputs, 32 inputs in blocks of 16
+    if rule.endswith("a"):
+        added = next(op for op in last.outputs[0].child_ops if op.op_type == "add")
+        decoded = decoded + np.asarray(next(v for v in added.inputs.values() if v is not last.outputs[0]).val)
+    np.testing.assert_allclose(decoded.reshape(64, 32).T, model.up.weight.detach().numpy(), rtol=1e-6, atol=1e-7)

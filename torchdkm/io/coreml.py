@@ -152,9 +152,11 @@ def _vector_class(base: type, crossing: tuple[str, ...], blocked: tuple[str, ...
 
     def from_blocks(param: str):
         def get(self):
+            spec = self.palette[param]
             blocks = getattr(self, f"{param}_blocks")
             offsets = self._buffers.get(f"{param}_block_offsets")
-            return (blocks if offsets is None else blocks + offsets).reshape(self.palette[param].shape)
+            weight = (blocks if offsets is None else blocks + offsets).reshape(spec.layout.shape)
+            return weight.transpose(0, 1) if spec.transposed else weight  # Conv1D: blocks ran along its rows
 
         return property(get)
 
@@ -213,8 +215,9 @@ def _plain_module(module: nn.Module) -> nn.Module:
         if tables is not None:  # (out, blocks, block): palettized along the block axis, scaled per block
             packed, scales = getattr(module, f"{param}_indices"), getattr(module, f"{param}_scales")
             zero = None if tables.offsets is None else torch.zeros_like(scales)  # LUT x scale, the offsets added after
-            blocks = spec.decode(packed, getattr(module, f"{param}_lut"), scales, zero).reshape(spec.shape[0], -1, tables.step)
-            new.register_parameter(f"{param}_blocks", nn.Parameter(blocks.clone(), False))
+            blocks = spec.decode(packed, getattr(module, f"{param}_lut"), scales, zero)
+            blocks = (blocks.mT if spec.transposed else blocks).reshape(spec.layout.shape[0], -1, tables.step)
+            new.register_parameter(f"{param}_blocks", nn.Parameter(blocks.contiguous(), False))
             _metadata(new, f"{param}_blocks", lut.reshape(lut.shape[0], 1, 1, *lut.shape[1:]), 2)
             new.register_buffer(f"_COREML_/{param}_blocks/palettization_scale", tables.scales)
             if tables.offsets is not None:
