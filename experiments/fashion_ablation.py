@@ -9,8 +9,11 @@ output channel ``#row``, with an offset ``#rowa``, one LUT per channel
 ``@1``), the temperature, at 1 bit per weight (scalars and 4-vectors) and at
 0.5 bit (``cv:2/4``), beside uniform QAT and coremltools' ``DKMPalettizer``
 (with its per-channel scale where the row has one).  Sizes are all-in
-(indices, LUTs, scales, offsets and every dense tensor).  ``--only`` picks
-variants by label.  Outputs ``results/fashion_ablation_<model>.{json,md}``.
+(indices, LUTs, scales, offsets and every dense tensor).  The default run is
+the :data:`DEFAULT` rows the conclusions rest on (so that ``make reproduce-vision``
+fits two hours on two cores); ``--settled`` adds the ablations whose question is
+settled, ``--all`` the one-seed probes too, ``--only`` picks variants by label.
+Outputs ``results/fashion_ablation_<model>.{json,md}``.
 """
 
 from __future__ import annotations
@@ -59,47 +62,51 @@ EXACT = {"straight_through": 0.0}
 SCALAR_SCHEDULE, VECTOR_SCHEDULE = (0.02, 0.001), (0.05, 0.002)
 
 VARIANTS = (
+    # -- the default run: the rows the README's conclusions and the issue's targets rest on --------------------
+    # scalars at 1 bit: DKM's own gradient, a per-channel scale and offset, the straight-through term
     Variant("1/1", "DKM", _rules("1/1"), EXACT),
     Variant("1/1 scale+offset", "DKM", _rules("1/1#rowa"), EXACT),
     Variant("1/1 scale+offset, ST", "DKM", _rules("1/1#rowa"), ST),
-    Variant("1/1 scale, ST", "DKM", _rules("1/1#row"), ST),
     Variant("1/1 uniform QAT", "uniform QAT", _rules("1/1")),
+    # 4-vectors at 1 bit
     Variant("4/4", "DKM", _rules("4/4"), EXACT),
-    Variant("4/4, schedule", "DKM", _rules("4/4"), EXACT, tau_schedule=VECTOR_SCHEDULE),
     Variant("4/4, ST", "DKM", _rules("4/4"), ST),
-    Variant("4/4, ST, schedule", "DKM", _rules("4/4"), ST, VECTOR_SCHEDULE),
     Variant("4/4 coremltools", "coremltools DKM", _rules("4/4")),
     Variant("4/4 coremltools scale", "coremltools DKM", _rules("4/4#row")),
-    Variant("4/8", "DKM", _rules("4/8"), EXACT),
+    # 4-vectors at 0.5 bit
     Variant("4/8, ST", "DKM", _rules("4/8"), ST),
     Variant("4/8 coremltools", "coremltools DKM", _rules("4/8")),
     Variant("4/8 coremltools scale", "coremltools DKM", _rules("4/8#row")),
-    # coremltools cannot cut the classifier's 10 output channels into 8-vectors: the same layer dense here
-    Variant("4/8, ST, classifier dense", "DKM", "cv:4/8", ST),
-    # the same without the term, and softer (tau 0.02, which closed coremltools' 0.5-bit lead here)
-    Variant("4/8, classifier dense", "DKM", "cv:4/8", EXACT),
-    Variant("4/8, classifier dense, tau 0.02", "DKM", "cv:4/8", {**EXACT, "tau": 0.02}),
+    # coremltools cannot cut the classifier's 10 output channels into 8-vectors: the same layer dense here,
+    # with a softer temperature (tau 0.02, which closed coremltools' 0.5-bit lead here)
     Variant("4/8, ST, classifier dense, tau 0.02", "DKM", "cv:4/8", {**ST, "tau": 0.02}),
-    # the softer temperature at 1 bit
-    Variant("4/4, ST, tau 0.02", "DKM", _rules("4/4"), {**ST, "tau": 0.02}),
-    Variant("1/1 scale+offset, ST, tau 0.02", "DKM", _rules("1/1#rowa"), {**ST, "tau": 0.02}),
     # centroids weighted by the Fisher of 16 training batches (torchdkm.fisher, prepare's importance)
     Variant("4/4, ST, Fisher", "DKM", _rules("4/4"), ST, fisher_batches=16),
-    Variant("1/1 scale+offset, ST, Fisher", "DKM", _rules("1/1#rowa"), ST, fisher_batches=16),
     Variant("4/8, ST, classifier dense, tau 0.02, Fisher", "DKM", "cv:4/8", {**ST, "tau": 0.02}, fisher_batches=16),
     # a per-channel scale and offset under 4-vectors
     Variant("4/4 scale+offset, ST", "DKM", _rules("4/4#rowa"), ST),
     # on coremltools' terms at 1 bit: it leaves the classifier dense (10 output channels do not split into 4-vectors)
     Variant("4/4, ST, Fisher, classifier dense", "DKM", "cv:4/4", ST, fisher_batches=16),
-    Variant("4/4 scale+offset, ST, Fisher", "DKM", _rules("4/4#rowa"), ST, fisher_batches=16),
     # each layer's bits (0.75 / 1 / 1.25 per weight) and per-channel scale+offset planned to uniform QAT's size
     Variant("4/4, ST, Fisher, planned to QAT's size", "DKM", _rules("4/4"), ST, fisher_batches=16,
             size=vision.SizeTarget(_rules("1/1"), bits=(3, 4, 5), blocks=(None, 0))),  # fmt: skip
     # scalars at 1 bit on coremltools' terms: the same 2-entry LUT per tensor (or per-channel scale), no offset
     Variant("1/1, ST", "DKM", _rules("1/1"), ST),
-    Variant("1/1, ST, Fisher", "DKM", _rules("1/1"), ST, fisher_batches=16),
     Variant("1/1 coremltools", "coremltools DKM", _rules("1/1")),
     Variant("1/1 coremltools scale", "coremltools DKM", _rules("1/1#row")),
+    # -- --all adds the ablations whose question is settled (3 seeds each in the results files) ----------------
+    Variant("1/1 scale, ST", "DKM", _rules("1/1#row"), ST),
+    Variant("4/4, schedule", "DKM", _rules("4/4"), EXACT, tau_schedule=VECTOR_SCHEDULE),
+    Variant("4/4, ST, schedule", "DKM", _rules("4/4"), ST, VECTOR_SCHEDULE),
+    Variant("4/8", "DKM", _rules("4/8"), EXACT),
+    Variant("4/8, ST, classifier dense", "DKM", "cv:4/8", ST),
+    Variant("4/8, classifier dense", "DKM", "cv:4/8", EXACT),
+    Variant("4/8, classifier dense, tau 0.02", "DKM", "cv:4/8", {**EXACT, "tau": 0.02}),
+    Variant("4/4, ST, tau 0.02", "DKM", _rules("4/4"), {**ST, "tau": 0.02}),
+    Variant("1/1 scale+offset, ST, tau 0.02", "DKM", _rules("1/1#rowa"), {**ST, "tau": 0.02}),
+    Variant("1/1 scale+offset, ST, Fisher", "DKM", _rules("1/1#rowa"), ST, fisher_batches=16),
+    Variant("4/4 scale+offset, ST, Fisher", "DKM", _rules("4/4#rowa"), ST, fisher_batches=16),
+    Variant("1/1, ST, Fisher", "DKM", _rules("1/1"), ST, fisher_batches=16),
     # probed on one seed (see the README's notes), not in the default run:
     Variant("4/4, ST, Fisher, planned to QAT's size, distilled", "DKM", _rules("4/4"), ST, fisher_batches=16,
             size=vision.SizeTarget(_rules("1/1"), bits=(3, 4, 5), blocks=(None, 0)), distill=0.5),  # fmt: skip
@@ -123,8 +130,11 @@ VARIANTS = (
     Variant("2/4 scale", "DKM", _rules("2/4#row"), EXACT),
     Variant("4/8 scale, ST", "DKM", _rules("4/8#row"), ST),
 )
-#: What ``python -m experiments.fashion_ablation`` runs by default (``--all``: every variant).
-DEFAULT = 32
+#: What ``python -m experiments.fashion_ablation`` runs by default (``--settled``: and the settled ablations;
+#: ``--all``: every variant, the one-seed probes too).
+DEFAULT = 20
+#: The default rows and the ablations whose question is settled (every row of the README's table).
+SETTLED = 32
 
 
 def measure(fp32: torch.nn.Module, variant: Variant, data: Any, seed: int, opts: vision.Options) -> Record:
@@ -238,6 +248,7 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=400, help="fine-tuning steps of 64 images (default %(default)s)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--only", nargs="+", metavar="LABEL", help="run these variants only (labels of VARIANTS)")
+    parser.add_argument("--settled", action="store_true", help="the default variants and the settled ablations")
     parser.add_argument("--all", action="store_true", help="every variant, the one-seed probes included")
     parser.add_argument(
         "--append", action="store_true", help="keep the results file's records of other seeds (run more seeds later)"
@@ -254,7 +265,7 @@ def cli(argv: list[str] | None = None) -> int:
     if args.readme:
         print(readme_table({m: args.out / f"fashion_ablation_{m}.json" for m in ("mobilenet", "resnet")}))
         return 0
-    chosen = VARIANTS if args.all else VARIANTS[:DEFAULT]
+    chosen = VARIANTS if args.all else VARIANTS[: SETTLED if args.settled else DEFAULT]
     variants = [v for v in VARIANTS if v.label in args.only] if args.only else list(chosen)
     unknown = set(args.only or ()) - {v.label for v in VARIANTS}
     if unknown:

@@ -10,7 +10,7 @@ import torch
 
 from experiments.baselines import CoremlDKM, unpalettized
 from experiments.fashion import load_fashion, synthetic_fashion
-from experiments.fashion_ablation import DEFAULT, VARIANTS, cli, readme_table
+from experiments.fashion_ablation import DEFAULT, SETTLED, VARIANTS, cli, readme_table, summaries
 from experiments.fashion_models import MobileNetV1
 from experiments.vision import loss_fn
 
@@ -90,8 +90,14 @@ def test_unknown_variant_is_refused(tmp_path: Path) -> None:
 
 def test_default_run_is_the_head_of_the_list() -> None:
     labels = [v.label for v in VARIANTS]
-    assert len(set(labels)) == len(labels) and 0 < DEFAULT < len(VARIANTS)
+    assert len(set(labels)) == len(labels) and 0 < DEFAULT < SETTLED < len(VARIANTS)
     assert {v.method for v in VARIANTS[:DEFAULT]} == {"DKM", "uniform QAT", "coremltools DKM"}
+
+
+def test_readme_rows_are_the_default_and_settled_variants() -> None:
+    """Every row of README's table is a variant that ``--settled`` runs, and each of those has a row."""
+    rows = summaries(ROOT / "results" / "fashion_ablation_resnet.json")
+    assert set(rows) - {"fp32"} == {v.label for v in VARIANTS[:SETTLED]}
 
 
 def test_coremltools_takes_one_scale_per_channel_and_nothing_finer() -> None:
