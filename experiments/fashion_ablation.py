@@ -94,7 +94,7 @@ VARIANTS = (
     Variant("1/1, ST", "DKM", _rules("1/1"), ST),
     Variant("1/1 coremltools", "coremltools DKM", _rules("1/1")),
     Variant("1/1 coremltools scale", "coremltools DKM", _rules("1/1#row")),
-    # -- --all adds the ablations whose question is settled (3 seeds each in the results files) ----------------
+    # -- --settled adds the ablations whose question is settled (3 seeds each in the results files) ------------
     Variant("1/1 scale, ST", "DKM", _rules("1/1#row"), ST),
     Variant("4/4, schedule", "DKM", _rules("4/4"), EXACT, tau_schedule=VECTOR_SCHEDULE),
     Variant("4/4, ST, schedule", "DKM", _rules("4/4"), ST, VECTOR_SCHEDULE),
