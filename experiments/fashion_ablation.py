@@ -116,6 +116,8 @@ VARIANTS = (
     Variant("4/4 coremltools, distilled", "coremltools DKM", _rules("4/4"), distill=0.5),
     Variant("1/1 uniform QAT, distilled", "uniform QAT", _rules("1/1"), distill=0.5),
     Variant("4/4, ST, Fisher 64, classifier dense", "DKM", "cv:4/4", ST, fisher_batches=64),
+    Variant("4/4, ST 0.5, Fisher, classifier dense", "DKM", "cv:4/4", {"straight_through": 0.5}, fisher_batches=16),
+    Variant("4/4, ST 2, Fisher, classifier dense", "DKM", "cv:4/4", {"straight_through": 2.0}, fisher_batches=16),
     Variant("4/4, ST, Fisher, planned to QAT's size, bits 2-6", "DKM", _rules("4/4"), ST, fisher_batches=16,
             size=vision.SizeTarget(_rules("1/1"), bits=(2, 3, 4, 5, 6), blocks=(None, 0))),  # fmt: skip
     Variant("1/1 per-channel LUT", "DKM", _rules("1/1@1"), EXACT),
