@@ -118,6 +118,8 @@ VARIANTS = (
     Variant("4/4, ST, Fisher 64, classifier dense", "DKM", "cv:4/4", ST, fisher_batches=64),
     # ResNet only: exactly the layers coremltools compresses at 4/4 (it also leaves this shortcut dense)
     Variant("4/4, ST, Fisher, coremltools' layers", "DKM", "cv:4/4, stages.0.0.shortcut.0:none", ST, fisher_batches=16),
+    Variant("4/4, ST, Fisher, classifier dense, tau 0.002", "DKM", "cv:4/4", {**ST, "tau": 0.002}, fisher_batches=16),
+    Variant("4/4, ST, Fisher, classifier dense, tau 0.01", "DKM", "cv:4/4", {**ST, "tau": 0.01}, fisher_batches=16),
     Variant("4/4, ST 0.5, Fisher, classifier dense", "DKM", "cv:4/4", {"straight_through": 0.5}, fisher_batches=16),
     Variant("4/4, ST 2, Fisher, classifier dense", "DKM", "cv:4/4", {"straight_through": 2.0}, fisher_batches=16),
     Variant("4/4, ST, Fisher, planned to QAT's size, bits 2-6", "DKM", _rules("4/4"), ST, fisher_batches=16,
