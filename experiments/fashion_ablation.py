@@ -213,6 +213,28 @@ def earlier(path: Path, config: dict[str, Any]) -> list[Record]:
     return saved.records
 
 
+def merge(paths: list[Path], name: str, out: Path) -> Results:
+    """One results file from runs made apart (seeds or variants run side by side): their records, the fp32
+    record once, checked to be comparable (model, budget, fp32 seed, learning rate) like ``--append``."""
+    parts = [Results.load(path) for path in paths]
+    config = dict(parts[0].config)
+    for path, part in zip(paths[1:], parts[1:]):
+        for key in ("model", "steps", "fp32_seed", "lr", "images"):
+            if part.config.get(key) != config[key]:
+                raise SystemExit(f"--merge: {path} has {key}={part.config.get(key)!r}, {paths[0]} {config[key]!r}")
+    records = [r for part in parts for r in part.records if r.method != "fp32"]
+    config["seeds"] = sorted({r.seed for r in records})
+    config["variants"] = list(dict.fromkeys(r.method for r in records))
+    config["merged_from"] = [str(p) for p in paths]
+    results = Results(name, config, environment=parts[0].environment)
+    results.add(next(r for r in parts[0].records if r.method == "fp32"))
+    for record in records:
+        results.add(record)
+    results.write(out)
+    (out / f"{name}.md").write_text(table(results) + "\n")
+    return results
+
+
 def summaries(path: Path) -> dict[str, dict[str, Any]]:
     """A results file's accuracy summary per variant (mean, std, n, factor...)."""
     return {row["method"]: row for row in Results.load(path).summary("accuracy")}
@@ -267,7 +289,14 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", help="results file stem (default fashion_ablation_<model>)")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--readme", action="store_true", help="print README's table from the results files, run nothing")
+    parser.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
+                        help="combine results files of runs made apart into --name, run nothing")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.merge:
+        if not args.name:
+            parser.error("--merge needs --name")
+        print(table(merge(args.merge, args.name, args.out)))
+        return 0
     if args.readme:
         print(readme_table({m: args.out / f"fashion_ablation_{m}.json" for m in ("mobilenet", "resnet")}))
         return 0

@@ -145,3 +145,21 @@ def test_a_distilled_variant_says_so(tmp_path: Path) -> None:
     assert cli(argv) == 0
     records = {r["method"]: r for r in json.loads((tmp_path / "fashion_ablation_mobilenet.json").read_text())["records"]}
     assert "distilled from fp32, KL weight 0.5" in records[only[0]]["note"] and records[only[0]]["steps"] == 1
+
+
+def test_runs_made_apart_merge_into_one_table(tmp_path: Path) -> None:
+    data = synthetic_fashion(tmp_path / "data", n_train=5100, n_test=40)
+    torch.manual_seed(0)
+    torch.save(MobileNetV1().state_dict(), tmp_path / "fashion_mobilenet_s0.pt")
+    base = ["--model", "mobilenet", "--steps", "1", "--data-dir", str(data), "--checkpoints", str(tmp_path),
+            "--out", str(tmp_path), "--no-progress", "--threads", "1"]  # fmt: skip
+    assert cli([*base, "--seeds", "0", "--only", "1/1", "--name", "a"]) == 0
+    assert cli([*base, "--seeds", "1", "--only", "1/1", "4/4", "--name", "b"]) == 0
+    assert cli(["--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--name", "ab", "--out", str(tmp_path)]) == 0
+    saved = json.loads((tmp_path / "ab.json").read_text())
+    assert [(r["method"], r["seed"]) for r in saved["records"]] == [("fp32", 0), ("1/1", 0), ("1/1", 1), ("4/4", 1)]
+    assert saved["config"]["seeds"] == [0, 1] and saved["config"]["variants"] == ["1/1", "4/4"]
+    assert "| 1/1 | 1 | " in (tmp_path / "ab.md").read_text() and "fine-tuning seeds 0, 1" in (tmp_path / "ab.md").read_text()
+    assert cli([*base[:2], "--steps", "2", *base[4:], "--seeds", "2", "--only", "1/1", "--name", "c"]) == 0
+    with pytest.raises(SystemExit, match="steps=2"):
+        cli(["--merge", str(tmp_path / "a.json"), str(tmp_path / "c.json"), "--name", "ac", "--out", str(tmp_path)])
