@@ -47,7 +47,7 @@ bench: $(STAMP)
 # Vision: Fashion-MNIST, a MobileNet-v1-style CNN and a small ResNet trained in fp32 to a validation
 # plateau (skipped when their weights are in out/), then every method at 1 and 0.5 bit per weight from
 # them, 3 fine-tuning seeds (experiments/fashion_ablation.py).  The two models run side by side, one core
-# each (their small convolutions gain little from a second thread): about 2-2.5 hours, estimated from its parts.
+# each (their small convolutions gain little from a second thread): about 1 h 50 min, estimated from its parts.
 ABLATION := $(BIN)/python -m experiments.fashion_ablation
 reproduce-vision: $(STAMP) fashion-mnist
 	@mkdir -p out; pids=""; for m in mobilenet resnet; do \

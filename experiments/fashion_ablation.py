@@ -207,10 +207,15 @@ def earlier(path: Path, config: dict[str, Any]) -> list[Record]:
     if not path.is_file():
         return []
     saved = Results.load(path)
-    for key in ("model", "steps", "fp32_seed", "lr", "images"):
-        if saved.config.get(key) != config[key]:
-            raise SystemExit(f"--append: {path} has {key}={saved.config.get(key)!r}, this run {config[key]!r}")
+    check_comparable(saved.config, config, f"--append: {path}", "this run")
     return saved.records
+
+
+def check_comparable(found: dict[str, Any], config: dict[str, Any], where: str, other: str) -> None:
+    """Records of two runs may share a table only when they fine-tuned the same fp32 model the same way."""
+    for key in ("model", "steps", "fp32_seed", "lr", "images"):
+        if found.get(key) != config[key]:
+            raise SystemExit(f"{where} has {key}={found.get(key)!r}, {other} {config[key]!r}")
 
 
 def merge(paths: list[Path], name: str, out: Path) -> Results:
@@ -219,9 +224,7 @@ def merge(paths: list[Path], name: str, out: Path) -> Results:
     parts = [Results.load(path) for path in paths]
     config = dict(parts[0].config)
     for path, part in zip(paths[1:], parts[1:]):
-        for key in ("model", "steps", "fp32_seed", "lr", "images"):
-            if part.config.get(key) != config[key]:
-                raise SystemExit(f"--merge: {path} has {key}={part.config.get(key)!r}, {paths[0]} {config[key]!r}")
+        check_comparable(part.config, config, f"--merge: {path}", str(paths[0]))
     records = [r for part in parts for r in part.records if r.method != "fp32"]
     config["seeds"] = sorted({r.seed for r in records})
     config["variants"] = list(dict.fromkeys(r.method for r in records))

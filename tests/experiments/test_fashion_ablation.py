@@ -15,14 +15,19 @@ from experiments.fashion_models import MobileNetV1
 from experiments.vision import loss_fn
 
 
-def test_variants_run_and_are_tabled_per_seed(tmp_path: Path) -> None:
+@pytest.fixture
+def run_args(tmp_path: Path) -> list[str]:
+    """Synthetic images, an untrained MobileNet as the fp32 checkpoint: the arguments every run here shares."""
     data = synthetic_fashion(tmp_path / "data", n_train=5100, n_test=40)
     torch.manual_seed(0)
     torch.save(MobileNetV1().state_dict(), tmp_path / "fashion_mobilenet_s0.pt")
+    return ["--model", "mobilenet", "--data-dir", str(data), "--checkpoints", str(tmp_path), "--out", str(tmp_path),
+            "--no-progress", "--threads", "1"]  # fmt: skip
+
+
+def test_variants_run_and_are_tabled_per_seed(tmp_path: Path, run_args: list[str]) -> None:
     only = ["1/1 scale+offset, ST", "4/4, ST, schedule", "1/1 uniform QAT", "4/4 coremltools scale", "4/4, ST, Fisher"]
-    argv = ["--model", "mobilenet", "--steps", "2", "--seeds", "0", "1", "--only", *only, "--data-dir", str(data),
-            "--checkpoints", str(tmp_path), "--out", str(tmp_path), "--no-progress", "--threads", "1"]  # fmt: skip
-    assert cli(argv) == 0
+    assert cli([*run_args, "--steps", "2", "--seeds", "0", "1", "--only", *only]) == 0
     saved = json.loads((tmp_path / "fashion_ablation_mobilenet.json").read_text())
     records = [r for r in saved["records"] if r["method"] != "fp32"]
     assert sorted({r["method"] for r in records}) == sorted(only)
@@ -43,14 +48,9 @@ def test_variants_run_and_are_tabled_per_seed(tmp_path: Path) -> None:
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_a_plan_to_qat_size_is_no_larger_than_qat(tmp_path: Path) -> None:
-    data = synthetic_fashion(tmp_path / "data", n_train=5100, n_test=40)
-    torch.manual_seed(0)
-    torch.save(MobileNetV1().state_dict(), tmp_path / "fashion_mobilenet_s0.pt")
+def test_a_plan_to_qat_size_is_no_larger_than_qat(tmp_path: Path, run_args: list[str]) -> None:
     only = ["1/1 uniform QAT", "4/4, ST, Fisher, planned to QAT's size"]
-    argv = ["--model", "mobilenet", "--steps", "2", "--seeds", "0", "--only", *only, "--data-dir", str(data),
-            "--checkpoints", str(tmp_path), "--out", str(tmp_path), "--no-progress", "--threads", "1"]  # fmt: skip
-    assert cli(argv) == 0
+    assert cli([*run_args, "--steps", "2", "--seeds", "0", "--only", *only]) == 0
     records = {r["method"]: r for r in json.loads((tmp_path / "fashion_ablation_mobilenet.json").read_text())["records"]}
     qat, planned = records[only[0]], records[only[1]]
     assert planned["bytes"] <= qat["bytes"]
@@ -63,12 +63,8 @@ def test_readme_quotes_the_stored_results() -> None:
     assert readme_table(paths) in (ROOT / "README.md").read_text()
 
 
-def test_more_seeds_are_appended_to_an_earlier_run(tmp_path: Path) -> None:
-    data = synthetic_fashion(tmp_path / "data", n_train=5100, n_test=40)
-    torch.manual_seed(0)
-    torch.save(MobileNetV1().state_dict(), tmp_path / "fashion_mobilenet_s0.pt")
-    base = ["--model", "mobilenet", "--steps", "1", "--data-dir", str(data), "--checkpoints", str(tmp_path),
-            "--out", str(tmp_path), "--no-progress", "--threads", "1"]  # fmt: skip
+def test_more_seeds_are_appended_to_an_earlier_run(tmp_path: Path, run_args: list[str]) -> None:
+    base = [*run_args, "--steps", "1"]
     assert cli([*base, "--seeds", "0", "--only", "1/1", "4/4"]) == 0
     assert cli([*base, "--seeds", "1", "--only", "1/1", "--append"]) == 0
     saved = json.loads((tmp_path / "fashion_ablation_mobilenet.json").read_text())
@@ -80,7 +76,7 @@ def test_more_seeds_are_appended_to_an_earlier_run(tmp_path: Path) -> None:
         ("fp32", 0), ("1/1", 0), ("1/1", 1), ("4/4", 0), ("4/4", 1)
     ]
     with pytest.raises(SystemExit, match="steps=1"):
-        cli([*base[:2], "--steps", "2", *base[4:], "--seeds", "2", "--only", "1/1", "--append"])
+        cli([*run_args, "--steps", "2", "--seeds", "2", "--only", "1/1", "--append"])
 
 
 def test_unknown_variant_is_refused(tmp_path: Path) -> None:
@@ -135,24 +131,15 @@ def test_distillation_mixes_the_kl_to_the_fp32_model_into_the_loss(tmp_path: Pat
         assert float(loss_fn(fashion, teacher, 1.0)(student, batch)) == pytest.approx(kl, rel=1e-4)
 
 
-def test_a_distilled_variant_says_so(tmp_path: Path) -> None:
-    data = synthetic_fashion(tmp_path / "data", n_train=5100, n_test=40)
-    torch.manual_seed(0)
-    torch.save(MobileNetV1().state_dict(), tmp_path / "fashion_mobilenet_s0.pt")
+def test_a_distilled_variant_says_so(tmp_path: Path, run_args: list[str]) -> None:
     only = ["1/1 uniform QAT, distilled"]
-    argv = ["--model", "mobilenet", "--steps", "1", "--seeds", "0", "--only", *only, "--data-dir", str(data),
-            "--checkpoints", str(tmp_path), "--out", str(tmp_path), "--no-progress", "--threads", "1"]  # fmt: skip
-    assert cli(argv) == 0
+    assert cli([*run_args, "--steps", "1", "--seeds", "0", "--only", *only]) == 0
     records = {r["method"]: r for r in json.loads((tmp_path / "fashion_ablation_mobilenet.json").read_text())["records"]}
     assert "distilled from fp32, KL weight 0.5" in records[only[0]]["note"] and records[only[0]]["steps"] == 1
 
 
-def test_runs_made_apart_merge_into_one_table(tmp_path: Path) -> None:
-    data = synthetic_fashion(tmp_path / "data", n_train=5100, n_test=40)
-    torch.manual_seed(0)
-    torch.save(MobileNetV1().state_dict(), tmp_path / "fashion_mobilenet_s0.pt")
-    base = ["--model", "mobilenet", "--steps", "1", "--data-dir", str(data), "--checkpoints", str(tmp_path),
-            "--out", str(tmp_path), "--no-progress", "--threads", "1"]  # fmt: skip
+def test_runs_made_apart_merge_into_one_table(tmp_path: Path, run_args: list[str]) -> None:
+    base = [*run_args, "--steps", "1"]
     assert cli([*base, "--seeds", "0", "--only", "1/1", "--name", "a"]) == 0
     assert cli([*base, "--seeds", "1", "--only", "1/1", "4/4", "--name", "b"]) == 0
     assert cli(["--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--name", "ab", "--out", str(tmp_path)]) == 0
@@ -160,6 +147,6 @@ def test_runs_made_apart_merge_into_one_table(tmp_path: Path) -> None:
     assert [(r["method"], r["seed"]) for r in saved["records"]] == [("fp32", 0), ("1/1", 0), ("1/1", 1), ("4/4", 1)]
     assert saved["config"]["seeds"] == [0, 1] and saved["config"]["variants"] == ["1/1", "4/4"]
     assert "| 1/1 | 1 | " in (tmp_path / "ab.md").read_text() and "fine-tuning seeds 0, 1" in (tmp_path / "ab.md").read_text()
-    assert cli([*base[:2], "--steps", "2", *base[4:], "--seeds", "2", "--only", "1/1", "--name", "c"]) == 0
+    assert cli([*run_args, "--steps", "2", "--seeds", "2", "--only", "1/1", "--name", "c"]) == 0
     with pytest.raises(SystemExit, match="steps=2"):
         cli(["--merge", str(tmp_path / "a.json"), str(tmp_path / "c.json"), "--name", "ac", "--out", str(tmp_path)])

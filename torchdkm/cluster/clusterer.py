@@ -115,7 +115,8 @@ class WeightClusterer:
             self._per_weight = self.layout.from_vectors(self.importance.unsqueeze(-1)).reshape(-1)
 
     def weight_importance(self, device: torch.device) -> Tensor | None:
-        """``(numel,)``: each weight's own weighing (scalars: :attr:`importance` in the weight's order), or None."""
+        """``(numel,)``: each scalar weight's own weighing (:attr:`importance` in the weight's order, what the
+        uniquified path reads), or None: no importance, or vectors (their paths read :attr:`importance`)."""
         if self._per_weight is not None and self._per_weight.device != device:
             self._per_weight = self._per_weight.to(device)  # (moved once, with the model)
         return self._per_weight
