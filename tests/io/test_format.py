@@ -70,6 +70,35 @@ def test_round_trip_of_a_bare_layer(tmp_path):
     assert_same(layer, loaded, (torch.randn(2, 4, 9),))
 
 
+class Versioned(nn.Module):
+    """Reads its version when loading, as torchvision's MNASNet does (it refuses a state_dict without one)."""
+
+    _version = 2
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 16)
+        self.seen = None
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args):
+        self.seen = local_metadata.get("version")
+        if self.seen != 2:
+            raise ValueError(f"version should be 2, got {self.seen}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def test_load_gives_modules_their_state_dict_version(tmp_path):
+    torch.manual_seed(0)
+    model = torchdkm.kmeans_compress(Versioned(), DKMConfig.parse("fc:3/1", min_numel=0))
+    path = torchdkm.save(model, tmp_path / "versioned.safetensors")
+    loaded = torchdkm.load(path, Versioned())
+    assert loaded.seen == 2
+    assert_same(model, loaded, (torch.randn(3, 8),))
+
+
 def test_round_trip_every_module_type(make_mixednet, mixed_input, tmp_path):
     config = DKMConfig.parse("emb:3/5@7, cv:2/4, fc:4", min_numel=0)
     model = torchdkm.finalize(torchdkm.prepare(make_mixednet(), config))

@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -265,8 +266,12 @@ def _fill(path: Path, model: nn.Module, meta: dict[str, Any], tensors: dict[str,
             raise TorchdkmError(
                 f"{path}: tensor {key!r} is {tensor.dtype} in the file but {wanted[key].dtype} in the model"
             )
+    state = OrderedDict(tensors)
+    # the model's own module versions: a module that reads its version on load (torchvision's MNASNet
+    # refuses none) loads the file as it loads its own state_dict
+    state._metadata = getattr(wanted, "_metadata", OrderedDict())  # type: ignore[attr-defined]
     try:
-        model.load_state_dict(tensors, strict=True)
+        model.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise TorchdkmError(f"{path}: file does not match the model: {err}") from None
     if meta_checksum(meta) != meta["meta_checksum"]:
@@ -352,10 +357,8 @@ def _block_tensor(where: str, tensors: dict[str, Tensor], key: str, shape: tuple
     if found is None:
         raise TorchdkmError(f"{where}: {key.rsplit('.', 1)[-1]} missing from the file")
     if found.dtype != STORED or tuple(found.shape) != shape:
-        raise TorchdkmError(
-            f"{where}: {key.rsplit('.', 1)[-1]} should be float16 of shape {shape}, "
-            f"found {tuple(found.shape)} {found.dtype}"
-        )
+        what = f"{tuple(found.shape)} {found.dtype}"
+        raise TorchdkmError(f"{where}: {key.rsplit('.', 1)[-1]} should be float16 of shape {shape}, found {what}")
     if not bool(torch.isfinite(found).all()):
         raise TorchdkmError(f"{where}: {key.rsplit('.', 1)[-1]} hold NaN/Inf values")
     return found
@@ -386,15 +389,8 @@ def _spec(where: str, raw: Any) -> PaletteSpec:
     block = raw.get("scale_block")
     if block and block % raw["dim"]:
         raise TorchdkmError(f"{where}: scale_block {block} is not a multiple of dim {raw['dim']}")
-    return PaletteSpec(
-        tuple(raw["shape"]),
-        raw["bits"],
-        raw["dim"],
-        raw["group_size"],
-        scale_block=block,
-        scale_offset=raw.get("scale_offset", False),
-        transposed=transposed,
-    )
+    return PaletteSpec(tuple(raw["shape"]), raw["bits"], raw["dim"], raw["group_size"], scale_block=block,
+                       scale_offset=raw.get("scale_offset", False), transposed=transposed)  # fmt: skip
 
 
 def _short(value: Any, limit: int = 200) -> str:
