@@ -150,3 +150,20 @@ def test_gradient_accumulation_steps_again_after_backward():
     with torch.no_grad():
         model(ids)  # and a no-grad forward in train mode does not hand its graph-less weight to the next one
     model(ids, labels=ids).loss.backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_load_pretrained_builds_the_model_in_its_saved_dtype(dtype, tmp_path):
+    torch.manual_seed(0)
+    model = tiny_llama().to(dtype).eval()
+    compressed = torchdkm.kmeans_compress(model, DKMConfig.parse("fc:3/1#32a, emb:3/1#32a", min_numel=0))
+    torchdkm.save_pretrained(compressed, tmp_path)
+    loaded = torchdkm.load_pretrained(tmp_path)
+    assert torch.get_default_dtype() == torch.float32  # restored
+    saved, got = compressed.state_dict(), loaded.state_dict()
+    assert saved.keys() == got.keys()
+    assert all(got[k].dtype == saved[k].dtype and torch.equal(got[k], saved[k]) for k in saved)
+    ids = torch.randint(3, 90, (2, 12))
+    with torch.no_grad():  # as transformers' own loader builds it (rotary buffers made in the saved dtype's build)
+        auto = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+        assert torch.equal(loaded(input_ids=ids).logits, auto(input_ids=ids).logits)

@@ -30,7 +30,7 @@ from ..api import finalize, prepare
 from ..budget import plan_to_size
 from ..config import DKMConfig
 from ..errors import TorchdkmError
-from ..io import load, save
+from ..io import load, save, saved_dtype
 from ..io.format import WEIGHTS, weights_path
 from . import causal
 from .distill import distill, read_sentences
@@ -110,7 +110,8 @@ def save_pretrained(
 def load_pretrained(directory: str | os.PathLike, *, model_class: Any = None) -> nn.Module:
     """Rebuild a model saved by :func:`save_pretrained` (or ``torchdkm compress``), in eval mode.
 
-    The class is ``model_class``, else ``config.architectures[0]``, else ``AutoModel``.
+    The class is ``model_class``, else ``config.architectures[0]``, else ``AutoModel``; it is built in the
+    dtype the model was saved in (its LUTs': a bfloat16 model comes back bfloat16).
     """
     transformers = _transformers()
     directory = Path(directory)
@@ -120,9 +121,20 @@ def load_pretrained(directory: str | os.PathLike, *, model_class: Any = None) ->
     config = transformers.AutoConfig.from_pretrained(directory)
     config.quantization_config = None  # built dense here, then filled by torchdkm.load
     cls = model_class or _model_class(config)
-    with _skip_init():
+    with _skip_init(), _default_dtype(saved_dtype(weights)):
         model = cls(config) if cls is not None else transformers.AutoModel.from_config(config)
     return load(weights, model).eval()
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    """Build in ``dtype`` (as transformers' ``from_pretrained`` does with ``dtype=``), then restore the default."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
 
 
 def _skip_init() -> contextlib.AbstractContextManager:

@@ -1,5 +1,5 @@
 """The compressed file format (and, later, exporters)."""
 
-from .format import FORMAT_VERSION, load, read, save
+from .format import FORMAT_VERSION, load, read, save, saved_dtype
 
-__all__ = ["FORMAT_VERSION", "load", "read", "save"]
+__all__ = ["FORMAT_VERSION", "load", "read", "save", "saved_dtype"]

@@ -109,12 +109,8 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write a finalized model to ``path``; returns the path."""
     if dkm_parametrizations(model):
         raise TorchdkmError("save: the model still has DKM training layers; call torchdkm.finalize(model) first")
-    layers: dict[str, Any] = {}
-    for name, module in palettized_modules(model):
-        layers[name] = {
-            "class": module.base_class.__name__,
-            "params": {p: s.to_dict() for p, s in module.palette.items()},
-        }
+    layers = {name: {"class": module.base_class.__name__, "params": {p: s.to_dict() for p, s in module.palette.items()}}
+              for name, module in palettized_modules(model)}  # fmt: skip
     if not layers:
         raise TorchdkmError("save: the model has no palettized layer; prepare, train and finalize it first")
     tensors: dict[str, Tensor] = {}
@@ -127,13 +123,8 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
             continue
         storage_key[ident] = key
         tensors[key] = tensor.detach().contiguous().cpu().clone()
-    meta = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "layers": layers,
-        "aliases": aliases,
-        "checksum": checksum(tensors),
-    }
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "layers": layers, "aliases": aliases,
+            "checksum": checksum(tensors)}  # fmt: skip
     meta["meta_checksum"] = meta_checksum(meta)
     path = Path(path)
     save_file(tensors, str(path), metadata={FORMAT: json.dumps(meta)})
@@ -150,8 +141,6 @@ def read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
         with safe_open(str(path), framework="pt") as handle:
             header = handle.metadata() or {}
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except TorchdkmError:
-        raise
     except Exception as err:  # safetensors raises several types for damaged files
         raise TorchdkmError(f"{path}: not a readable safetensors file (truncated or corrupted?): {err}") from None
     if FORMAT not in header:
@@ -171,6 +160,19 @@ def read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
             raise TorchdkmError(f"{path}: alias {key!r} names a tensor that is also stored")
         tensors[key] = tensors[target]
     return meta, tensors
+
+
+def saved_dtype(path: str | os.PathLike) -> torch.dtype:
+    """The palettized weights' dtype when saved (their LUTs'): what a model to fill is built in (reads one LUT)."""
+    path = weights_path(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            key = next((k for k in handle.keys() if k.endswith("_lut")), None)
+            if key is not None:
+                return handle.get_tensor(key).dtype
+    except Exception as err:  # safetensors raises several types for damaged files
+        raise TorchdkmError(f"{path}: not a readable safetensors file (truncated or corrupted?): {err}") from None
+    raise TorchdkmError(f"{path}: no LUT in the file: not a torchdkm file")
 
 
 def _check_meta(path: Path, meta: Any) -> None:
