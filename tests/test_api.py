@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -329,3 +331,27 @@ def test_kmeans_compress_is_close_to_the_dense_model(make_convnet, conv_input):
     for name in ("conv1", "conv2", "fc", "head"):
         w, q = dense.get_submodule(name).weight, compressed.get_submodule(name).weight
         assert (w - q).abs().max() < 0.05 * w.abs().max()
+
+
+def test_training_in_eval_mode_passes_the_gradient_straight_through_and_warns(make_convnet, conv_input):
+    model = torchdkm.prepare(make_convnet(), CONV).eval()  # e.g. BatchNorm frozen by model.eval()
+    fc = model.fc
+    weight = original(fc, "weight")
+    with torch.no_grad():
+        hard = fc.weight.clone()
+    probe = torch.randn_like(hard)
+    with pytest.warns(UserWarning, match="'fc' is in eval mode but its weight gets a gradient"):
+        used = fc.weight
+        assert torch.equal(used, hard)  # the snapped weight, as in eval mode without a gradient
+        (used * probe).sum().backward()
+    assert torch.equal(weight.grad, probe)  # straight through: d(used)/d(weight) = 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per layer
+        (fc.weight * probe).sum().backward()
+
+
+def test_prepare_names_a_foreign_parametrization():
+    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(16, 32)))
+    needle = r"0\.weight is computed by another parametrization \(_WeightNorm.*remove_parametrizations"
+    with pytest.raises(TorchdkmError, match=needle):
+        torchdkm.prepare(model, cfg("fc:3/1"))

@@ -124,7 +124,14 @@ def checked_parameter(name: str, module: nn.Module, param: str) -> Tensor:
     """``module.<param>``, which must be a plain, not yet prepared, unsharded ``Parameter``."""
     where = f"{name or 'model'}.{param}"
     if parametrize.is_parametrized(module, param):
-        raise TorchdkmError(f"prepare: {where} is already prepared for DKM")
+        chain = list(module.parametrizations[param])
+        if any(isinstance(p, DKMParametrization) for p in chain):
+            raise TorchdkmError(f"prepare: {where} is already prepared for DKM")
+        raise TorchdkmError(
+            f"prepare: {where} is computed by another parametrization ({', '.join(type(p).__name__ for p in chain)}, "
+            f"e.g. weight_norm or spectral_norm); torchdkm clusters a plain weight: remove it first with "
+            f"torch.nn.utils.parametrize.remove_parametrizations(module, {param!r}), which keeps the weight it computes"
+        )
     tensor = getattr(module, param, None)
     if not isinstance(tensor, nn.Parameter):
         found = [n for n, p in module.named_parameters(recurse=False) if p.dim() >= 2]

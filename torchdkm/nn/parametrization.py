@@ -11,11 +11,16 @@ centroids and returns the soft-clustered weight ``A C``; the converged
 centroids are stored for the next step.  In eval mode it returns the hard
 snapped weight, which is exactly what ``finalize`` will export (centroids
 refreshed on the current weights, see :meth:`DKMParametrization.export`), so
-validation during training measures the model you will ship.
+validation during training measures the model you will ship.  A model trained
+in eval mode (BatchNorm frozen with ``model.eval()``, say) would otherwise train
+nothing of its clustered weights, silently: there the gradient passes straight
+through the snapped weight to the weight (as in QAT), with a warning that DKM's
+step runs in training mode only.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import replace
 
 import torch
@@ -63,6 +68,7 @@ class DKMParametrization(nn.Module):
         self.holders: list[tuple[str, str]] = []
         #: the small layers it shares its DKM steps with (:mod:`.batching`; ``prepare`` sets it), if any
         self.batch: StepBatch | None = None
+        self._warned_eval = False  # (trained in eval mode: warned once)
 
     def view(self, weight: Tensor) -> Tensor:
         """The weight as it is clustered: output channels first."""
@@ -74,7 +80,12 @@ class DKMParametrization(nn.Module):
 
     def forward(self, weight: Tensor) -> Tensor:
         if not self.training:
-            return self.export(weight)[0]
+            hard = self.export(weight)[0]
+            if not (torch.is_grad_enabled() and weight.requires_grad):
+                return hard
+            out = hard + (weight - weight.detach())  # the snapped value, the gradient straight through
+            out.register_hook(self._warn_trained_in_eval)
+            return out
         soft = self.step(weight)
         through = self.config.through
         return soft if through == 0 else soft + through * (weight - weight.detach())
@@ -104,6 +115,16 @@ class DKMParametrization(nn.Module):
 
     def _forget(self, grad: Tensor) -> None:
         self._soft = None
+
+    def _warn_trained_in_eval(self, grad: Tensor) -> None:
+        if not self._warned_eval:
+            self._warned_eval = True
+            warnings.warn(
+                f"torchdkm: layer {self.layer_name or '(the model)'!r} is in eval mode but its weight gets a gradient: it trains "
+                "straight through its snapped weight, without DKM's step (which runs in training mode: call "
+                "model.train(), and put only the modules to freeze, e.g. BatchNorm, in eval mode)",
+                stacklevel=2,
+            )
 
     @torch.no_grad()
     def export(self, weight: Tensor) -> tuple[Tensor, Tensor]:
