@@ -89,3 +89,31 @@ def test_a_causal_lm_to_a_target_size_is_planned_by_fisher(tiny_llama_dir, tmp_p
     assert "Fisher" in err and "planned file:" in err
     params = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir).parameters())
     assert (tmp_path / "out" / hf.WEIGHTS).stat().st_size <= 5 * params / 8
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_the_coreml_call_of_a_causal_lm_is_causal(family):
+    """The exported call passes a ready 4-D mask; a causal LM's must mask the future (it attended both ways)."""
+    torch.manual_seed(0)
+    if family == "llama":
+        config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)  # fmt: skip
+        model = transformers.LlamaForCausalLM(config).eval()
+    else:
+        config = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=32)
+        model = transformers.GPT2LMHeadModel(config).eval()
+    wrapper = hf.CoreMLCall(model, 8)
+    ids, mask = torch.randint(0, 64, (1, 8)), torch.tensor([[1, 1, 1, 1, 1, 1, 0, 0]])
+    with torch.no_grad():
+        expected = model(input_ids=ids[:, :6]).logits  # right padding: the first six positions see only themselves
+        got = wrapper(ids, mask)
+    torch.testing.assert_close(got[:, :6], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_export_coreml_of_a_compressed_causal_lm(tiny_llama_dir, tmp_path, capsys):
+    pytest.importorskip("coremltools")
+    model = torchdkm.kmeans_compress(transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir), "fc:3/1#16a")
+    torchdkm.save_pretrained(model, tmp_path / "dkm")
+    out = tmp_path / "tiny.mlpackage"
+    assert main(["export", str(tmp_path / "dkm"), "--to", "coreml", "--out", str(out), "--seq-len", "8"]) == 0
+    assert "wrote" in capsys.readouterr().out and (out / "Data" / "com.apple.CoreML" / "weights" / "weight.bin").is_file()

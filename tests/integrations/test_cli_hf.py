@@ -56,7 +56,7 @@ def test_export_coreml_of_a_compressed_directory(compressed, tmp_path, capsys):
 
 def test_coreml_wrapper_matches_the_model(compressed):
     model = torchdkm.load_pretrained(compressed)
-    wrapper = hf.CoreMLEncoder(model, 8)
+    wrapper = hf.CoreMLCall(model, 8)
     ids = torch.randint(1000, 2000, (1, 8))
     mask = torch.tensor([[1, 1, 1, 1, 1, 0, 0, 0]])
     expected = model(input_ids=ids, attention_mask=mask)[0]

@@ -178,3 +178,13 @@ def test_block_scales_on_vectors_across_kernel_rows_are_refused_with_a_reason():
     model = torchdkm.kmeans_compress(Scaled(), torchdkm.DKMConfig.parse("conv:2/2#6, fc:3/1", min_numel=0)).eval()
     with pytest.raises(TorchdkmError, match="cross rows"):
         export_coreml(model, (torch.randn(1, 4, 6, 6),))
+
+
+def test_a_bfloat16_model_exports_from_a_float32_copy():
+    """coremltools takes no bfloat16 tensor ("unsupported ScalarType BFloat16"): the export widens it exactly."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8)).to(torch.bfloat16)
+    model = torchdkm.kmeans_compress(model, torchdkm.DKMConfig.parse("fc:3/1#16a", min_numel=0)).eval()
+    converted = export_coreml(model, (torch.randn(2, 32, dtype=torch.bfloat16),), compute_precision="float32")
+    assert [op.nbits for op in lut_ops(converted)] == [3, 3]  # both weights palettized, none dense
+    assert model[0].weight.dtype == torch.bfloat16  # the model itself is untouched

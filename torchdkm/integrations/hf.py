@@ -234,12 +234,14 @@ def compress(
     return finalize(student).eval(), teacher, tokenizer
 
 
-class CoreMLEncoder(nn.Module):
-    """A fixed-length encoder call that coremltools converts.
+class CoreMLCall(nn.Module):
+    """A fixed-length call of an encoder or a causal LM that coremltools converts.
 
     transformers builds position ids and the attention mask with ops the Core
     ML converter lacks; passing explicit ids and a ready additive 4-D mask
-    avoids them.  Returns the model's first output (``last_hidden_state``).
+    avoids them.  A 4-D mask is used as given, so a causal LM's adds the causal
+    part (future positions masked; without it the export attended both ways).
+    Returns the model's first output (``last_hidden_state``, a causal LM's logits).
     """
 
     def __init__(self, model: nn.Module, seq_len: int):
@@ -248,23 +250,30 @@ class CoreMLEncoder(nn.Module):
         self.seq_len = seq_len
         names = inspect.signature(model.forward).parameters
         ids = torch.arange(seq_len).unsqueeze(0)
-        self.extra = [n for n in ("position_ids", "token_type_ids") if n in names]
+        self.causal = causal.is_causal_lm(model)
+        # (token type ids: an encoder's default; GPT-2 would add an embedding row for them)
+        self.extra = [n for n in ("position_ids", "token_type_ids") if n in names and not (self.causal and n == "token_type_ids")]
         self.register_buffer("position_ids", ids, persistent=False)
         self.register_buffer("token_type_ids", torch.zeros_like(ids), persistent=False)
+        future = torch.full((seq_len, seq_len), -1e4).triu(1) if self.causal else torch.zeros(seq_len, seq_len)
+        self.register_buffer("future", future[None, None], persistent=False)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         mask = (1.0 - attention_mask[:, None, None, :].float()) * -1e4  # finite in fp16
-        mask = mask.expand(-1, 1, self.seq_len, self.seq_len)
-        extra = {n: getattr(self, n) for n in self.extra}
+        mask = mask.expand(-1, 1, self.seq_len, self.seq_len) + self.future
+        extra: dict[str, Any] = {n: getattr(self, n) for n in self.extra}
+        if self.causal:
+            extra["use_cache"] = False  # (a cache is no tensor output)
         return self.model(input_ids=input_ids, attention_mask=mask, **extra)[0]
 
 
 def export_coreml(model: nn.Module, path: str | os.PathLike, *, seq_len: int = 128, **options: Any) -> Any:
-    """Convert a compressed transformers encoder to Core ML (inputs ``input_ids``, ``attention_mask`` of ``(1, seq_len)``)."""
+    """Convert a compressed transformers encoder or causal LM to Core ML (inputs ``input_ids``,
+    ``attention_mask`` of ``(1, seq_len)``; output the first: hidden states, or a causal LM's logits)."""
     from ..io.coreml import export_coreml as convert
 
     example = (torch.zeros(1, seq_len, dtype=torch.long), torch.ones(1, seq_len, dtype=torch.long))
-    wrapper = CoreMLEncoder(model, seq_len).eval()
+    wrapper = CoreMLCall(model, seq_len).eval()
     return convert(wrapper, example, path, input_names=["input_ids", "attention_mask"], **options)
 
 

@@ -252,7 +252,8 @@ def export_coreml(
     package is saved too.  Weights that torchdkm palettized become
     ``constexpr_lut_to_dense`` ops; everything else stays dense.  ``frontend``:
     ``"trace"`` (``torch.jit.trace``, deprecated by torch but what coremltools
-    supports best) or ``"export"`` (``torch.export``).
+    supports best) or ``"export"`` (``torch.export``).  A bfloat16 (or float64) model is exported from a
+    float32 copy: Core ML stores float16 and float32 only.
     """
     ct = _coremltools()
     if path is not None and Path(path).suffix != ".mlpackage":
@@ -272,6 +273,10 @@ def export_coreml(
         for n, x in zip(names, example_inputs)
     ]
     ready = coreml_ready(model)
+    tensors = [*ready.parameters(), *ready.buffers()]
+    if any(t.is_floating_point() and t.dtype not in (torch.float16, torch.float32) for t in tensors):
+        ready = ready.to(torch.float32)  # Core ML holds float16 and float32: bfloat16 widens exactly
+        example_inputs = tuple(x.to(torch.float32) if x.is_floating_point() else x for x in example_inputs)
     if frontend == "trace":
         captured = torch.jit.trace(ready, example_inputs, strict=False)
     elif frontend == "export":
