@@ -161,7 +161,7 @@ def test_batch_numel_is_checked(bad):
 
 @pytest.mark.parametrize("twice", [False, True])
 def test_training_matches_layers_alone(twice):
-    """Same losses, weights and centroids as stepping every layer alone; a module called twice steps twice."""
+    """Same losses, weights and centroids as stepping every layer alone; a module called twice steps once."""
     batched, solo = prepared(), prepared(batch_numel=0)
     assert train(batched, twice=twice) == pytest.approx(train(solo, twice=twice), rel=1e-9)
     for (name, a), (_, b) in zip(members(batched).items(), members(solo).items()):

@@ -8,9 +8,10 @@ training forward runs the step of every member at once
 (:func:`torchdkm.cluster.batch.soft_together`), stores each member's new
 centroids and keeps its soft weight, and each member's read takes its own.
 
-One read is still one step.  A *round* (one batched step) ends when backward
-passes through it or a member's weight changes; a member read again within
-its round (a module called twice) steps alone, as it would unbatched.  A round
+One step per forward, as unbatched.  A *round* (one batched step) ends when backward
+passes through it or a member's weight changes; a member read again within its
+round (a module called twice, a checkpointed forward recomputed) gets the soft
+weight its parametrization kept (:meth:`DKMParametrization.step`).  A round
 steps every member, read or not: a layer a forward skips (an unused branch)
 has its centroids moved by that step as if it had been read.  Members
 must hold plain tensors of one dtype on one device when the round starts
@@ -84,15 +85,11 @@ class StepBatch:
 
     def _step(self, originals: list[Tensor], keys: list[tuple]) -> None:
         members = [m for m, _ in self.members]
-        results = soft_together(
-            [m.clusterer for m in members],
-            [m.view(w) for m, w in zip(members, originals)],
-            [m.centroids for m in members],
-        )
+        starts = [m.start_of_step(w) for m, w in zip(members, originals)]
+        results = soft_together([m.clusterer for m in members], [m.view(w) for m, w in zip(members, originals)], starts)
         self._entries = {}
         for i, (member, weight, result) in enumerate(zip(members, originals, results)):
-            with torch.no_grad():
-                member.centroids.copy_(result.centroids)
+            member.move_centroids(weight, starts[i], result.centroids)
             out = member.unview(result.weight)
             if out.requires_grad:
                 out.register_hook(self._end_hook)

@@ -35,6 +35,10 @@ from .batching import StepBatch
 from .palettized import PaletteSpec
 
 
+def _same(tensor: Tensor) -> Tensor:
+    return tensor
+
+
 class DKMParametrization(nn.Module):
     """One clustered weight: centroids, one DKM step per training forward, the snapped weight in eval mode.
 
@@ -42,10 +46,10 @@ class DKMParametrization(nn.Module):
     it is clustered as its transpose, as a ``Linear`` weight would be.
     A tied tensor (one ``Parameter`` held by several modules) gets one
     parametrization registered on every holder (``prepare`` lists them in
-    ``holders``).  Each holder reads its weight once per forward, so a shared
-    parametrization keeps its training result until the weight, the centroids
-    or the grad mode change or backward has run through it: every holder sees
-    the same soft weight, and one forward is one DKM step, as for an untied weight.
+    ``holders``).  A parametrization keeps its training result until the weight,
+    the centroids or the grad mode change or backward has run through it: every
+    holder, a module called twice and a checkpointed forward's recomputation
+    see the same soft weight, and one forward is one DKM step (see :meth:`step`).
     """
 
     def __init__(
@@ -62,6 +66,7 @@ class DKMParametrization(nn.Module):
         #: (key, the hard result, its centroids, the snapped weight in the module's layout)
         self._snapped: tuple[tuple, HardResult, Tensor, Tensor] | None = None
         self._soft: tuple[tuple, Tensor] | None = None
+        self._start: tuple[tuple, Tensor] | None = None  # (the weight and centroids a step left, where it started)
         #: ``False`` snaps to the stored centroids as they are (post-training k-means).
         self.refresh = True
         #: ``(module name, parameter)`` of every module it is registered on (``prepare`` fills it), the owner first.
@@ -69,6 +74,12 @@ class DKMParametrization(nn.Module):
         #: the small layers it shares its DKM steps with (:mod:`.batching`; ``prepare`` sets it), if any
         self.batch: StepBatch | None = None
         self._warned_eval = False  # (trained in eval mode: warned once)
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles drop the kept soft weight (it holds an autograd graph) and the step's start."""
+        state = dict(self.__dict__)
+        state["_soft"], state["_start"] = None, None
+        return state
 
     def view(self, weight: Tensor) -> Tensor:
         """The weight as it is clustered: output channels first."""
@@ -78,7 +89,11 @@ class DKMParametrization(nn.Module):
         """Back to the module's own layout (contiguous, as a dense weight would be)."""
         return weight.mT.contiguous() if self.transposed else weight
 
+    @torch.compiler.disable
     def forward(self, weight: Tensor) -> Tensor:
+        """(Run eagerly inside ``torch.compile``: the engine's data-dependent iterations and native loops gain
+        nothing from tracing; traced, inductor dropped the float16 rounding of block scales and Dynamo
+        crashed in the native loops of vector layers.  The model around it still compiles.)"""
         if not self.training:
             hard = self.export(weight)[0]
             if not (torch.is_grad_enabled() and weight.requires_grad):
@@ -91,23 +106,49 @@ class DKMParametrization(nn.Module):
         return soft if through == 0 else soft + through * (weight - weight.detach())
 
     def step(self, weight: Tensor) -> Tensor:
-        """One DKM step: the soft-clustered weight ``A C``, the centroids stored (shared by a tied weight's holders)."""
+        """One DKM step: the soft-clustered weight ``A C``, the centroids stored.
+
+        One step per weight and backward: until backward has run through it (or the weight or the centroids
+        change), every read returns the same soft weight, whether by a tied weight's other holder, a module
+        called again or activation checkpointing recomputing the forward.  The step keeps its own saved
+        tensors (identity hooks, innermost), so checkpointing recomputes the layer around it, not the step:
+        a second step would start from the moved centroids and differ from the first.
+        """
+        kept = self._soft
+        if kept is not None and kept[0] == self.step_key(weight):
+            return kept[1]
+        with torch.autograd.graph.saved_tensors_hooks(_same, _same):
+            out = self._new_step(weight)
+        if out.requires_grad:
+            out.register_hook(self._forget)  # backward frees the graph: the next read steps again
+        self._soft = (self.step_key(weight), out) if out.requires_grad or len(self.holders) > 1 else None
+        return out
+
+    def _new_step(self, weight: Tensor) -> Tensor:
         if self.batch is not None:
             batched = self.batch.soft(self, weight)
             if batched is not None:
                 return batched
-        shared = len(self.holders) > 1
-        if shared and self._soft is not None and self._soft[0] == self.step_key(weight):
-            return self._soft[1]
-        result = self.clusterer.soft(self.view(weight), self.centroids)
-        with torch.no_grad():
-            self.centroids.copy_(result.centroids)
-        out = self.unview(result.weight)
-        if shared:
-            if out.requires_grad:
-                out.register_hook(self._forget)  # backward frees the graph: the next forward steps again
-            self._soft = (self.step_key(weight), out)
-        return out
+        start = self.start_of_step(weight)
+        result = self.clusterer.soft(self.view(weight), start)
+        self.move_centroids(weight, start, result.centroids)
+        return self.unview(result.weight)
+
+    def start_of_step(self, weight: Tensor) -> Tensor:
+        """The centroids a step on ``weight`` starts from: the stored ones, or, if this weight's last step
+        left them and nothing changed since, where that step started (reentrant checkpointing recomputes a
+        forward that ran without gradients: the same step again, now with them)."""
+        last = self._start
+        if last is not None and last[0] == (weight.data_ptr(), weight._version, self.centroids._version):
+            return last[1]
+        return self.centroids
+
+    @torch.no_grad()
+    def move_centroids(self, weight: Tensor, start: Tensor, centroids: Tensor) -> None:
+        """Store a step's centroids, remembering where it started (:meth:`start_of_step`)."""
+        before = start.clone() if start is self.centroids else start
+        self.centroids.copy_(centroids)
+        self._start = ((weight.data_ptr(), weight._version, self.centroids._version), before)
 
     def step_key(self, weight: Tensor) -> tuple:
         """What a kept soft weight depends on: the weight, the centroids and the grad mode."""
