@@ -69,7 +69,7 @@ class StepBatch:
             return None
         if weight is not originals[index] or not self._compatible(originals):
             self.enabled = False
-            self._end()
+            self.end()
             return None
         self._step(originals, keys)
         entry = self._entries.pop(index)
@@ -97,10 +97,10 @@ class StepBatch:
         self._opened = keys
 
     def _end_hook(self, grad: Tensor) -> None:
-        self._end()
+        self.end()
 
-    def _end(self) -> None:
-        """Backward ran through the round (its graph is freed): the next read starts a new one."""
+    def end(self) -> None:
+        """Backward ran through the round (its graph is freed) or the temperature changed: the next read starts a new one."""
         self._entries, self._opened = {}, None
 
 

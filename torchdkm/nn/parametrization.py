@@ -226,9 +226,13 @@ class DKMParametrization(nn.Module):
         return [t.to(STORED).clone() for t in (found.scales, found.offsets) if t is not None]
 
     def set_tau(self, tau: float) -> None:
-        """Use temperature ``tau`` from the next step on (:class:`torchdkm.TauSchedule` anneals it)."""
+        """Use temperature ``tau`` from the next step on (:class:`torchdkm.TauSchedule` anneals it): the next read
+        is a new step, even of the same weight."""
         self.config = replace(self.config, tau=tau)  # (validated as any config)
         self.clusterer.config = self.config
+        self._soft = self._start = None
+        if self.batch is not None:
+            self.batch.end()
 
     def extra_repr(self) -> str:
         c = self.config
