@@ -136,8 +136,8 @@ class DKMParametrization(nn.Module):
 
     def start_of_step(self, weight: Tensor) -> Tensor:
         """The centroids a step on ``weight`` starts from: the stored ones, or, if this weight's last step
-        left them and nothing changed since, where that step started (reentrant checkpointing recomputes a
-        forward that ran without gradients: the same step again, now with them)."""
+        left them, nothing changed since and no backward ran through it, where that step started (reentrant
+        checkpointing recomputes a forward that ran without gradients: the same step again, now with them)."""
         last = self._start
         if last is not None and last[0] == (weight.data_ptr(), weight._version, self.centroids._version):
             return last[1]
@@ -155,7 +155,9 @@ class DKMParametrization(nn.Module):
         return (weight.data_ptr(), weight._version, self.centroids._version, torch.is_grad_enabled())
 
     def _forget(self, grad: Tensor) -> None:
-        self._soft = None
+        """Backward ran through the step: the next read is the next step, from the stored centroids (a weight
+        re-made at the same address, as FSDP2 unshards it, must not look like the same weight)."""
+        self._soft = self._start = None
 
     def _warn_trained_in_eval(self, grad: Tensor) -> None:
         if not self._warned_eval:
