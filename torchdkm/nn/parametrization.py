@@ -139,7 +139,7 @@ class DKMParametrization(nn.Module):
         left them, nothing changed since and no backward ran through it, where that step started (reentrant
         checkpointing recomputes a forward that ran without gradients: the same step again, now with them)."""
         last = self._start
-        if last is not None and last[0] == (weight.data_ptr(), weight._version, self.centroids._version):
+        if last is not None and last[0] == self._state_key(weight):
             return last[1]
         return self.centroids
 
@@ -148,11 +148,15 @@ class DKMParametrization(nn.Module):
         """Store a step's centroids, remembering where it started (:meth:`start_of_step`)."""
         before = start.clone() if start is self.centroids else start
         self.centroids.copy_(centroids)
-        self._start = ((weight.data_ptr(), weight._version, self.centroids._version), before)
+        self._start = (self._state_key(weight), before)
 
     def step_key(self, weight: Tensor) -> tuple:
         """What a kept soft weight depends on: the weight, the centroids and the grad mode."""
-        return (weight.data_ptr(), weight._version, self.centroids._version, torch.is_grad_enabled())
+        return (*self._state_key(weight), torch.is_grad_enabled())
+
+    def _state_key(self, weight: Tensor) -> tuple:
+        """The weight and the centroids as they are now (a step's start is kept against it)."""
+        return (weight.data_ptr(), weight._version, self.centroids._version)
 
     def _forget(self, grad: Tensor) -> None:
         """Backward ran through the step: the next read is the next step, from the stored centroids (a weight
