@@ -312,13 +312,8 @@ def row_sets(
 
 def _by_rows(rows: int, row_len: int, loop: Callable[[int, int], None]) -> None:
     """Run ``loop(first_row, end_row)`` over the rows, split across the threads for a large weight."""
-    spans = _chunks(rows * row_len)
-    if len(spans) > 1:
-        step = -(-rows // len(spans))
-        spans = [(start, min(start + step, rows)) for start in range(0, rows, step)]
-    else:
-        spans = [(0, rows)]
-    run_jobs([lambda span=span: loop(*span) for span in spans])
+    step = max(1, -(-rows // len(_chunks(rows * row_len))))
+    run_jobs([lambda first=first: loop(first, min(first + step, rows)) for first in range(0, rows, step)] or [lambda: None])
 
 
 def _opt(tensor: Tensor | None, row: int = 0) -> int | None:
