@@ -124,6 +124,13 @@ VARIANTS = (
     Variant("4/4, ST 2, Fisher, classifier dense", "DKM", "cv:4/4", {"straight_through": 2.0}, fisher_batches=16),
     Variant("4/4, ST, Fisher, planned to QAT's size, bits 2-6", "DKM", _rules("4/4"), ST, fisher_batches=16,
             size=vision.SizeTarget(_rules("1/1"), bits=(2, 3, 4, 5, 6), blocks=(None, 0))),  # fmt: skip
+    # the centroids' share of the gradient truncated to n terms (n iterations unrolled, as coremltools differentiates)
+    Variant("4/4, ST, Fisher, classifier dense, 1 term", "DKM", "cv:4/4", {**ST, "grad_terms": 1}, fisher_batches=16),
+    Variant("4/4, ST, Fisher, classifier dense, 3 terms", "DKM", "cv:4/4", {**ST, "grad_terms": 3}, fisher_batches=16),
+    Variant("4/4, Fisher, classifier dense, 3 terms", "DKM", "cv:4/4", {**EXACT, "grad_terms": 3}, fisher_batches=16),
+    Variant("4/4, Fisher, classifier dense", "DKM", "cv:4/4", EXACT, fisher_batches=16),
+    Variant("4/8, ST, classifier dense, tau 0.02, Fisher, 3 terms", "DKM", "cv:4/8", {**ST, "tau": 0.02, "grad_terms": 3},
+            fisher_batches=16),  # fmt: skip
     Variant("1/1 per-channel LUT", "DKM", _rules("1/1@1"), EXACT),
     Variant("1/1 scale", "DKM", _rules("1/1#row"), EXACT),
     Variant("1/1 scale+offset, tau 0.02", "DKM", _rules("1/1#rowa"), {**EXACT, "tau": 0.02}),

@@ -177,3 +177,32 @@ def test_a_bad_saved_state_is_refused():
         schedule.load_state_dict({"steps": 5, "start": 0.1, "end": 0.01, "done": -1})
     with pytest.raises(torchdkm.TorchdkmError, match="steps=0"):
         schedule.load_state_dict({"steps": 0, "start": 0.1, "end": 0.01, "done": 0})
+
+
+# -- grad_terms: the centroids' share of the gradient, exact (solve) or truncated (unrolled iterations) --------------
+
+
+def layer_gradient(**fields) -> torch.Tensor:
+    torch.manual_seed(6)
+    layer = nn.Linear(24, 12).double()
+    torchdkm.prepare(layer, torchdkm.DKMConfig.parse("fc:2/1", min_numel=0, straight_through=0.0, **fields))
+    (layer.weight * torch.arange(288.0, dtype=torch.float64).view(12, 24)).sum().backward()
+    return layer.parametrizations.weight.original.grad
+
+
+def test_grad_terms_reaches_a_layers_gradient():
+    """Truncating the series changes the gradient, and more terms come closer to the exact one."""
+    exact, one, many = layer_gradient(), layer_gradient(grad_terms=1), layer_gradient(grad_terms=200)
+    assert not torch.allclose(exact, one, rtol=1e-3, atol=0)
+    assert (many - exact).norm() < (one - exact).norm()
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, "2", True])
+def test_grad_terms_is_validated(value):
+    with pytest.raises(torchdkm.TorchdkmError, match="grad_terms"):
+        torchdkm.LayerConfig(grad_terms=value)
+
+
+def test_grad_terms_round_trips_in_the_config():
+    layer = torchdkm.DKMConfig.parse("fc:4/4", grad_terms=3).by_type["fc"]
+    assert layer.grad_terms == 3 and torchdkm.LayerConfig.from_dict(layer.to_dict()) == layer

@@ -105,6 +105,12 @@ class LayerConfig:
         1 bit per weight and below, where DKM's reaches them mostly through
         centroids shared with half the layer.  ``None`` (default): ``1`` at
         ``bits / dim <= 1``, else ``0`` (DKM's gradient alone); see README.
+    grad_terms: how the gradient reaches the weights through the centroids.
+        ``None`` (default): exactly, the fixed point differentiated implicitly
+        (one solve, :mod:`torchdkm.cluster.engine`).  ``n``: the first ``n``
+        terms of that solve's Neumann series, i.e. the gradient of ``n``
+        iterations unrolled from centroids held where they settled (coremltools'
+        ``DKMPalettizer`` backpropagates through its last iterations, up to 3).
     """
 
     bits: int = 4
@@ -122,6 +128,7 @@ class LayerConfig:
     scale_block: int | None = None
     scale_offset: bool = False
     straight_through: float | None = None
+    grad_terms: int | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -184,6 +191,8 @@ class LayerConfig:
         st = self.straight_through
         if st is not None and (not _is_real(st) or not math.isfinite(st) or st < 0):
             raise bad("straight_through", "must be None (automatic) or a finite number >= 0")
+        if self.grad_terms is not None and (not _is_int(self.grad_terms) or self.grad_terms < 1):
+            raise bad("grad_terms", "must be None (the exact gradient) or an integer >= 1")
 
     def replace(self, **changes: Any) -> LayerConfig:
         return dataclasses.replace(self, **changes)

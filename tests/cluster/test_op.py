@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_api import dkm, dkm_unrolled
+from engine_api import dkm, dkm_sparse, dkm_unrolled
 from engine_api import problem as engine_problem
 from torch.autograd import gradcheck
 
@@ -198,6 +198,31 @@ def test_implicit_gradient_is_not_the_one_step_gradient():
     _, c1 = dkm_unrolled(xb, m, c_star, t, iters=1)
     one = torch.autograd.grad((c1 * gc).sum(), xb)[0]
     assert (implicit - one).abs().max() > 1e-3 * implicit.abs().max()
+
+
+@pytest.mark.parametrize(("terms", "d", "with_m", "sparse"), [(1, 1, False, False), (3, 2, True, False), (2, 1, True, True)])
+def test_grad_terms_is_the_gradient_of_that_many_unrolled_iterations(terms, d, with_m, sparse):
+    """``grad_terms=n``: autograd through ``n`` iterations from the settled centroids (coremltools' kind of gradient)."""
+    x, m, c0 = problem(2, 12, d, 3, with_m=with_m, seed=5)
+    t = full(2, 0.5)
+    c_star = converged(x, m, c0, t)
+    g = torch.Generator().manual_seed(9)
+    gw, gc = torch.randn(x.shape, generator=g, dtype=F64), torch.randn(c_star.shape, generator=g, dtype=F64)
+    xa = x.clone().requires_grad_(True)
+    tol = torch.tensor(1e-13, dtype=F64)
+    if sparse:  # every centroid in the selection: the same attention as dense, through the sparse variant's passes
+        w, c, _ = dkm_sparse(xa, m, c0, t, top=3, rows=5, max_iters=10_000, tol=tol, grad_tol=0.0, grad_terms=terms)
+    else:
+        w, c = dkm(xa, m, c0, t, max_iters=10_000, tol=tol, rows=5, grad_tol=0.0, grad_terms=terms)
+    truncated = torch.autograd.grad((w * gw).sum() + (c * gc).sum(), xa)[0]
+    xb = x.clone().requires_grad_(True)
+    w_ref, c_ref = dkm_unrolled(xb, m, c_star, t, iters=terms)
+    unrolled = torch.autograd.grad((w_ref * gw).sum() + (c_ref * gc).sum(), xb)[0]
+    assert (truncated - unrolled).abs().max() <= 1e-9 * unrolled.abs().max()
+    xc = x.clone().requires_grad_(True)
+    w, c = dkm(xc, m, c0, t, max_iters=10_000, tol=tol, rows=5, grad_tol=1e-13)
+    exact = torch.autograd.grad((w * gw).sum() + (c * gc).sum(), xc)[0]
+    assert (exact - truncated).abs().max() > 1e-3 * exact.abs().max()  # (the option changes something)
 
 
 @pytest.mark.parametrize(("d", "with_m"), [(1, False), (1, True), (4, True)])

@@ -146,7 +146,7 @@ def backward(attention: Attention, c: Tensor, grad_w: Tensor | None, grad_c: Ten
     inv_den = torch.where(full, 1.0 / den.clamp_min(EMPTY_MASS).unsqueeze(-1), torch.zeros_like(found.gc))
     inv_den = inv_den.to(c.dtype)
     gc = found.gc
-    if found.grams is not None:
+    if found.grams is not None and problem.grad_terms is None:
         jac = jacobian(found.grams, found.sums, c.to(algebra), (2.0 / problem.tau).to(algebra))
         eye = torch.eye(k * d, dtype=algebra, device=c.device)
         v = torch.linalg.solve((eye - jac).transpose(1, 2), gc.reshape(g, k * d, 1)).view(g, k, d)
@@ -157,7 +157,7 @@ def backward(attention: Attention, c: Tensor, grad_w: Tensor | None, grad_c: Ten
         if bool(solved.any()):  # members whose solve held: one adjoint pass; the others sum the series
             attention.adjoint_pass(c, torch.where(solved[:, None, None], v, 0).to(c.dtype) * inv_den, False)
             gc = torch.where(solved[:, None, None], 0, gc)
-    _neumann(attention, c, gc.to(c.dtype) * inv_den, inv_den)
+    _neumann(attention, c, gc.to(c.dtype) * inv_den, inv_den, problem.grad_terms or max(problem.max_iters, 1))
     return attention.input_grad()
 
 
@@ -173,15 +173,15 @@ def _solved(problem: Problem, v: Tensor, gc: Tensor) -> Tensor | None:
     return None if bool(ok.all()) else ok[problem.members]
 
 
-def _neumann(attention: Attention, c: Tensor, u: Tensor, inv_den: Tensor) -> None:
-    """Sum ``sum_t (dF/dc)^T^t`` applied to ``u`` (per unit of mass), one adjoint pass per term.
+def _neumann(attention: Attention, c: Tensor, u: Tensor, inv_den: Tensor, terms: int) -> None:
+    """Sum ``terms`` terms of ``sum_t (dF/dc)^T^t`` applied to ``u`` (per unit of mass), one adjoint pass each.
 
     A member stops when its term falls below ``grad_tol`` times its first (its ``u`` is then zero).
     """
     problem = attention.problem
     if problem.members is None:
         first = float(u.norm())
-        for _ in range(max(problem.max_iters, 1)):
+        for _ in range(terms):
             if first == 0.0:
                 break
             u = attention.adjoint_pass(c, u, True) * inv_den
@@ -189,7 +189,7 @@ def _neumann(attention: Attention, c: Tensor, u: Tensor, inv_den: Tensor) -> Non
                 break
         return
     first = per_member(problem, (u * u).sum((1, 2)).double()).sqrt()
-    for _ in range(max(problem.max_iters, 1)):
+    for _ in range(terms):
         live = (per_member(problem, (u * u).sum((1, 2)).double()).sqrt() > problem.grad_tol * first) & (first > 0)
         if not bool(live.any()):
             break
