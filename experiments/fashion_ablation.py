@@ -131,6 +131,10 @@ VARIANTS = (
     Variant("4/4, Fisher, classifier dense", "DKM", "cv:4/4", EXACT, fisher_batches=16),
     Variant("4/8, ST, classifier dense, tau 0.02, Fisher, 3 terms", "DKM", "cv:4/8", {**ST, "tau": 0.02, "grad_terms": 3},
             fisher_batches=16),  # fmt: skip
+    Variant("4/8, ST, classifier dense, tau 0.02, Fisher, 1 term", "DKM", "cv:4/8", {**ST, "tau": 0.02, "grad_terms": 1},
+            fisher_batches=16),  # fmt: skip
+    Variant("4/4 scale+offset, ST, 1 term", "DKM", _rules("4/4#rowa"), {**ST, "grad_terms": 1}),
+    Variant("1/1 scale+offset, ST, 1 term", "DKM", _rules("1/1#rowa"), {**ST, "grad_terms": 1}),
     Variant("1/1 per-channel LUT", "DKM", _rules("1/1@1"), EXACT),
     Variant("1/1 scale", "DKM", _rules("1/1#row"), EXACT),
     Variant("1/1 scale+offset, tau 0.02", "DKM", _rules("1/1#rowa"), {**EXACT, "tau": 0.02}),
