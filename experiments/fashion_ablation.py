@@ -135,6 +135,7 @@ VARIANTS = (
             fisher_batches=16),  # fmt: skip
     Variant("4/4 scale+offset, ST, 1 term", "DKM", _rules("4/4#rowa"), {**ST, "grad_terms": 1}),
     Variant("1/1 scale+offset, ST, 1 term", "DKM", _rules("1/1#rowa"), {**ST, "grad_terms": 1}),
+    Variant("1/1, ST, 1 term", "DKM", _rules("1/1"), {**ST, "grad_terms": 1}),
     Variant("1/1 per-channel LUT", "DKM", _rules("1/1@1"), EXACT),
     Variant("1/1 scale", "DKM", _rules("1/1#row"), EXACT),
     Variant("1/1 scale+offset, tau 0.02", "DKM", _rules("1/1#rowa"), {**EXACT, "tau": 0.02}),
