@@ -136,6 +136,12 @@ VARIANTS = (
     Variant("4/4 scale+offset, ST, 1 term", "DKM", _rules("4/4#rowa"), {**ST, "grad_terms": 1}),
     Variant("1/1 scale+offset, ST, 1 term", "DKM", _rules("1/1#rowa"), {**ST, "grad_terms": 1}),
     Variant("1/1, ST, 1 term", "DKM", _rules("1/1"), {**ST, "grad_terms": 1}),
+    Variant("4/4, ST, classifier dense, 1 term", "DKM", "cv:4/4", {**ST, "grad_terms": 1}),
+    Variant("4/4, Fisher, classifier dense, 1 term", "DKM", "cv:4/4", {**EXACT, "grad_terms": 1}, fisher_batches=16),
+    Variant("4/4, ST 0.5, Fisher, classifier dense, 1 term", "DKM", "cv:4/4", {"straight_through": 0.5, "grad_terms": 1},
+            fisher_batches=16),  # fmt: skip
+    Variant("4/4, ST, Fisher, classifier dense, 1 term, tau 0.01", "DKM", "cv:4/4", {**ST, "grad_terms": 1, "tau": 0.01},
+            fisher_batches=16),  # fmt: skip
     Variant("1/1 per-channel LUT", "DKM", _rules("1/1@1"), EXACT),
     Variant("1/1 scale", "DKM", _rules("1/1#row"), EXACT),
     Variant("1/1 scale+offset, tau 0.02", "DKM", _rules("1/1#rowa"), {**EXACT, "tau": 0.02}),

@@ -222,9 +222,13 @@ def dkm(
 ) -> tuple[nn.Module, Record]:
     """DKM at ``setting`` (config ``fields`` beside it); ``tau_schedule``: ``(start, end)`` over the whole budget;
     ``fisher_batches``: centroids weighted by the Fisher of that many training batches (``torchdkm.fisher``);
-    ``size``: the layers of ``setting`` planned to that size on the same Fisher (needs ``fisher_batches``)."""
+    ``size``: the layers of ``setting`` planned to that size on the same Fisher (needs ``fisher_batches``).
+
+    The recorded tables ran DKM's exact gradient, the library's only one before ``grad_terms`` (whose
+    automatic value is now one term for vectors at 1 bit per weight and below): rows keep it
+    (``grad_terms=0``) unless their fields name another."""
     start = time.perf_counter()
-    config = torchdkm.DKMConfig.parse(setting, **fields)
+    config = torchdkm.DKMConfig.parse(setting, **{"grad_terms": 0, **fields})
     importance, note = None, ""
     if fisher_batches:
         batches = minibatches(len(data.y_train), BATCH_SIZE)(torch.Generator().manual_seed(seed))

@@ -192,12 +192,22 @@ def layer_gradient(**fields) -> torch.Tensor:
 
 def test_grad_terms_reaches_a_layers_gradient():
     """Truncating the series changes the gradient, and more terms come closer to the exact one."""
-    exact, one, many = layer_gradient(), layer_gradient(grad_terms=1), layer_gradient(grad_terms=200)
+    exact, one, many = layer_gradient(grad_terms=0), layer_gradient(grad_terms=1), layer_gradient(grad_terms=200)
+    assert torch.equal(layer_gradient(), exact)  # (scalars: the exact gradient by default)
     assert not torch.allclose(exact, one, rtol=1e-3, atol=0)
     assert (many - exact).norm() < (one - exact).norm()
 
 
-@pytest.mark.parametrize("value", [0, -1, 1.5, "2", True])
+@pytest.mark.parametrize(
+    "setting, terms", [("fc:2/1", 0), ("fc:1/1", 0), ("fc:4/4", 1), ("fc:4/8", 1), ("fc:4/2", 0), ("fc:2/2", 1)]
+)
+def test_one_term_is_the_default_for_vectors_at_one_bit_per_weight_and_below(setting, terms):
+    layer = torchdkm.DKMConfig.parse(setting).by_type["fc"]
+    assert layer.grad_terms is None and layer.terms == terms
+    assert torchdkm.DKMConfig.parse(setting, grad_terms=0).by_type["fc"].terms == 0
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, "2", True])
 def test_grad_terms_is_validated(value):
     with pytest.raises(torchdkm.TorchdkmError, match="grad_terms"):
         torchdkm.LayerConfig(grad_terms=value)

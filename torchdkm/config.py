@@ -106,11 +106,14 @@ class LayerConfig:
         centroids shared with half the layer.  ``None`` (default): ``1`` at
         ``bits / dim <= 1``, else ``0`` (DKM's gradient alone); see README.
     grad_terms: how the gradient reaches the weights through the centroids.
-        ``None`` (default): exactly, the fixed point differentiated implicitly
-        (one solve, :mod:`torchdkm.cluster.engine`).  ``n``: the first ``n``
-        terms of that solve's Neumann series, i.e. the gradient of ``n``
-        iterations unrolled from centroids held where they settled (coremltools'
+        ``0``: exactly, the fixed point differentiated implicitly (one solve,
+        :mod:`torchdkm.cluster.engine`).  ``n >= 1``: the first ``n`` terms of
+        that solve's Neumann series, i.e. the gradient of ``n`` iterations
+        unrolled from centroids held where they settled (coremltools'
         ``DKMPalettizer`` backpropagates through its last iterations, up to 3).
+        ``None`` (default): ``1`` for vectors (``dim > 1``) at ``bits / dim <= 1``,
+        else ``0``: on Fashion-MNIST one term beat the exact gradient there by
+        0.2-1.5 points and changed nothing for scalars (see README).
     """
 
     bits: int = 4
@@ -148,6 +151,13 @@ class LayerConfig:
         if self.straight_through is not None:
             return float(self.straight_through)
         return 1.0 if self.bits <= self.dim else 0.0
+
+    @property
+    def terms(self) -> int:
+        """The backward's Neumann terms in effect (``grad_terms``, or its automatic value; 0: the exact solve)."""
+        if self.grad_terms is not None:
+            return int(self.grad_terms)
+        return 1 if 1 < self.dim and self.bits <= self.dim else 0
 
     def validate(self, where: str = "LayerConfig") -> None:
         """Raise :class:`TorchdkmError` naming the first bad field."""
@@ -191,8 +201,8 @@ class LayerConfig:
         st = self.straight_through
         if st is not None and (not _is_real(st) or not math.isfinite(st) or st < 0):
             raise bad("straight_through", "must be None (automatic) or a finite number >= 0")
-        if self.grad_terms is not None and (not _is_int(self.grad_terms) or self.grad_terms < 1):
-            raise bad("grad_terms", "must be None (the exact gradient) or an integer >= 1")
+        if self.grad_terms is not None and (not _is_int(self.grad_terms) or self.grad_terms < 0):
+            raise bad("grad_terms", "must be None (automatic), 0 (the exact gradient) or an integer >= 1")
 
     def replace(self, **changes: Any) -> LayerConfig:
         return dataclasses.replace(self, **changes)

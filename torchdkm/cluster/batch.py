@@ -46,7 +46,7 @@ def batch_key(config: LayerConfig) -> tuple | None:
     if config.shard_attention:
         return None
     return (config.bits, config.dim, config.cluster_dtype, config.top_m, config.max_iters, config.tol, config.chunk_mb,
-            config.grad_terms)  # fmt: skip
+            config.terms)  # fmt: skip
 
 
 def soft_together(
@@ -88,7 +88,7 @@ def _problem(
     taus = tuple(cl.config.tau for cl in clusterers)
     tau = _per_group(taus, tuple(groups), scale.dtype, scale.device) * scale
     members = _per_group(tuple(range(len(groups))), tuple(groups), torch.int64, x.device)
-    return Problem(x, m, cfg.k, tau, cfg.tol * scale.sqrt(), cfg.max_iters, cfg.tol, plan.budget, members, cfg.grad_terms)
+    return Problem(x, m, cfg.k, tau, cfg.tol * scale.sqrt(), cfg.max_iters, cfg.tol, plan.budget, members, cfg.terms or None)
 
 
 @functools.lru_cache(maxsize=64)

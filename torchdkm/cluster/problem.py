@@ -38,7 +38,7 @@ class Problem:
     budget: float
     #: ``(G,)`` int64: the layer each group belongs to, numbered from 0 in order (``None``: one layer)
     members: Tensor | None = None
-    #: the backward's Neumann terms in place of the exact solve (``None``: solve; see ``LayerConfig.grad_terms``)
+    #: the backward's Neumann terms in place of the exact solve (``None``: solve; see ``LayerConfig.terms``)
     grad_terms: int | None = None
 
     @property
