@@ -104,7 +104,7 @@ class DenseAttention(Attention):
         self.kept = None
         gc = torch.zeros_like(c)
         sums = c.new_zeros(g, k, terms)
-        grams = c.new_zeros(g, terms, k, k) if explicit(k, d) else None
+        grams = c.new_zeros(g, terms, k, k) if explicit(self.problem) else None
         for s in self.chunks():
             xs = x[:, s]
             a = attention(xs, c, tau)  # (G, k, r)

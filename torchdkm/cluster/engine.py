@@ -58,9 +58,9 @@ EXPLICIT_LIMIT = 512
 MAX_AMPLIFICATION = 1e3
 
 
-def explicit(k: int, dim: int) -> bool:
-    """Whether ``dF/dc`` is formed and solved (else the Neumann series runs)."""
-    return k * gram_terms(dim) <= EXPLICIT_LIMIT
+def explicit(problem: Problem) -> bool:
+    """Whether ``dF/dc`` is formed and solved (else the Neumann series runs: ``k`` too large, or truncated on purpose)."""
+    return problem.grad_terms is None and problem.k * gram_terms(problem.dim) <= EXPLICIT_LIMIT
 
 
 @dataclass
@@ -146,7 +146,7 @@ def backward(attention: Attention, c: Tensor, grad_w: Tensor | None, grad_c: Ten
     inv_den = torch.where(full, 1.0 / den.clamp_min(EMPTY_MASS).unsqueeze(-1), torch.zeros_like(found.gc))
     inv_den = inv_den.to(c.dtype)
     gc = found.gc
-    if found.grams is not None and problem.grad_terms is None:
+    if found.grams is not None:
         jac = jacobian(found.grams, found.sums, c.to(algebra), (2.0 / problem.tau).to(algebra))
         eye = torch.eye(k * d, dtype=algebra, device=c.device)
         v = torch.linalg.solve((eye - jac).transpose(1, 2), gc.reshape(g, k * d, 1)).view(g, k, d)

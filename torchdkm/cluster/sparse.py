@@ -210,7 +210,7 @@ class SparseAttention(Attention):
         ct = centroid_table(c)
         self.dx_rows = c.new_zeros(g * n, d)
         dx = self.dx_rows.t()  # (d, G n), a view: the result needs no transpose
-        pairs = [(u, v) for u in range(top) for v in range(u + 1, top)] if explicit(k, d) else []
+        pairs = [(u, v) for u in range(top) for v in range(u + 1, top)] if explicit(self.problem) else []
         grad_rows = None if grad_w is None else grad_w.reshape(g * n, d)
         gf = None if grad_rows is None else grad_rows.t()
         # per centroid: the P Gram sums, then (with grad_w) A~^T g (d) and sum_i s_ij (c_j - x_i) (d)
@@ -258,7 +258,7 @@ class SparseAttention(Attention):
         gc = torch.zeros_like(c, dtype=torch.float64) if grad_c is None else grad_c.double()
         if gf is not None:
             gc = gc + totals[..., p_terms : p_terms + d] - two_over_tau * totals[..., p_terms + d :]
-        grams = _grams(gram_sums, pair_sums, k) if explicit(k, d) else None
+        grams = _grams(gram_sums, pair_sums, k) if explicit(self.problem) else None
         return GramSums(gram_sums, grams, gc)
 
     def _hard_sums(self, data: Data, lay: RowLayout, bins: int) -> Tensor:
