@@ -14,7 +14,7 @@ from torchdkm.config import LayerConfig
 CASES = [  # (shape, bits, dim, group_size)
     ((24, 10), 3, 2, None),
     ((17, 9), 2, 1, 5),
-    ((12, 8), 2, 3, None),  # padded: partial vectors
+    ((12, 8), 2, 3, None),  # padded: partial vectors; bits <= dim: one gradient term (the Neumann pass across ranks)
 ]
 
 
