@@ -48,10 +48,9 @@ class LayerConfig:
         minus (squared distance to the nearest), i.e. the logit gap that
         decides an assignment.  The absolute temperature is ``tau * margin``,
         recomputed every step, so one value means about the same sharpness
-        whatever the layer's weight scale, vector length or bit width (the
-        k-means distortion, an earlier unit, made 8-dim vectors 15x softer
-        than scalars).  Smaller is closer to hard k-means; the default keeps
-        the train/export gap (``report``) under 1% in the demo at every setting.
+        whatever the layer's weight scale, vector length or bit width.  Smaller
+        is closer to hard k-means; the default keeps the train/export gap
+        (``report``) under 1% in the demo at every setting.
     max_iters: cap on DKM iterations per forward pass.
     tol: the iterations stop when no centroid moves more than
         ``tol * sqrt(margin)``.
@@ -105,15 +104,11 @@ class LayerConfig:
         1 bit per weight and below, where DKM's reaches them mostly through
         centroids shared with half the layer.  ``None`` (default): ``1`` at
         ``bits / dim <= 1``, else ``0`` (DKM's gradient alone); see README.
-    grad_terms: how the gradient reaches the weights through the centroids.
-        ``0``: exactly, the fixed point differentiated implicitly (one solve,
-        :mod:`torchdkm.cluster.engine`).  ``n >= 1``: the first ``n`` terms of
-        that solve's Neumann series, i.e. the gradient of ``n`` iterations
-        unrolled from centroids held where they settled (coremltools'
-        ``DKMPalettizer`` backpropagates through its last iterations, up to 3).
-        ``None`` (default): ``1`` for vectors (``dim > 1``) at ``bits / dim <= 1``,
-        else ``0``: on Fashion-MNIST one term did -0.03 to +1.71 points against
-        the exact gradient there and moved nothing for scalars (see README).
+    grad_terms: the gradient through the centroids: ``0`` exact (the engine's
+        implicit solve); ``n`` the first ``n`` terms of its Neumann series, the
+        gradient of ``n`` iterations unrolled from the settled centroids (as
+        coremltools differentiates).  ``None`` (default): ``1`` for vectors at
+        ``bits <= dim`` (Fashion-MNIST: -0.03 to +1.71 points; README), else ``0``.
     """
 
     bits: int = 4
@@ -148,16 +143,12 @@ class LayerConfig:
     @property
     def through(self) -> float:
         """The straight-through weight in effect (``straight_through``, or its automatic value)."""
-        if self.straight_through is not None:
-            return float(self.straight_through)
-        return 1.0 if self.bits <= self.dim else 0.0
+        return float(self.straight_through if self.straight_through is not None else self.bits <= self.dim)
 
     @property
     def terms(self) -> int:
         """The backward's Neumann terms in effect (``grad_terms``, or its automatic value; 0: the exact solve)."""
-        if self.grad_terms is not None:
-            return int(self.grad_terms)
-        return 1 if 1 < self.dim and self.bits <= self.dim else 0
+        return self.grad_terms if self.grad_terms is not None else int(1 < self.dim and self.bits <= self.dim)
 
     def validate(self, where: str = "LayerConfig") -> None:
         """Raise :class:`TorchdkmError` naming the first bad field."""

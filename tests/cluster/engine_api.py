@@ -17,7 +17,7 @@ def budget(x: Tensor, k: int, rows: int) -> float:
     return rows * g * ((6 + gram_terms(d)) * k + 4 * d) * x.element_size()
 
 
-def problem(x, m, c0, tau, *, rows, max_iters=5, tol=None, grad_tol=1e-4, grad_terms=None) -> Problem:
+def problem(x, m, c0, tau, *, rows, max_iters=5, tol=None, grad_tol=1e-4, grad_terms=0) -> Problem:
     tol = torch.tensor(0.0, dtype=x.dtype) if tol is None else tol
     return Problem(x, m, c0.shape[1], tau, tol, max_iters, grad_tol, budget(x, c0.shape[1], rows), grad_terms=grad_terms)
 
@@ -26,7 +26,7 @@ def kernels(backend: str | None, dtype: torch.dtype = torch.float32):
     return select("cpu", dtype, backend)
 
 
-def dkm(x, m, c0, tau, *, rows, max_iters, tol, grad_tol=1e-4, grad_terms=None) -> tuple[Tensor, Tensor]:
+def dkm(x, m, c0, tau, *, rows, max_iters, tol, grad_tol=1e-4, grad_terms=0) -> tuple[Tensor, Tensor]:
     """The dense op: ``(A c*, c*)``, differentiable into ``x``."""
     p = problem(x, m, c0, tau, rows=rows, max_iters=max_iters, tol=tol, grad_tol=grad_tol, grad_terms=grad_terms)
     attention = DenseAttention(p)
@@ -34,7 +34,7 @@ def dkm(x, m, c0, tau, *, rows, max_iters, tol, grad_tol=1e-4, grad_terms=None) 
 
 
 def dkm_sparse(
-    x, m, c0, tau, *, top, rows, max_iters, tol, grad_tol=1e-4, ranked=None, backend=None, grad_terms=None
+    x, m, c0, tau, *, top, rows, max_iters, tol, grad_tol=1e-4, ranked=None, backend=None, grad_terms=0
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The sparse op: ``(A~ c*, c*, dropped-mass bound)``."""
     p = problem(x, m, c0, tau, rows=rows, max_iters=max_iters, tol=tol, grad_tol=grad_tol, grad_terms=grad_terms)

@@ -88,7 +88,7 @@ def _problem(
     taus = tuple(cl.config.tau for cl in clusterers)
     tau = _per_group(taus, tuple(groups), scale.dtype, scale.device) * scale
     members = _per_group(tuple(range(len(groups))), tuple(groups), torch.int64, x.device)
-    return Problem(x, m, cfg.k, tau, cfg.tol * scale.sqrt(), cfg.max_iters, cfg.tol, plan.budget, members, cfg.terms or None)
+    return Problem(x, m, cfg.k, tau, cfg.tol * scale.sqrt(), cfg.max_iters, cfg.tol, plan.budget, members, cfg.terms)
 
 
 @functools.lru_cache(maxsize=64)

@@ -181,7 +181,7 @@ class WeightClusterer:
     def _problem(self, x: Tensor, m: Tensor | None, scale: Tensor, plan: Plan) -> Problem:
         cfg = self.config
         tau, tol = self.thresholds(scale)
-        return Problem(x, m, cfg.k, tau, tol, cfg.max_iters, cfg.tol, plan.budget, grad_terms=cfg.terms or None)
+        return Problem(x, m, cfg.k, tau, tol, cfg.max_iters, cfg.tol, plan.budget, grad_terms=cfg.terms)
 
     def normalised(self, weight: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """``(what DKM clusters, scales, offsets)``: the weight itself, or its per-block normalisation.

@@ -60,7 +60,7 @@ MAX_AMPLIFICATION = 1e3
 
 def explicit(problem: Problem) -> bool:
     """Whether ``dF/dc`` is formed and solved (else the Neumann series runs: ``k`` too large, or truncated on purpose)."""
-    return problem.grad_terms is None and problem.k * gram_terms(problem.dim) <= EXPLICIT_LIMIT
+    return not problem.grad_terms and problem.k * gram_terms(problem.dim) <= EXPLICIT_LIMIT
 
 
 @dataclass

@@ -38,8 +38,8 @@ class Problem:
     budget: float
     #: ``(G,)`` int64: the layer each group belongs to, numbered from 0 in order (``None``: one layer)
     members: Tensor | None = None
-    #: the backward's Neumann terms in place of the exact solve (``None``: solve; see ``LayerConfig.terms``)
-    grad_terms: int | None = None
+    #: the backward's Neumann terms in place of the exact solve (0: solve; see ``LayerConfig.terms``)
+    grad_terms: int = 0
 
     @property
     def groups(self) -> int:

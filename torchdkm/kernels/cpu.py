@@ -66,8 +66,8 @@ def run_jobs(jobs: list) -> list:
     """Run ``jobs`` (callables that release the GIL, like ``ctypes`` calls), on the shared thread pool
     when there are several."""
     global _pool
-    if len(jobs) == 1:
-        return [jobs[0]()]
+    if len(jobs) <= 1:
+        return [job() for job in jobs]
     # a new pool when torch's thread count grew, or in a forked child (the parent's threads are not there)
     if _pool is None or _pool[1] < len(jobs) or _pool[2] != os.getpid():
         _pool = (ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="torchdkm"), len(jobs), os.getpid())
@@ -313,7 +313,7 @@ def row_sets(
 def _by_rows(rows: int, row_len: int, loop: Callable[[int, int], None]) -> None:
     """Run ``loop(first_row, end_row)`` over the rows, split across the threads for a large weight."""
     step = max(1, -(-rows // len(_chunks(rows * row_len))))
-    run_jobs([lambda first=first: loop(first, min(first + step, rows)) for first in range(0, rows, step)] or [lambda: None])
+    run_jobs([lambda first=first: loop(first, min(first + step, rows)) for first in range(0, rows, step)])
 
 
 def _opt(tensor: Tensor | None, row: int = 0) -> int | None:
