@@ -139,7 +139,9 @@ def test_block_scales_become_a_lut_op_then_a_blockwise_scale_op(frontend):
     torch.manual_seed(1)
     model = torchdkm.kmeans_compress(Scaled(), torchdkm.DKMConfig.parse("conv:2/1#6, fc:3/2#48", min_numel=0)).eval()
     x = torch.randn(1, 4, 6, 6)
-    assert torch.equal(coreml_ready(model)(x), model(x))
+    # the same forward up to float32 summation order (the palettized Linear multiplies from the indices),
+    # the weights below bit for bit
+    torch.testing.assert_close(coreml_ready(model)(x), model(x), rtol=1e-5, atol=1e-6)
     converted = export_coreml(model, (x,), compute_precision="float32", frontend=frontend)
     ops = {op.name.removeprefix("p_"): op for f in converted._mil_program.functions.values() for op in f.operations}
     for layer, shape in (("conv", (8, 6, 6)), ("fc", (10, 8, 16))):

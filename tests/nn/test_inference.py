@@ -69,25 +69,50 @@ def test_native_kernels_equal_decode_then_matmul(bits, dim, isa):
 
 @native
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_native_kernels_on_threads(threads, monkeypatch):
+def test_native_kernels_on_threads(threads, monkeypatch, isa):
     monkeypatch.setattr(lut_kernels, "MIN_PARALLEL", 0)
     monkeypatch.setattr(lut_kernels, "MIN_GEMV_PARALLEL", 0)  # the native pool (pool.c), threads parts
     monkeypatch.setattr(lut_kernels, "TILE", 1000)  # several tiles
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        packed, lut, dense = packed_weight(3, 1, 301, 130, 64)
-        for n in (1, 5, 40):
-            x = torch.randn(n, 130)
-            check_product(lut_kernels.lut_linear(x, packed, lut, 3, 1, 64, 301, None), x, dense)
-        rows = torch.randint(0, 301, (257,))
-        assert torch.equal(lut_kernels.lut_rows(packed, lut, 3, 1, 64, 130, rows), dense[rows])
-        packed, lut, dense = packed_weight(4, 2, 23, 40, 5)  # one tile: the whole weight decoded on the threads
-        x = torch.randn(40, 40)
-        check_product(lut_kernels.lut_linear(x, packed, lut, 4, 2, 5, 23, None), x, dense)
-        packed, lut, dense = packed_weight(3, 1, 2, 16, 2)  # fewer rows than threads: no empty part runs
-        x = torch.randn(1, 16)
-        check_product(lut_kernels.PackedWeight(packed, lut, 3, 1, 2, 2, 16).linear(x, None), x, dense)
+        for path in ("avx512", "avx2"):  # more rows: lut_gemm.c on AVX-512, decoded tiles and torch's GEMM on AVX2
+            isa(path)
+            packed, lut, dense = packed_weight(3, 1, 301, 130, 64)
+            for n in (1, 5, 40):
+                x = torch.randn(n, 130)
+                check_product(lut_kernels.lut_linear(x, packed, lut, 3, 1, 64, 301, None), x, dense)
+            rows = torch.randint(0, 301, (257,))
+            assert torch.equal(lut_kernels.lut_rows(packed, lut, 3, 1, 64, 130, rows), dense[rows])
+            packed, lut, dense = packed_weight(4, 2, 23, 40, 5)  # one tile: the whole weight decoded on the threads
+            x = torch.randn(40, 40)
+            check_product(lut_kernels.lut_linear(x, packed, lut, 4, 2, 5, 23, None), x, dense)
+            packed, lut, dense = packed_weight(3, 1, 2, 16, 2)  # fewer rows than threads: no empty part runs
+            x = torch.randn(1, 16)
+            check_product(lut_kernels.PackedWeight(packed, lut, 3, 1, 2, 2, 16).linear(x, None), x, dense)
+    finally:
+        torch.set_num_threads(before)
+
+
+@native
+@pytest.mark.skipif(lut_kernels.isa() != "avx512", reason="lut_gemm.c runs on AVX-512 only")
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_native_gemm_blocks_panels_and_threads(threads, monkeypatch):
+    """lut_gemm.c: several blocks of rows (512) and of inputs (256, with a tail), panels of 32 outputs with a
+    partial last one, the bias, block scales, threads taking panels as they go; as decode-then-matmul."""
+    monkeypatch.setattr(lut_kernels, "GEMM_ROWS", 10**6)
+    monkeypatch.setattr(lut_kernels, "MIN_GEMV_PARALLEL", 0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for bits, dim, out, row_len, group, n in [(3, 1, 70, 600, 7, 530), (4, 2, 33, 100, 33, 17), (2, 4, 96, 264, 96, 40)]:
+            packed, lut, scales, offsets, dense = scaled_weight(bits, dim, out, row_len, group, 8 * dim, True, seed=bits)
+            weight = lut_kernels.PackedWeight(packed, lut, bits, dim, group, out, row_len, scales, offsets, 8 * dim)
+            assert weight.gemm
+            x, bias = torch.randn(n, row_len), torch.randn(out)
+            check_product(weight.linear(x, bias) - bias, x, dense)
+            plain = lut_kernels.PackedWeight(packed, lut, bits, dim, group, out, row_len)
+            check_product(plain.linear(x, None), x, plain.rows(torch.arange(out)))
     finally:
         torch.set_num_threads(before)
 

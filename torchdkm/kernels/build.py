@@ -36,8 +36,9 @@ SPARSE_SOURCE = Path(__file__).with_name("sparse.c")
 LUT_SOURCE = Path(__file__).with_name("lut.c")
 #: Their threads (torch's OpenMP team), compiled into the same library.
 POOL_SOURCE = Path(__file__).with_name("pool.c")
-#: The inference loops' vector paths, one file per instruction set, and the header they share with lut.c.
-LUT_VECTOR_SOURCES = tuple(Path(__file__).with_name(name) for name in ("lut_avx512.c", "lut_avx2.c"))
+#: The inference loops' vector paths (one file per instruction set; lut_gemm.c: many rows of x at once), and the
+#: header they share with lut.c.
+LUT_VECTOR_SOURCES = tuple(Path(__file__).with_name(name) for name in ("lut_avx512.c", "lut_avx2.c", "lut_gemm.c"))
 LUT_HEADER = Path(__file__).with_name("lut.h")
 #: The files each library is compiled from (named by its first).
 PARTS = {SOURCE: (SOURCE, SPARSE_SOURCE), LUT_SOURCE: (LUT_SOURCE, *LUT_VECTOR_SOURCES, POOL_SOURCE)}
@@ -245,4 +246,8 @@ def _declare_lut(library: ctypes.CDLL) -> None:
     library.tdkm_lut_gemv_threads.restype = ctypes.c_int
     library.tdkm_lut_rows_threads.argtypes = library.tdkm_lut_rows.argtypes + [ctypes.c_int]  # (..., threads)
     library.tdkm_lut_rows_threads.restype = None
+    library.tdkm_lut_gemm_ok.argtypes, library.tdkm_lut_gemm_ok.restype = [palette], ctypes.c_int
+    library.tdkm_lut_gemm_threads.argtypes = [palette, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    library.tdkm_lut_gemm_threads.argtypes += [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]  # (..., y, ys, bias, threads)
+    library.tdkm_lut_gemm_threads.restype = ctypes.c_int
     library.tdkm_openmp.argtypes, library.tdkm_openmp.restype = [], ctypes.c_int

@@ -74,8 +74,8 @@ void tdkm_lut_rows(const palette *p, const int64_t *rows, int64_t n, float *out,
     int vector = vectorised(p), which = tdkm_lut_isa(-1);
     for (int64_t j = 0; j < n; j++, out += p->row_len) {
 #if HAVE_X86
-        if (vector && which == ISA_AVX512) tdkm_rows512_any(p, rows[j], out);
-        else if (vector && which == ISA_AVX2) tdkm_rows256_any(p, rows[j], out);
+        if (vector && which == ISA_AVX512) tdkm_rows512_any(p, rows[j], 1, 0, p->row_len, out, 0);
+        else if (vector && which == ISA_AVX2) tdkm_rows256_any(p, rows[j], 0, p->row_len, out);
         else
 #endif
             row_scalar(p, rows[j], 0, p->row_len, out);

@@ -34,9 +34,16 @@ enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
 
 /* The instruction set in use (lut.c): -1 the current choice, else the best supported one up to `want`. */
 int tdkm_lut_isa(int want);
-/* lut.c's loops (pool.c runs them on threads). */
+/* lut.c's and lut_gemm.c's loops (pool.c runs them on threads, lut_gemm's GEMM_PANEL outputs at a time). */
+#define GEMM_PANEL 32
 int tdkm_lut_gemv(const palette *p, int64_t r0, int64_t r1, const float *x, int64_t xs, int64_t nb, float *y, int64_t ys);
 void tdkm_lut_rows(const palette *p, const int64_t *rows, int64_t n, float *out, int scaled);
+int tdkm_lut_gemm(const palette *p, int part, int parts, const float *x, int64_t xs, int64_t n, float *y, int64_t ys,
+                  const float *bias, float *packed, int64_t *taken);
+int64_t tdkm_lut_gemm_blocks(const palette *p, int64_t n);
+float *tdkm_lut_gemm_buffer(void);
+/* pool.c: wait for every thread of the team running the current tdkm_parallel (parts > 1 only). */
+void tdkm_barrier(void);
 
 /* Index q of the stream (scalar): the bits may straddle two bytes. */
 SHARED uint32_t index_at(const palette *p, int64_t q) {
@@ -155,18 +162,18 @@ SHARED int mode_of(const palette *p, int wide) {
     case 2: BY_BATCH(fn, mode, nb, __VA_ARGS__, 2) break;                                                         \
     default: BY_BATCH(fn, mode, nb, __VA_ARGS__, 4) break;                                                        \
     }
-#define ROWS(fn, mode, o, out)                                                                                     \
+#define ROWS(fn, mode, ...)                                                                                        \
     switch (p->dim) {                                                                                             \
-    case 1: BY_MODE(fn, mode, p, o, out, 1) break;                                                                \
-    case 2: BY_MODE(fn, mode, p, o, out, 2) break;                                                                \
-    default: BY_MODE(fn, mode, p, o, out, 4) break;                                                               \
+    case 1: BY_MODE(fn, mode, __VA_ARGS__, 1) break;                                                              \
+    case 2: BY_MODE(fn, mode, __VA_ARGS__, 2) break;                                                              \
+    default: BY_MODE(fn, mode, __VA_ARGS__, 4) break;                                                             \
     }
 
 void tdkm_gemv512_any(const palette *p, int64_t r0, int64_t r1, const float *x, int64_t xs, float *y, int64_t ys,
                       const int32_t *cb, float *srow, int nb);
 void tdkm_gemv256_any(const palette *p, int64_t r0, int64_t r1, const float *x, int64_t xs, float *y, int64_t ys,
                       const int32_t *cb, float *srow, int nb);
-void tdkm_rows512_any(const palette *p, int64_t o, float *out);
-void tdkm_rows256_any(const palette *p, int64_t o, float *out);
+void tdkm_rows512_any(const palette *p, int64_t o0, int64_t nr, int64_t i0, int64_t i1, float *out, int64_t stride);
+void tdkm_rows256_any(const palette *p, int64_t o, int64_t i0, int64_t i1, float *out);
 #endif
 #endif

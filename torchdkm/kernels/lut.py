@@ -11,7 +11,11 @@ them), for float32 inputs on the CPU; other dtypes go to the torch kernels.  The
   float32 accumulators, output rows split over ``torch.get_num_threads()`` threads.  This product is
   bound by memory traffic, and 3-bit indices are ~10x fewer bytes than float32 weights.  Block scales
   whose blocks cut a 16-index chunk take the next path instead (:attr:`PackedWeight.direct`).
-* more rows: the loops decode :data:`TILE` weights (block scales applied as the decoder applies them) into
+* more rows, up to :data:`GEMM_ROWS`, on AVX-512 (:attr:`PackedWeight.gemm`): ``lut_gemm.c``, a GEMM whose weight
+  operand is decoded 32 outputs x 256 inputs at a time into L1 and used there by every row of ``x``, so no
+  decoded weight is written to memory (batch 24: 2x fp32 dense on MiniLM's layers, where the tiles below ran at
+  0.5-0.7x; batch 128: 0.8-0.95x against the tiles' 0.6-0.9x).
+* more rows (or without AVX-512): the loops decode :data:`TILE` weights (block scales applied as the decoder applies them) into
   a 4 MiB float32 buffer (one per thread, :mod:`.scratch`, reused by every call) and a GEMM (``torch.mm``)
   multiplies each tile, so the compute is the BLAS's and the extra memory one tile.
   A weight that fits one tile is decoded whole and multiplied as a dense ``Linear`` would be (``x W^T +
@@ -38,6 +42,11 @@ from .scratch import scratch
 RTOL = 1e-5
 #: Up to this many rows of ``x`` the product runs from the indices directly (8 at a time share one unpacking).
 GEMV_ROWS = int(os.environ.get("TORCHDKM_GEMV_ROWS", "16"))
+#: Up to this many rows of ``x`` (above :data:`GEMV_ROWS`), or any number for a weight of at most :data:`TILE`
+#: weights, the product runs as ``lut_gemm.c``'s GEMM where it can (AVX-512).  More rows times a larger weight
+#: go to decoded tiles and torch's GEMM: there its efficiency on a large product wins (4096x4096 at 512 rows:
+#: tiles 0.89x fp32, lut_gemm 0.79x; MiniLM's 384x1536 at 512 rows: lut_gemm 0.90x end to end, tiles 0.83x).
+GEMM_ROWS = int(os.environ.get("TORCHDKM_GEMM_ROWS", "256"))
 #: Weights per decoded tile above :data:`GEMV_ROWS` (float32: 4 MiB). Fewer, larger GEMM calls: on a busy
 #: 2-core machine each call pays its OpenMP barrier (measured ~8 ms per call when another process runs).
 TILE = 1 << 20
@@ -116,6 +125,8 @@ class PackedWeight:
         self.library = lut_library()
         #: Whether the direct product takes the block scales (every 16-index chunk in one block; else tiles).
         self.direct = bool(self.library.tdkm_lut_whole_chunks(self.ref))
+        #: Whether ``lut_gemm.c`` multiplies more rows here (AVX-512, vectorised rows, torch's OpenMP team).
+        self.gemm = bool(self.library.tdkm_lut_gemm_ok(self.ref)) and row_len > 0 and bool(self.library.tdkm_openmp())
 
     def rows(self, rows: Tensor, scaled: bool = False) -> Tensor:
         """``(len(rows), row_len)`` float32 rows of the weight (``scaled``: block scales applied as decoding does)."""
@@ -154,6 +165,8 @@ class PackedWeight:
             self._product(flat, y)
             if bias is not None:
                 y += bias
+        elif self.gemm and (n <= GEMM_ROWS or out_features * row_len <= TILE):
+            y = self._gemm(flat, bias)
         elif out_features * row_len <= TILE:  # one tile holds the weight: decode it, then a dense Linear's GEMM
             buffer = scratch((out_features, row_len), torch.float32, flat.device, "lut")
             self._decode(_all_rows(out_features), 0, out_features, buffer, True)
@@ -175,6 +188,16 @@ class PackedWeight:
             status = run_jobs([lambda s=s: gemv(self.ref, *s, flat.data_ptr(), row_len, n, y.data_ptr(), out) for s in _spans(out, work)])
         if any(status):
             raise MemoryError("lut_linear: out of memory for the block tables")
+
+    def _gemm(self, flat: Tensor, bias: Tensor | None) -> Tensor:
+        """``flat @ W.T + bias`` by ``lut_gemm.c`` on torch's OpenMP team (bias added as the sums start)."""
+        n, out = flat.shape[0], self.out_features
+        y = torch.empty(n, out, dtype=torch.float32)
+        bias = None if bias is None else bias.to(torch.float32).contiguous()
+        threads = _team_threads(out * self.row_len * n)
+        if self.library.tdkm_lut_gemm_threads(self.ref, flat.data_ptr(), self.row_len, n, y.data_ptr(), out, _pointer(bias), threads):
+            raise MemoryError("lut_linear: out of memory for the packed rows of x")
+        return y
 
     def _tiles(self, flat: Tensor, bias: Tensor | None) -> Tensor:
         """A tile of rows at a time: decoded into one reused buffer, then multiplied by a GEMM."""

@@ -130,22 +130,27 @@ AVX2 INLINE void gemv256(const palette *p, int64_t r0, int64_t r1, const float *
     }
 }
 
-AVX2 INLINE void rows256(const palette *p, int64_t o, float *out, const int dim, const int mode) {
-    int64_t row_vectors = p->row_len / dim, whole = row_vectors / CHUNK * CHUNK;
+/* Weights [i0, i1) of row o into out (as rows512). */
+AVX2 INLINE void rows256(const palette *p, int64_t o, int64_t i0, int64_t i1, float *out, const int dim, const int mode) {
+    int64_t row_vectors = p->row_len / dim, whole = row_vectors / CHUNK * CHUNK, end = i1 / dim < whole ? i1 / dim : whole;
     int64_t g = o / p->group_size, q0 = g * p->vectors + (o - g * p->group_size) * row_vectors;
     unpack256 u = setup256(p, (q0 * p->bits) & 7, p->lut + (g << p->bits) * dim);
     uint8_t spare[32];
-    for (int64_t v = 0; v < whole; v += CHUNK / 2) {
+    out -= i0;
+    for (int64_t v = i0 / dim; v < end; v += CHUNK / 2) {
         __m256 w[4];
         weights256(bytes_at(p, ((q0 + v) * p->bits) >> 3, spare), &u, dim, mode, w);
         for (int s = 0; s < dim; s++) _mm256_storeu_ps(out + v * dim + s * 8, w[s]);
     }
-    if (whole * dim < p->row_len) row_scalar(p, o, whole * dim, p->row_len, out + whole * dim);
+    int64_t from = whole * dim > i0 ? whole * dim : i0;
+    if (from < i1) row_scalar(p, o, from, i1, out + from);
 }
 
 AVX2 void tdkm_gemv256_any(const palette *p, int64_t r0, int64_t r1, const float *x, int64_t xs, float *y, int64_t ys,
                            const int32_t *cb, float *srow, int nb) {
     BY_DIM(gemv256, mode_of(p, 0), nb, p, r0, r1, x, xs, y, ys, cb, srow)
 }
-AVX2 void tdkm_rows256_any(const palette *p, int64_t o, float *out) { ROWS(rows256, mode_of(p, 0), o, out) }
+AVX2 void tdkm_rows256_any(const palette *p, int64_t o, int64_t i0, int64_t i1, float *out) {
+    ROWS(rows256, mode_of(p, 0), p, o, i0, i1, out)
+}
 #endif

@@ -133,22 +133,33 @@ AVX512 INLINE void gemv512(const palette *p, int64_t r0, int64_t r1, const float
     }
 }
 
-AVX512 INLINE void rows512(const palette *p, int64_t o, float *out, const int dim, const int mode) {
-    int64_t row_vectors = p->row_len / dim, whole = row_vectors / CHUNK * CHUNK;
-    int64_t g = o / p->group_size, q0 = g * p->vectors + (o - g * p->group_size) * row_vectors;
-    unpack512 u = setup512(p, (q0 * p->bits) & 7, p->lut + (g << p->bits) * dim);
+/* Weights [i0, i1) of rows o0 .. o0 + nr into out, rows `stride` floats apart (i0 a multiple of a chunk's
+ * 16 * dim weights; i1 one too, or the row's end); rows of one group and bit offset share one setup. */
+AVX512 INLINE void rows512(const palette *p, int64_t o0, int64_t nr, int64_t i0, int64_t i1, float *out, int64_t stride,
+                           const int dim, const int mode) {
+    int64_t row_vectors = p->row_len / dim, whole = row_vectors / CHUNK * CHUNK, end = i1 / dim < whole ? i1 / dim : whole;
+    int64_t group = -1, shift = -1, from = whole * dim > i0 ? whole * dim : i0;
+    unpack512 u;
     uint8_t spare[32];
-    for (int64_t v = 0; v < whole; v += CHUNK) {
-        __m512 w[4];
-        weights512(bytes_at(p, ((q0 + v) * p->bits) >> 3, spare), &u, dim, mode, w);
-        for (int s = 0; s < dim; s++) _mm512_storeu_ps(out + v * dim + s * 16, w[s]);
+    for (int64_t o = o0; o < o0 + nr; o++, out += stride) {
+        int64_t g = o / p->group_size, q0 = g * p->vectors + (o - g * p->group_size) * row_vectors;
+        if (g != group || ((q0 * p->bits) & 7) != shift)
+            group = g, shift = (q0 * p->bits) & 7, u = setup512(p, shift, p->lut + (g << p->bits) * dim);
+        float *row = out - i0;
+        for (int64_t v = i0 / dim; v < end; v += CHUNK) {
+            __m512 w[4];
+            weights512(bytes_at(p, ((q0 + v) * p->bits) >> 3, spare), &u, dim, mode, w);
+            for (int s = 0; s < dim; s++) _mm512_storeu_ps(row + v * dim + s * 16, w[s]);
+        }
+        if (from < i1) row_scalar(p, o, from, i1, row + from);
     }
-    if (whole * dim < p->row_len) row_scalar(p, o, whole * dim, p->row_len, out + whole * dim);
 }
 
 AVX512 void tdkm_gemv512_any(const palette *p, int64_t r0, int64_t r1, const float *x, int64_t xs, float *y, int64_t ys,
                              const int32_t *cb, float *srow, int nb) {
     BY_DIM(gemv512, mode_of(p, 1), nb, p, r0, r1, x, xs, y, ys, cb, srow)
 }
-AVX512 void tdkm_rows512_any(const palette *p, int64_t o, float *out) { ROWS(rows512, mode_of(p, 1), o, out) }
+AVX512 void tdkm_rows512_any(const palette *p, int64_t o0, int64_t nr, int64_t i0, int64_t i1, float *out, int64_t stride) {
+    ROWS(rows512, mode_of(p, 1), p, o0, nr, i0, i1, out, stride)
+}
 #endif

@@ -99,3 +99,36 @@ void tdkm_lut_rows_threads(const palette *p, const int64_t *rows, int64_t n, flo
     if (threads > n) threads = (int)n;
     tdkm_parallel(rows_part, &call, threads < 1 ? 1 : threads);
 }
+
+void tdkm_barrier(void) {
+#ifdef _OPENMP
+#pragma omp barrier
+#endif
+}
+
+typedef struct {
+    const palette *p;
+    const float *x, *bias;
+    int64_t xs, n, ys;
+    float *y, *packed;
+    int64_t *taken;
+} gemm_call;
+
+static int gemm_part(void *arg, int part, int parts) {
+    const gemm_call *c = (const gemm_call *)arg;
+    return tdkm_lut_gemm(c->p, part, parts, c->x, c->xs, c->n, c->y, c->ys, c->bias, c->packed, c->taken);
+}
+
+/* tdkm_lut_gemm over `threads` threads of the team (one without OpenMP: its parts wait for each other), for
+ * all `ys` outputs; 0, or -1: not available here, or out of memory. */
+int tdkm_lut_gemm_threads(const palette *p, const float *x, int64_t xs, int64_t n, float *y, int64_t ys,
+                          const float *bias, int threads) {
+    gemm_call call = {p, x, bias, xs, n, ys, y, tdkm_lut_gemm_buffer(), calloc((size_t)tdkm_lut_gemm_blocks(p, n) + 1, sizeof(int64_t))};
+    int64_t panels = (ys + GEMM_PANEL - 1) / GEMM_PANEL;
+    if (!call.packed || !call.taken) return free(call.taken), -1;
+    if (threads > panels) threads = (int)panels;
+    if (!tdkm_openmp() || threads < 1) threads = 1;
+    int status = tdkm_parallel(gemm_part, &call, threads);
+    free(call.taken);
+    return status;
+}
