@@ -47,10 +47,25 @@ AVX512 INLINE void transpose16(__m512 *r) {
     for (int i = 0; i < 16; i++) r[i] = t[i];
 }
 
-/* panel[k * NR + j] = W[o0 + j, k0 + k] for j < nr, k < kc (block scales applied; zero for j >= nr). */
+/* NR entries of a (rows, blocks) table, column b from row o0 on (zero past nr), as two float32 vectors
+ * (float16 tables widened 16 at a time, exactly). */
+AVX512 static void column512(const void *table, int half, int64_t blocks, int64_t o0, int nr, int64_t b, __m512 *out) {
+    if (half) {
+        uint16_t h[NR] = {0};
+        for (int j = 0; j < nr; j++) h[j] = ((const uint16_t *)table)[(o0 + j) * blocks + b];
+        out[0] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)h));
+        out[1] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(h + 16)));
+    } else {
+        float f[NR] = {0};
+        for (int j = 0; j < nr; j++) f[j] = ((const float *)table)[(o0 + j) * blocks + b];
+        out[0] = _mm512_loadu_ps(f), out[1] = _mm512_loadu_ps(f + 16);
+    }
+}
+
+/* panel[k * NR + j] = W[o0 + j, k0 + k] for j < nr, k < kc (zero for j >= nr); the block scales applied to
+ * the transposed panel, where one block's scales for the NR outputs are two vectors (w * s + o, as decoded). */
 AVX512 static void panel512(const palette *p, int64_t o0, int nr, int64_t k0, int kc, float *rows, float *panel) {
     tdkm_rows512_any(p, o0, nr, k0, k0 + kc, rows, KC);
-    for (int j = 0; j < nr && p->scales; j++) scale_row(p, o0 + j, k0, kc, rows + j * KC);
     for (int j0 = 0; j0 < NR; j0 += 16)
         for (int k = 0; k < kc; k += 16) {
             __mmask16 m = kc - k >= 16 ? 0xffff : (__mmask16)((1u << (kc - k)) - 1u);
@@ -60,6 +75,19 @@ AVX512 static void panel512(const palette *p, int64_t o0, int nr, int64_t k0, in
             transpose16(r);
             for (int i = 0; i < 16 && k + i < kc; i++) _mm512_store_ps(panel + (k + i) * NR + j0, r[i]);
         }
+    if (!p->scales) return;
+    __m512 scale[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()}, shift[2] = {scale[0], scale[0]};
+    for (int k = 0, b = -1; k < kc; k++) {
+        if ((k0 + k) / p->block != b) {
+            b = (int)((k0 + k) / p->block);
+            column512(p->scales, (int)p->half, p->blocks, o0, nr, b, scale);
+            if (p->offsets) column512(p->offsets, (int)p->half, p->blocks, o0, nr, b, shift);
+        }
+        for (int h = 0; h < 2; h++) {
+            __m512 w = _mm512_mul_ps(_mm512_load_ps(panel + k * NR + 16 * h), scale[h]);
+            _mm512_store_ps(panel + k * NR + 16 * h, p->offsets ? _mm512_add_ps(w, shift[h]) : w);
+        }
+    }
 }
 
 /* packed[(b / MR) * MR * kc + k * MR + b % MR] = x[b, k] for b in [b0, b1), a multiple of MR apart, and
