@@ -13,8 +13,8 @@ them), for float32 inputs on the CPU; other dtypes go to the torch kernels.  The
   whose blocks cut a 16-index chunk take the next path instead (:attr:`PackedWeight.direct`).
 * more rows, up to :data:`GEMM_ROWS`, on AVX-512 (:attr:`PackedWeight.gemm`): ``lut_gemm.c``, a GEMM whose weight
   operand is decoded 32 outputs x 256 inputs at a time into L1 and used there by every row of ``x``, so no
-  decoded weight is written to memory (batch 24: 2x fp32 dense on MiniLM's layers, where the tiles below ran at
-  0.5-0.7x; batch 128: 0.8-0.95x against the tiles' 0.6-0.9x).
+  decoded weight is written to memory (``python -m bench.inference`` on the Xeon of its results: batch 64 at
+  0.82-1.05x fp32 where the tiles below ran at 0.59-0.76x; MiniLM on one sentence of 24 tokens 1.50x fp32).
 * more rows (or without AVX-512): the loops decode :data:`TILE` weights (block scales applied as the decoder applies them) into
   a 4 MiB float32 buffer (one per thread, :mod:`.scratch`, reused by every call) and a GEMM (``torch.mm``)
   multiplies each tile, so the compute is the BLAS's and the extra memory one tile.
@@ -44,8 +44,9 @@ RTOL = 1e-5
 GEMV_ROWS = int(os.environ.get("TORCHDKM_GEMV_ROWS", "16"))
 #: Up to this many rows of ``x`` (above :data:`GEMV_ROWS`), or any number for a weight of at most :data:`TILE`
 #: weights, the product runs as ``lut_gemm.c``'s GEMM where it can (AVX-512).  More rows times a larger weight
-#: go to decoded tiles and torch's GEMM: there its efficiency on a large product wins (4096x4096 at 512 rows:
-#: tiles 0.89x fp32, lut_gemm 0.79x; MiniLM's 384x1536 at 512 rows: lut_gemm 0.90x end to end, tiles 0.83x).
+#: go to decoded tiles and torch's GEMM: there its efficiency on a large product wins (timed alternately on the
+#: 2-core Xeon: 4096x4096 at 512 rows, tiles 0.89x fp32 and lut_gemm 0.79x; MiniLM at 8 x 64 tokens, whose
+#: weights fit a tile, lut_gemm 0.90x and tiles 0.83x).
 GEMM_ROWS = int(os.environ.get("TORCHDKM_GEMM_ROWS", "256"))
 #: Weights per decoded tile above :data:`GEMV_ROWS` (float32: 4 MiB). Fewer, larger GEMM calls: on a busy
 #: 2-core machine each call pays its OpenMP barrier (measured ~8 ms per call when another process runs).
