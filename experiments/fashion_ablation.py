@@ -151,6 +151,9 @@ VARIANTS = (
             fisher_batches=16),  # fmt: skip
     Variant("4/4, ST, Fisher, classifier dense, 1 term, 2 iterations", "DKM", "cv:4/4",
             {**ST, "grad_terms": 1, "max_iters": 2}, fisher_batches=16),  # fmt: skip
+    Variant("4/4, ST, Fisher 64, classifier dense, 1 term", "DKM", "cv:4/4", {**ST, "grad_terms": 1}, fisher_batches=64),
+    Variant("4/4 scale+offset, ST, Fisher, classifier dense, 1 term", "DKM", "cv:4/4#rowa", {**ST, "grad_terms": 1},
+            fisher_batches=16),  # fmt: skip
     Variant("1/1 per-channel LUT", "DKM", _rules("1/1@1"), EXACT),
     Variant("1/1 scale", "DKM", _rules("1/1#row"), EXACT),
     Variant("1/1 scale+offset, tau 0.02", "DKM", _rules("1/1#rowa"), {**EXACT, "tau": 0.02}),

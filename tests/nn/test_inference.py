@@ -126,7 +126,7 @@ def test_native_pool_runs_from_several_python_threads_and_in_a_forked_child(monk
     monkeypatch.setattr(lut_kernels, "MIN_GEMV_PARALLEL", 0)
     packed, lut, dense = packed_weight(4, 2, 64, 96, 16)
     weight = lut_kernels.PackedWeight(packed, lut, 4, 2, 16, 64, 96)
-    inputs = [torch.randn(3, 96) for _ in range(4)]
+    inputs = [torch.randn(3 if i % 2 else 40, 96) for i in range(4)]  # the direct product and lut_gemm.c's GEMM
     weight.linear(inputs[0], None)  # the pool's workers start in this process
     outputs: dict[int, torch.Tensor] = {}
 
