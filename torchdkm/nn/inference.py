@@ -13,7 +13,7 @@
 
 Extra memory of a forward: one tile of float32 weights (the native Linear kernel: 4 MiB, one buffer per
 thread kept for the next call; its GEMM on AVX-512, ``lut_gemm.c``: a 32 x 256 panel and a 512 x 256 block of
-packed rows of ``x``, 576 KB; the torch kernel:
+packed rows of ``x``, ~600 KB in all; the torch kernel:
 ``LUT_TILE`` weights and their int64 temporaries, ~3 MiB; convolutions: ``CONV_TILE`` weights, 4 MiB, and
 the tile's slice of the output), or for an embedding the rows it returns.  :func:`keep_decoded` is the
 opt-in that trades memory for speed at large batch: it keeps one decoded copy per module.
