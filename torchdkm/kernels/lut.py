@@ -14,7 +14,7 @@ them), for float32 inputs on the CPU; other dtypes go to the torch kernels.  The
 * more rows, up to :data:`GEMM_ROWS`, on AVX-512 (:attr:`PackedWeight.gemm`): ``lut_gemm.c``, a GEMM whose weight
   operand is decoded 32 outputs x 256 inputs at a time into L1 and used there by every row of ``x``, so no
   decoded weight is written to memory (``python -m bench.inference`` on the Xeon of its results: batch 64 at
-  0.82-1.05x fp32 where the tiles below ran at 0.59-0.76x; MiniLM on one sentence of 24 tokens 1.50x fp32).
+  0.87-1.02x fp32 where the tiles below ran at 0.59-0.76x; MiniLM on one sentence of 24 tokens 1.32-1.50x fp32).
 * more rows (or without AVX-512): the loops decode :data:`TILE` weights (block scales applied as the decoder applies them) into
   a 4 MiB float32 buffer (one per thread, :mod:`.scratch`, reused by every call) and a GEMM (``torch.mm``)
   multiplies each tile, so the compute is the BLAS's and the extra memory one tile.
