@@ -166,7 +166,8 @@ class PackedWeight:
             self._product(flat, y)
             if bias is not None:
                 y += bias
-        elif self.gemm and (n <= GEMM_ROWS or out_features * row_len <= TILE):
+        elif self.gemm and (n <= GEMM_ROWS or out_features * row_len <= TILE) and self.library.tdkm_lut_gemm_ok(self.ref):
+            # (asked again: the instruction set may have been capped since, as the tests do)
             y = self._gemm(flat, bias)
         elif out_features * row_len <= TILE:  # one tile holds the weight: decode it, then a dense Linear's GEMM
             buffer = scratch((out_features, row_len), torch.float32, flat.device, "lut")

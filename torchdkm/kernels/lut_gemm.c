@@ -18,6 +18,8 @@
  * (or zero), later ones from y.  float32 throughout: sums in another order than torch's GEMM, within lut.py's
  * RTOL.
  */
+#include <pthread.h>
+
 #include "lut.h"
 
 #define NR GEMM_PANEL /* outputs of a panel: two AVX-512 vectors (32) */
@@ -187,11 +189,17 @@ int tdkm_lut_gemm_ok(const palette *p) {
            p->row_len % p->dim == 0;
 }
 
+static pthread_key_t buffer_key;
+static pthread_once_t buffer_once = PTHREAD_ONCE_INIT;
+static void make_buffer_key(void) { pthread_key_create(&buffer_key, free); }
+
 /* The calling thread's buffer for packed rows of x ((MC + MR) x KC floats, 526 KiB), kept for its next call
- * and shared with the team it starts (NULL: out of memory). */
+ * (freed when the thread ends) and shared with the team it starts (NULL: out of memory). */
 float *tdkm_lut_gemm_buffer(void) {
-    static __thread float *kept;
-    if (!kept) kept = (float *)malloc(sizeof(float) * (MC + MR) * KC);
+    pthread_once(&buffer_once, make_buffer_key);
+    float *kept = (float *)pthread_getspecific(buffer_key);
+    if (!kept && (kept = (float *)malloc(sizeof(float) * (MC + MR) * KC)) && pthread_setspecific(buffer_key, kept))
+        free(kept), kept = NULL;
     return kept;
 }
 
