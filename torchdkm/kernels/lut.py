@@ -157,7 +157,7 @@ class PackedWeight:
         run_jobs([lambda s=s: job(*s) for s in _spans(count, work)])
 
     def linear(self, x: Tensor, bias: Tensor | None) -> Tensor:
-        """``x @ W.T + bias`` for float32 ``x`` on the CPU (see the module docstring for the three paths)."""
+        """``x @ W.T + bias`` for float32 ``x`` on the CPU (see the module docstring for the four paths)."""
         out_features, row_len = self.out_features, self.row_len
         flat = x.reshape(-1, row_len).contiguous()
         n = flat.shape[0]
