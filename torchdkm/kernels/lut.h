@@ -41,6 +41,7 @@ void tdkm_lut_rows(const palette *p, const int64_t *rows, int64_t n, float *out,
 int tdkm_lut_gemm(const palette *p, int part, int parts, const float *x, int64_t xs, int64_t n, float *y, int64_t ys,
                   const float *bias, float *packed, int64_t *taken);
 int64_t tdkm_lut_gemm_blocks(const palette *p, int64_t n);
+int tdkm_lut_gemm_ok(const palette *p);
 float *tdkm_lut_gemm_buffer(void);
 /* pool.c: wait for every thread of the team running the current tdkm_parallel (parts > 1 only). */
 void tdkm_barrier(void);

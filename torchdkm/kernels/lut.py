@@ -126,8 +126,12 @@ class PackedWeight:
         self.library = lut_library()
         #: Whether the direct product takes the block scales (every 16-index chunk in one block; else tiles).
         self.direct = bool(self.library.tdkm_lut_whole_chunks(self.ref))
-        #: Whether ``lut_gemm.c`` multiplies more rows here (AVX-512, vectorised rows, torch's OpenMP team).
-        self.gemm = bool(self.library.tdkm_lut_gemm_ok(self.ref)) and row_len > 0 and bool(self.library.tdkm_openmp())
+
+    @property
+    def gemm(self) -> bool:
+        """Whether ``lut_gemm.c`` multiplies more rows here (AVX-512, vectorised rows, torch's OpenMP team); asked
+        at each use, as the instruction set may be capped after the weight is made (the tests do)."""
+        return bool(self.library.tdkm_openmp()) and bool(self.library.tdkm_lut_gemm_ok(self.ref))
 
     def rows(self, rows: Tensor, scaled: bool = False) -> Tensor:
         """``(len(rows), row_len)`` float32 rows of the weight (``scaled``: block scales applied as decoding does)."""
@@ -166,8 +170,7 @@ class PackedWeight:
             self._product(flat, y)
             if bias is not None:
                 y += bias
-        elif self.gemm and (n <= GEMM_ROWS or out_features * row_len <= TILE) and self.library.tdkm_lut_gemm_ok(self.ref):
-            # (asked again: the instruction set may have been capped since, as the tests do)
+        elif (n <= GEMM_ROWS or out_features * row_len <= TILE) and self.gemm:
             y = self._gemm(flat, bias)
         elif out_features * row_len <= TILE:  # one tile holds the weight: decode it, then a dense Linear's GEMM
             buffer = scratch((out_features, row_len), torch.float32, flat.device, "lut")

@@ -49,6 +49,18 @@ AVX512 INLINE void transpose16(__m512 *r) {
     for (int i = 0; i < 16; i++) r[i] = t[i];
 }
 
+/* dst[k * ds + j] = src[j * ss + k] for k < kc and the lanes j of `lanes` (zero for j >= rows): up to 16
+ * rows turned into columns, 16 x 16 blocks transposed in registers. */
+AVX512 static void transpose_rows(const float *src, int64_t ss, int rows, int kc, float *dst, int64_t ds, __mmask16 lanes) {
+    for (int k = 0; k < kc; k += 16) {
+        __mmask16 m = kc - k >= 16 ? 0xffff : (__mmask16)((1u << (kc - k)) - 1u);
+        __m512 r[16];
+        for (int i = 0; i < 16; i++) r[i] = i < rows ? _mm512_maskz_loadu_ps(m, src + i * ss + k) : _mm512_setzero_ps();
+        transpose16(r);
+        for (int i = 0; i < 16 && k + i < kc; i++) _mm512_mask_storeu_ps(dst + (k + i) * ds, lanes, r[i]);
+    }
+}
+
 /* NR entries of a (rows, blocks) table, column b from row o0 on (zero past nr), as two float32 vectors
  * (float16 tables widened 16 at a time, exactly). */
 AVX512 static void column512(const void *table, int half, int64_t blocks, int64_t o0, int nr, int64_t b, __m512 *out) {
@@ -68,15 +80,7 @@ AVX512 static void column512(const void *table, int half, int64_t blocks, int64_
  * the transposed panel, where one block's scales for the NR outputs are two vectors (w * s + o, as decoded). */
 AVX512 static void panel512(const palette *p, int64_t o0, int nr, int64_t k0, int kc, float *rows, float *panel) {
     tdkm_rows512_any(p, o0, nr, k0, k0 + kc, rows, KC);
-    for (int j0 = 0; j0 < NR; j0 += 16)
-        for (int k = 0; k < kc; k += 16) {
-            __mmask16 m = kc - k >= 16 ? 0xffff : (__mmask16)((1u << (kc - k)) - 1u);
-            __m512 r[16];
-            for (int i = 0; i < 16; i++)
-                r[i] = j0 + i < nr ? _mm512_maskz_loadu_ps(m, rows + (j0 + i) * KC + k) : _mm512_setzero_ps();
-            transpose16(r);
-            for (int i = 0; i < 16 && k + i < kc; i++) _mm512_store_ps(panel + (k + i) * NR + j0, r[i]);
-        }
+    for (int j0 = 0; j0 < NR; j0 += 16) transpose_rows(rows + j0 * KC, KC, nr - j0, kc, panel + j0, NR, 0xffff);
     if (!p->scales) return;
     __m512 scale[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()}, shift[2] = {scale[0], scale[0]};
     for (int k = 0, b = -1; k < kc; k++) {
@@ -93,20 +97,10 @@ AVX512 static void panel512(const palette *p, int64_t o0, int nr, int64_t k0, in
 }
 
 /* packed[(b / MR) * MR * kc + k * MR + b % MR] = x[b, k] for b in [b0, b1), a multiple of MR apart, and
- * k < kc (zero past mc): MR rows of x interleaved, so the kernel's broadcasts read one stream.  16 x 16
- * blocks transposed in registers (MR rows and zero rows in, MR lanes of each column out). */
+ * k < kc (zero past mc): MR rows of x interleaved, so the kernel's broadcasts read one stream. */
 AVX512 static void pack_rows(const float *x, int64_t xs, int64_t b0, int64_t b1, int64_t mc, int kc, float *packed) {
-    for (int64_t b = b0; b < b1; b += MR) {
-        float *group = packed + b * kc;
-        for (int k = 0; k < kc; k += 16) {
-            __mmask16 m = kc - k >= 16 ? 0xffff : (__mmask16)((1u << (kc - k)) - 1u);
-            __m512 r[16];
-            for (int i = 0; i < 16; i++)
-                r[i] = i < MR && b + i < mc ? _mm512_maskz_loadu_ps(m, x + (b + i) * xs + k) : _mm512_setzero_ps();
-            transpose16(r);
-            for (int i = 0; i < 16 && k + i < kc; i++) _mm512_mask_storeu_ps(group + (k + i) * MR, (__mmask16)((1u << MR) - 1u), r[i]);
-        }
-    }
+    for (int64_t b = b0; b < b1; b += MR)
+        transpose_rows(x + b * xs, xs, (int)(mc - b < MR ? mc - b : MR), kc, packed + b * kc, MR, (__mmask16)((1u << MR) - 1u));
 }
 
 /* y[i, 0 .. NR) (+)= sum_k x[i, k] panel[k, 0 .. NR) for i < mr (x: MR rows packed by pack_rows); `first`:
@@ -183,10 +177,11 @@ AVX512 static void gemm512(const palette *p, int part, int parts, const float *x
 }
 #endif
 
-/* Whether tdkm_lut_gemm runs here (AVX-512, vectorised rows: dim 1, 2 or 4, no vector across rows). */
+/* Whether tdkm_lut_gemm runs here (AVX-512, vectorised rows: dim 1, 2 or 4, no vector across rows; rows of at
+ * least one input, as the first block of inputs writes y). */
 int tdkm_lut_gemm_ok(const palette *p) {
     return HAVE_X86 && tdkm_lut_isa(-1) == ISA_AVX512 && (p->dim == 1 || p->dim == 2 || p->dim == 4) &&
-           p->row_len % p->dim == 0;
+           p->row_len > 0 && p->row_len % p->dim == 0;
 }
 
 static pthread_key_t buffer_key;
@@ -208,14 +203,11 @@ int64_t tdkm_lut_gemm_blocks(const palette *p, int64_t n) { return (n + MC - 1) 
 
 /* Part `part` of `parts` of y = x W^T + bias (bias NULL: none; y's rows are ys = all the outputs long), every
  * part called at once on a team (tdkm_barrier), `packed` from tdkm_lut_gemm_buffer, `taken` zeroed counters
- * (tdkm_lut_gemm_blocks of them); -1 where tdkm_lut_gemm_ok says no. */
+ * (tdkm_lut_gemm_blocks of them); only where tdkm_lut_gemm_ok says yes (pool.c asks before the team starts). */
 int tdkm_lut_gemm(const palette *p, int part, int parts, const float *x, int64_t xs, int64_t n, float *y, int64_t ys,
                   const float *bias, float *packed, int64_t *taken) {
-    if (!tdkm_lut_gemm_ok(p)) return -1;
 #if HAVE_X86
     gemm512(p, part, parts, x, xs, n, y, ys, bias, packed, taken);
-    return 0;
-#else
-    return -1;
 #endif
+    return 0;
 }

@@ -123,6 +123,7 @@ static int gemm_part(void *arg, int part, int parts) {
  * all `ys` outputs; 0, or -1: not available here, or out of memory. */
 int tdkm_lut_gemm_threads(const palette *p, const float *x, int64_t xs, int64_t n, float *y, int64_t ys,
                           const float *bias, int threads) {
+    if (!tdkm_lut_gemm_ok(p)) return -1;
     gemm_call call = {p, x, bias, xs, n, ys, y, tdkm_lut_gemm_buffer(), calloc((size_t)tdkm_lut_gemm_blocks(p, n) + 1, sizeof(int64_t))};
     int64_t panels = (ys + GEMM_PANEL - 1) / GEMM_PANEL;
     if (!call.packed || !call.taken) return free(call.taken), -1;
