@@ -49,6 +49,7 @@ class Variant:
     fisher_batches: int = 0  # DKM: centroids weighted by the Fisher of this many training batches (0: unweighted)
     size: vision.SizeTarget | None = None  # DKM: each layer's bits and scales planned to this size (on that Fisher)
     distill: float = 0.0  # any trained method: the KL term's weight against the fp32 model (vision.loss_fn)
+    gptq_batches: int = 0  # DKM: starts from weights torchdkm.gptq compensated on this many training batches
 
 
 def _rules(spec: str) -> str:
@@ -154,6 +155,11 @@ VARIANTS = (
     Variant("4/4, ST, Fisher 64, classifier dense, 1 term", "DKM", "cv:4/4", {**ST, "grad_terms": 1}, fisher_batches=64),
     Variant("4/4 scale+offset, ST, Fisher, classifier dense, 1 term", "DKM", "cv:4/4#rowa", {**ST, "grad_terms": 1},
             fisher_batches=16),  # fmt: skip
+    # DKM from weights GPTQ compensated (torchdkm.gptq, one stage per layer, 16 training batches)
+    Variant("4/4, ST, Fisher, classifier dense, 1 term, GPTQ", "DKM", "cv:4/4", {**ST, "grad_terms": 1}, fisher_batches=16,
+            gptq_batches=16),  # fmt: skip
+    Variant("4/8, ST, classifier dense, tau 0.02, Fisher, 1 term, GPTQ", "DKM", "cv:4/8",
+            {**ST, "tau": 0.02, "grad_terms": 1}, fisher_batches=16, gptq_batches=16),  # fmt: skip
     Variant("1/1 per-channel LUT", "DKM", _rules("1/1@1"), EXACT),
     Variant("1/1 scale", "DKM", _rules("1/1#row"), EXACT),
     Variant("1/1 scale+offset, tau 0.02", "DKM", _rules("1/1#rowa"), {**EXACT, "tau": 0.02}),
@@ -178,7 +184,7 @@ def measure(fp32: torch.nn.Module, variant: Variant, data: Any, seed: int, opts:
     opts = replace(opts, distill=variant.distill)
     if variant.method == "DKM":
         _, record = vision.dkm(fp32, variant.setting, data, seed, opts, variant.tau_schedule, variant.fisher_batches,
-                               variant.size, **variant.fields)  # fmt: skip
+                               variant.size, variant.gptq_batches, **variant.fields)  # fmt: skip
     elif variant.method == "uniform QAT":
         record = vision.uniform(fp32, variant.setting, data, seed, opts, qat=True)
     elif variant.method == "coremltools DKM":
@@ -191,6 +197,8 @@ def measure(fp32: torch.nn.Module, variant: Variant, data: Any, seed: int, opts:
         fields = ", ".join(filter(None, [fields, "tau {:g} to {:g}".format(*variant.tau_schedule)]))
     if variant.fisher_batches:
         fields = ", ".join(filter(None, [fields, f"Fisher-weighted centroids ({variant.fisher_batches} batches)"]))
+    if variant.gptq_batches:
+        fields = ", ".join(filter(None, [fields, f"GPTQ start ({variant.gptq_batches} batches, sequential)"]))
     if variant.distill:
         fields = ", ".join(filter(None, [fields, f"distilled from fp32, KL weight {variant.distill:g}"]))
     if variant.size is not None:

@@ -20,12 +20,14 @@ LUTs, scales and offsets, every other tensor at float32, tied tensors once):
 - **k-means per tensor**: torchdkm's post-training k-means, one LUT per tensor;
 - **k-means planned**: post-training k-means with per-block normalisation, the
   bits and blocks of every layer chosen by :func:`torchdkm.plan_to_size` for the
-  target (the starting point of DKM: this row is DKM with no training);
+  target (DKM's centroids before training);
+- **k-means planned + GPTQ**: the same, the weights compensated by :func:`torchdkm.gptq` on
+  :attr:`Options.gptq_windows` training windows (the fp32 model's inputs): DKM's start;
 - **coremltools PTQ**: ``PostTrainingPalettizer``, a LUT per 16 output channels
   and a per-channel scale;
 - **coremltools DKM**: ``DKMPalettizer``, a LUT per 16 output channels (its per-channel scale fails in 9.0), trained with
   the same loss and loop for as many steps as its time cap allows;
-- **DKM**: torchdkm at the planned configuration, trained by distillation on
+- **DKM**: torchdkm at the planned configuration, from the GPTQ start, trained by distillation on
   the teacher's next-token distributions (KL), then finalized and saved; its
   size is the saved file's.
 
@@ -62,6 +64,7 @@ from experiments.common import (
     plan_summary,
     run_capped,
 )
+from torchdkm.gptq import gptq
 from torchdkm.integrations.causal import kl_next_token, perplexity, token_windows, window_losses
 from torchdkm.integrations.distill import train_mode
 
@@ -88,6 +91,7 @@ class Options:
     plan_bits: tuple[int, ...] = (1, 2, 3, 4)
     plan_blocks: tuple[int | None, ...] = (32, 64, 128, None)
     calibration_windows: int = 16  # training windows whose losses' squared gradients weigh the plan's errors
+    gptq_windows: int = 64  # training windows whose inputs weigh GPTQ's error feedback (0: DKM starts from k-means)
     train_window: int = 128
     eval_window: int = 256
     eval_windows: int = 24
@@ -106,7 +110,7 @@ class Options:
     def tiny(cls, **changes: Any) -> Options:
         """A random tiny LLaMA and a byte tokenizer: every method in seconds (what the tests run)."""
         small = dict(targets=(4.5, 4.0), round_grid=((2, 32), (3, 32)), hqq_grid=((3, 32),), tensor_bits=(3,),
-                     coreml_bits=(3,), coreml_dkm_minutes=0.2, plan_bits=(1, 2, 3), plan_blocks=(32, None), calibration_windows=2,
+                     coreml_bits=(3,), coreml_dkm_minutes=0.2, plan_bits=(1, 2, 3), plan_blocks=(32, None), calibration_windows=2, gptq_windows=2,
                      train_window=32, eval_window=32, eval_windows=4, steps=3, new_tokens=4, tiny_model=True,
                      name="llm_tiny")  # fmt: skip
         return cls(**{**small, **changes})
@@ -216,6 +220,13 @@ class Experiment:
         """The plan's Fisher: the next-token loss of :attr:`Options.calibration_windows` training windows, evenly spread."""
         count = self.opts.calibration_windows
         return window_losses(model, self.train[:: max(1, len(self.train) // count)][:count])
+
+    def gptq_inputs(self, model: nn.Module) -> None:
+        """GPTQ's calibration: :attr:`Options.gptq_windows` training windows, evenly spread, a few at a time."""
+        count = self.opts.gptq_windows
+        windows = self.train[:: max(1, len(self.train) // count)][:count]
+        for batch in windows.split(self.opts.batch_size):
+            model(input_ids=batch)
 
     def student(self) -> nn.Module:
         model = copy.deepcopy(self.teacher)
@@ -341,11 +352,20 @@ def run_dkm(ex: Experiment) -> None:
         snapped = torchdkm.finalize(copy.deepcopy(student))
         ex.record("k-means planned", f"{target:g} bpw", snapped, saved_bytes(snapped), started, note=chosen)
         del snapped
-        started = time.perf_counter()
+        start, started = "k-means", time.perf_counter()  # (DKM's time includes GPTQ's)
+        if opts.gptq_windows:
+            report = gptq(student, ex.gptq_inputs, reference=ex.teacher)
+            errors = list(report.errors.values())
+            start = (f"GPTQ ({len(errors)} layers, mean output error {sum(a for a, _ in errors) / len(errors):.4f} -> "
+                     f"{sum(b for _, b in errors) / len(errors):.4f}; not: {sorted(set(report.skipped.values()))})")  # fmt: skip
+            snapped = torchdkm.finalize(copy.deepcopy(student))
+            ex.record("k-means planned + GPTQ", f"{target:g} bpw", snapped, saved_bytes(snapped), started,
+                      note=f"{start}; {chosen}")  # fmt: skip
+            del snapped
         steps = ex.distill(student)
         final = torchdkm.finalize(student)
         ex.record("DKM (torchdkm)", f"{target:g} bpw", final, saved_bytes(final), started, steps=steps,
-                  note=f"{steps} steps of {opts.batch_size}x{opts.train_window} tokens, lr {opts.lr:g}; {chosen}")  # fmt: skip
+                  note=f"{steps} steps of {opts.batch_size}x{opts.train_window} tokens, lr {opts.lr:g}, from {start}; {chosen}")  # fmt: skip
 
 
 def write_report(results: Results, out: Path) -> Path:

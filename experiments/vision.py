@@ -63,6 +63,7 @@ from experiments.common import (
     plot_tradeoff,
     run_from_cli,
 )
+from torchdkm.nn.parametrization import dkm_parametrizations
 
 #: 4, 3, 2, 1 bits per weight (scalars; ``@1``: one 2-entry LUT per output channel, the
 #: same freedom as a per-channel uniform grid), then 1, 0.5 and 0.25 bits per weight (vectors).
@@ -218,11 +219,14 @@ def dkm(
     tau_schedule: tuple[float, float] | None = None,
     fisher_batches: int = 0,
     size: SizeTarget | None = None,
+    gptq_batches: int = 0,
     **fields,
 ) -> tuple[nn.Module, Record]:
     """DKM at ``setting`` (config ``fields`` beside it); ``tau_schedule``: ``(start, end)`` over the whole budget;
     ``fisher_batches``: centroids weighted by the Fisher of that many training batches (``torchdkm.fisher``);
-    ``size``: the layers of ``setting`` planned to that size on the same Fisher (needs ``fisher_batches``).
+    ``size``: the layers of ``setting`` planned to that size on the same Fisher (needs ``fisher_batches``);
+    ``gptq_batches``: DKM starts from weights ``torchdkm.gptq`` compensated on that many training batches,
+    sequentially (one stage per layer).
 
     The recorded tables ran DKM's exact gradient, the library's only one before ``grad_terms`` (whose
     automatic value is now one term for vectors at 1 bit per weight and below): rows keep it
@@ -244,6 +248,13 @@ def dkm(
     elif size is not None:
         raise ValueError("dkm: a size target plans on the Fisher: give fisher_batches")
     model = torchdkm.prepare(copy.deepcopy(fp32), config, importance=importance)
+    if gptq_batches:
+        batches = minibatches(len(data.y_train), BATCH_SIZE)(torch.Generator().manual_seed(seed))
+        chosen = [batch for batch, _ in zip(batches, range(gptq_batches))]
+        layers = len(dkm_parametrizations(model))
+        errors = torchdkm.gptq(model, lambda m: [m(data.x_train[batch]) for batch in chosen], stages=layers).errors
+        note = "; ".join(filter(None, [note, "GPTQ start: output error " + ", ".join(
+            f"{a:.3f}->{b:.3f}" for a, b in errors.values())]))  # fmt: skip
     after = None
     if tau_schedule is not None:
         after = torchdkm.TauSchedule(model, opts.dkm_epochs * steps_per_epoch(data), *tau_schedule).step

@@ -10,6 +10,7 @@ from .api import finalize, kmeans_compress, prepare
 from .budget import SizePlan, plan_to_size
 from .config import DKMConfig, LayerConfig
 from .errors import TorchdkmError
+from .gptq import GPTQReport, gptq
 from .importance import fisher
 from .integrations.hf import load_pretrained, save_pretrained
 from .integrations.hf_quantizer import register_when_transformers_loads
@@ -25,6 +26,7 @@ register_when_transformers_loads()  # AutoModel.from_pretrained reads torchdkm d
 __all__ = [
     "keep_decoded",
     "DKMConfig",
+    "GPTQReport",
     "LayerConfig",
     "Report",
     "SizePlan",
@@ -32,6 +34,7 @@ __all__ = [
     "TorchdkmError",
     "finalize",
     "fisher",
+    "gptq",
     "kmeans_compress",
     "load",
     "load_pretrained",

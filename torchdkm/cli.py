@@ -84,6 +84,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         target_bpw=args.target_bpw,
         window=args.window,
         hidden_weight=args.hidden_loss,
+        gptq=args.gptq,
     )
     report(student, show=not args.quiet)
     if causal.is_causal_lm(teacher):
@@ -281,6 +282,11 @@ def parser() -> argparse.ArgumentParser:
         default=0.0,
         metavar="W",
         help="causal LMs: add W x the last hidden states' MSE to the next-token KL loss (default: 0)",
+    )
+    p.add_argument(
+        "--gptq",
+        action="store_true",
+        help="before training, compensate the rounding with GPTQ (torchdkm.gptq) on 64 training windows or sentences",
     )
     p.add_argument(
         "--eval-data",

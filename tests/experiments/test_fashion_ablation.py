@@ -45,6 +45,15 @@ def test_variants_run_and_are_tabled_per_seed(tmp_path: Path, run_args: list[str
     assert both.count("| 1/1 scale+offset, ST | 1 | ") == 1 and "± " in both and "again factor" in both
 
 
+def test_dkm_from_a_gptq_start(tmp_path: Path, run_args: list[str]) -> None:
+    """The GPTQ rows compensate the convolutions GPTQ takes (not MobileNet's depthwise ones) before training."""
+    label = "4/4, ST, Fisher, classifier dense, 1 term, GPTQ"
+    assert cli([*run_args, "--steps", "2", "--seeds", "0", "--only", label]) == 0
+    record = next(r for r in json.loads((tmp_path / "fashion_ablation_mobilenet.json").read_text())["records"]
+                  if r["method"] == label)  # fmt: skip
+    assert "GPTQ start (16 batches, sequential)" in record["note"] and "GPTQ start: output error " in record["note"]
+
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -55,8 +55,8 @@ def test_tiny_run_records_every_method_with_sizes_and_completions(tmp_path: Path
     path = run(Options.tiny(out=tmp_path, progress=False, coreml_dkm_minutes=1.0))
     data = json.loads((tmp_path / "llm_tiny.json").read_text())
     methods = {r["method"] for r in data["records"]}
-    want = {"fp32", "round-to-nearest", "k-means per tensor", "coremltools PTQ", "k-means planned", "DKM (torchdkm)",
-            "coremltools DKM"}  # fmt: skip
+    want = {"fp32", "round-to-nearest", "k-means per tensor", "coremltools PTQ", "k-means planned",
+            "k-means planned + GPTQ", "DKM (torchdkm)", "coremltools DKM"}  # fmt: skip
     try:
         import hqq  # noqa: F401
 
@@ -74,7 +74,8 @@ def test_tiny_run_records_every_method_with_sizes_and_completions(tmp_path: Path
     for r, target in zip(dkm, (4.5, 4.0)):
         assert r["bits_per_weight"] <= target  # the saved file's size, measured
         assert "plan: " in r["note"]  # the plan each layer got, kept with the result
-    assert all("plan: " in r["note"] for r in data["records"] if r["method"] == "k-means planned")
+    assert all("plan: " in r["note"] for r in data["records"] if r["method"].startswith("k-means planned"))
+    assert all("from GPTQ (" in r["note"] for r in dkm)  # DKM starts from the compensated weights
     assert len(data["config"]["completions"]) == len(data["records"])
     text = path.read_text()
     assert "## Against the targets" in text and "Greedy completions" in text
@@ -90,8 +91,9 @@ def test_parts_run_apart_merge_into_one_report(tmp_path: Path) -> None:
     run(Options.tiny(parts=("dkm",), name="b", targets=(4.5,), **opts))
     assert main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--name", "both", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "both.json").read_text())
-    assert [r["method"] for r in data["records"]] == ["fp32", "round-to-nearest", "k-means planned", "DKM (torchdkm)"]
-    assert len(data["config"]["runs"]) == 2 and len(data["config"]["completions"]) == 4
+    methods = ["fp32", "round-to-nearest", "k-means planned", "k-means planned + GPTQ", "DKM (torchdkm)"]
+    assert [r["method"] for r in data["records"]] == methods
+    assert len(data["config"]["runs"]) == 2 and len(data["config"]["completions"]) == 5
     assert "DKM 4.5 bpw" in (tmp_path / "both.md").read_text()
 
 

@@ -78,6 +78,19 @@ def test_compress_a_causal_lm_by_next_token_distillation(tiny_llama_dir, tmp_pat
     assert model.model.layers[0].mlp.down_proj.palette["weight"].scale_block == 16
 
 
+def test_compress_with_gptq_starts_from_compensated_weights(tiny_llama_dir, tmp_path, capsys):
+    """--gptq: the rounding is compensated on the training windows before the first step, and said."""
+    data = tmp_path / "train.txt"
+    data.write_text("\n".join(PASSAGES))
+    argv = ["compress", tiny_llama_dir, "--config", "fc:3/1#16a", "--gptq", "--data", data, "--window", "16",
+            "--batch-size", "2", "--max-steps", "1", "--out", tmp_path / "out"]  # fmt: skip
+    assert main([str(a) for a in argv]) == 0
+    line = next(x for x in capsys.readouterr().err.splitlines() if x.startswith("GPTQ: ") and "layers" in x)
+    before, after = (float(v) for v in line.split("output error ")[1].split(" -> "))
+    assert after < before
+    assert type(torchdkm.load_pretrained(tmp_path / "out")).__name__ == "LlamaForCausalLM"
+
+
 def test_a_causal_lm_to_a_target_size_is_planned_by_fisher(tiny_llama_dir, tmp_path, capsys):
     """--target-bpw on a causal LM: the plan weighs errors by the next-token loss's squared gradients, and fits."""
     data = tmp_path / "train.txt"

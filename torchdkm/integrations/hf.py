@@ -30,6 +30,7 @@ from ..api import finalize, prepare
 from ..budget import plan_to_size
 from ..config import DKMConfig
 from ..errors import TorchdkmError
+from ..gptq import gptq as compensate
 from ..io import load, save, saved_dtype
 from ..io.format import WEIGHTS, weights_path
 from . import causal
@@ -182,6 +183,7 @@ def compress(
     target_bpw: float | None = None,
     window: int = 256,
     hidden_weight: float = 0.0,
+    gptq: bool = False,
 ) -> tuple[nn.Module, nn.Module, Any]:
     """Load a Hugging Face model, DKM-compress it by distillation from itself; returns (compressed, original, tokenizer).
 
@@ -191,6 +193,8 @@ def compress(
     A causal LM (``*ForCausalLM``) learns the teacher's next-token distributions on ``window``-token
     windows of the sentences (:mod:`.causal`; ``batch_size`` windows a step, ``hidden_weight`` adds the
     last hidden states' MSE); an encoder, its outputs on the sentences (:mod:`.distill`).
+    ``gptq``: before training, :func:`torchdkm.gptq` on up to 64 windows (an encoder: 64 sentences), the
+    layers' inputs the original model's (one pass), so DKM starts from error-compensated weights.
     """
     say = print if progress else (lambda *args, **kwargs: None)
     say(f"loading {directory} ...", file=sys.stderr, flush=True)
@@ -211,6 +215,17 @@ def compress(
         importance = None
     say(f"loaded {type(teacher).__name__}; initialising the centroids by k-means ...", file=sys.stderr, flush=True)
     student = prepare(copy.deepcopy(teacher), config, progress=progress, importance=importance)
+    if gptq:
+        say("GPTQ: compensating the rounding on the calibration ...", file=sys.stderr, flush=True)
+        if windows is not None:
+            chosen = windows[:: max(1, len(windows) // 64)][:64]
+            run = lambda model: [model(input_ids=part) for part in chosen.split(batch_size)]  # noqa: E731
+        else:
+            batch = tokenizer(sentences[:64], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+            run = lambda model: model(**batch)  # noqa: E731
+        errors = list(compensate(student, run, reference=teacher).errors.values())
+        say(f"GPTQ: {len(errors)} layers, mean output error {sum(a for a, _ in errors) / len(errors):.4f} -> "
+            f"{sum(b for _, b in errors) / len(errors):.4f}", file=sys.stderr, flush=True)  # fmt: skip
     if windows is not None:
         say(f"distilling next-token distributions on {len(windows)} windows of {window} tokens", file=sys.stderr)
         causal.distill_causal(

@@ -67,7 +67,8 @@ class DKMParametrization(nn.Module):
         self._snapped: tuple[tuple, HardResult, Tensor, Tensor] | None = None
         self._soft: tuple[tuple, Tensor] | None = None
         self._start: tuple[tuple, Tensor] | None = None  # (the weight and centroids a step left, where it started)
-        #: ``False`` snaps to the stored centroids as they are (post-training k-means).
+        #: ``False`` snaps to the stored centroids as they are (post-training k-means, or after :func:`torchdkm.gptq`,
+        #: which rounded the weights to them); a training step sets it again (the optimizer moves the weights after it).
         self.refresh = True
         #: ``(module name, parameter)`` of every module it is registered on (``prepare`` fills it), the owner first.
         self.holders: list[tuple[str, str]] = []
@@ -148,6 +149,7 @@ class DKMParametrization(nn.Module):
         """Store a step's centroids, remembering where it started (:meth:`start_of_step`)."""
         before = start.clone() if start is self.centroids else start
         self.centroids.copy_(centroids)
+        self.refresh = True
         self._start = (self._state_key(weight), before)
 
     def step_key(self, weight: Tensor) -> tuple:
