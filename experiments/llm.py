@@ -64,7 +64,7 @@ from experiments.common import (
     plan_summary,
     run_capped,
 )
-from torchdkm.gptq import gptq
+from torchdkm.feedback import gptq
 from torchdkm.integrations.causal import kl_next_token, perplexity, token_windows, window_losses
 from torchdkm.integrations.distill import train_mode
 

@@ -10,7 +10,7 @@ from .api import finalize, kmeans_compress, prepare
 from .budget import SizePlan, plan_to_size
 from .config import DKMConfig, LayerConfig
 from .errors import TorchdkmError
-from .gptq import GPTQReport, gptq
+from .feedback import GPTQReport, gptq
 from .importance import fisher
 from .integrations.hf import load_pretrained, save_pretrained
 from .integrations.hf_quantizer import register_when_transformers_loads

@@ -30,7 +30,7 @@ from ..api import finalize, prepare
 from ..budget import plan_to_size
 from ..config import DKMConfig
 from ..errors import TorchdkmError
-from ..gptq import gptq as compensate
+from ..feedback import gptq as compensate
 from ..io import load, save, saved_dtype
 from ..io.format import WEIGHTS, weights_path
 from . import causal

@@ -11,7 +11,7 @@ from torch import nn
 import torchdkm
 from torchdkm import TorchdkmError
 from torchdkm.cluster.scales import BlockScales
-from torchdkm.gptq import compensate, gptq
+from torchdkm.feedback import compensate, gptq
 
 
 def correlated(n: int, width: int, seed: int) -> torch.Tensor:
