@@ -1,4 +1,4 @@
-"""``torchdkm.gptq``: error feedback onto the LUT and block scales before training or finalize."""
+"""``torchdkm.gptq`` (``torchdkm/feedback.py``): error feedback onto the LUT and block scales before training or finalize."""
 
 from __future__ import annotations
 
@@ -106,18 +106,26 @@ def test_inputs_from_the_snapped_model_and_a_generator_calibration():
     assert all(after < before for before, after in report.errors.values())
 
 
-def test_layers_it_does_not_compensate_are_listed_with_the_reason(make_tiednet):
-    """Embeddings, tied tensors and grouped convolutions keep their weights, and the report says which and why."""
+def test_tied_tensors_and_layers_it_does_not_compensate_are_listed_with_the_reason(make_tiednet):
+    """A tied tensor is compensated once, for its Linear holder's inputs (the embedding shares it); with
+    ``tied=False`` it keeps its weights.  Grouped convolutions keep theirs.  The report says which and why."""
     tokens = torch.randint(0, 40, (8, 5), generator=torch.Generator().manual_seed(1))
-    prepared = torchdkm.prepare(make_tiednet(), torchdkm.DKMConfig.parse("fc:2/1, emb:2/1", min_numel=0), progress=False)
+    config = torchdkm.DKMConfig.parse("fc:2/1, emb:2/1", min_numel=0)
+    prepared = torchdkm.prepare(make_tiednet(), config, progress=False)
     before = prepared.emb.parametrizations.weight.original.clone()
     report = gptq(prepared, lambda m: m(tokens))
-    assert set(report.errors) == {"fc.weight"}
-    assert "tied" in report.skipped["emb.weight"]
+    assert set(report.errors) == {"fc.weight", "out.weight"}
+    assert report.skipped == {"emb.weight": "tied: compensated as 'out.weight'"}
+    assert not torch.equal(prepared.emb.parametrizations.weight.original, before)
+    assert prepared.emb.parametrizations.weight.original is prepared.out.parametrizations.weight.original
+    prepared = torchdkm.prepare(make_tiednet(), config, progress=False)
+    report = gptq(prepared, lambda m: m(tokens), tied=False)
+    assert set(report.errors) == {"fc.weight"} and set(report.skipped.values()) == {"tied (tied=False)"}
     assert torch.equal(prepared.emb.parametrizations.weight.original, before)
     only_tied = torchdkm.prepare(make_tiednet(), torchdkm.DKMConfig.parse("emb:2/1", min_numel=0), progress=False)
-    with pytest.raises(TorchdkmError, match="no layer to compensate.*tied"):
-        gptq(only_tied, lambda m: m(tokens))
+    assert set(gptq(copy.deepcopy(only_tied), lambda m: m(tokens)).errors) == {"out.weight"}
+    with pytest.raises(TorchdkmError, match="no layer to compensate.*tied=False"):
+        gptq(only_tied, lambda m: m(tokens), tied=False)
     torch.manual_seed(0)
     convs = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, groups=8, padding=1))
     prepared = torchdkm.prepare(convs, torchdkm.DKMConfig.parse("cv:2/1", min_numel=0), progress=False)
@@ -204,10 +212,11 @@ def test_a_tiny_gpt2_conv1d_and_llama_sequentially():
         dense = copy.deepcopy(model).eval()
         prepared = torchdkm.prepare(model, prepared_config("fc:3/1#16a, emb:3/1#16a"), progress=False)
         report = gptq(prepared, lambda m: m(input_ids=tokens), stages=3)
-        assert len(report.errors) == 7 * 2 if kind == "Linear" else 4 * 2
+        assert len(report.errors) == (7 * 2 if kind == "Linear" else 4 * 2) + 1  # (the head)
         assert all(after < before for before, after in report.errors.values()), report
-        tied = [key for key, why in report.skipped.items() if "tied" in why]
-        assert len(tied) == 2 and all(why.startswith("Embedding") for key, why in report.skipped.items() if key not in tied)
+        head = "lm_head.weight"
+        assert head in report.errors and list(report.skipped.values()).count(f"tied: compensated as {head!r}") == 1
+        assert all(why.startswith("Embedding") for why in report.skipped.values() if "tied" not in why)
         compensated = torchdkm.finalize(prepared)
         assert type(compensated.get_submodule(next(iter(report.errors)).rsplit(".", 1)[0])).__name__ == f"Palettized{kind}"
         with torch.no_grad():
