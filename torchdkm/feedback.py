@@ -156,7 +156,10 @@ def _hessians(model: nn.Module, names: dict[str, str], calibration: Callable[[nn
     def hook(key: str) -> Callable:
         def add(module: nn.Module, args: tuple) -> None:
             x = _rows_of(module, args[0].detach()).to(torch.float64)
-            sums[key] = sums[key] + x.T @ x if key in sums else x.T @ x
+            if key in sums:
+                sums[key].addmm_(x.T, x)  # (in place: no second (columns, columns) float64 buffer per batch)
+            else:
+                sums[key] = x.T @ x
 
         return add
 
