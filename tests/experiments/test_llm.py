@@ -7,6 +7,8 @@ every method runs on a 90k-parameter LLaMA with a byte tokenizer, in seconds.
 from __future__ import annotations
 
 import json
+import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,8 @@ import torch
 from torch import nn
 
 from experiments import llm_baselines as base
-from experiments.llm import Options, run
+from experiments.common import run_spread
+from experiments.llm import Options, run, tasks, wait_for_plan
 
 
 def test_round_blocks_keeps_at_most_2_to_the_bits_values_per_block_and_their_extremes() -> None:
@@ -95,6 +98,45 @@ def test_parts_run_apart_merge_into_one_report(tmp_path: Path) -> None:
     assert [r["method"] for r in data["records"]] == methods
     assert len(data["config"]["runs"]) == 2 and len(data["config"]["completions"]) == 5
     assert "DKM 4.5 bpw" in (tmp_path / "both.md").read_text()
+
+
+def test_parts_side_by_side_merge_into_one_report(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    opts = Options.tiny(out=tmp_path, progress=False, jobs=2, parts=("dkm", "baselines"), targets=(4.5,),
+                        round_grid=((3, 32),), hqq_grid=(), tensor_bits=(), coreml_bits=())  # fmt: skip
+    path = run(opts)
+    data = json.loads((tmp_path / "llm_tiny.json").read_text())
+    methods = ["fp32", "round-to-nearest", "k-means planned", "k-means planned + GPTQ", "DKM (torchdkm)"]
+    assert [r["method"] for r in data["records"]] == methods
+    assert [r["steps"] for r in data["records"] if r["method"] == "DKM (torchdkm)"] == [3]
+    assert data["config"]["jobs"] == 2 and data["config"]["unfinished"] == []
+    assert len(data["config"]["runs"]) == 2 and len(data["config"]["completions"]) == 5
+    assert data["wall_seconds"] > max(r["seconds"] for r in data["records"])  # from the first part's start
+    assert not (tmp_path / "llm_tiny_parts").exists()  # the parts' files are merged, then removed
+    assert "DKM 4.5 bpw" in path.read_text()
+
+
+def test_side_by_side_tasks_start_with_the_plan_and_the_slowest_target() -> None:
+    opts = Options.tiny(targets=(3.0, 4.0, 2.5))
+    assert tasks(opts) == [("plan", None), ("baselines", None), ("dkm", 4.0), ("dkm", 3.0), ("dkm", 2.5), ("coreml-dkm", None)]
+    assert tasks(replace(opts, parts=("dkm",))) == [("plan", None), ("fp32", None), ("dkm", 4.0), ("dkm", 3.0), ("dkm", 2.5)]
+    assert tasks(replace(opts, parts=("baselines",))) == [("baselines", None)]
+    with pytest.raises(ValueError, match="jobs: at least 1"):
+        run(replace(opts, jobs=0))
+
+
+def test_a_target_waiting_for_a_failed_plan_stops(tmp_path: Path) -> None:
+    plan = tmp_path / "plan.pt"
+    plan.with_suffix(".failed").touch()
+    with pytest.raises(RuntimeError, match="its task failed"):
+        wait_for_plan(plan, poll=0.01)
+
+
+def test_spread_processes_report_every_exit_code_in_order() -> None:
+    ended = []
+    codes = run_spread(os._exit, [(0,), (3,), (0,)], 2, on_exit=lambda i, code: ended.append((i, code)))
+    assert codes == [0, 3, 0]
+    assert sorted(ended) == [(0, 0), (1, 3), (2, 0)]
 
 
 def test_coremltools_dkm_past_its_wall_time_cap_is_killed_and_said(tmp_path: Path) -> None:
