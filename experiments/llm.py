@@ -38,6 +38,7 @@ Outputs: ``results/llm.json``, ``results/llm.md``, ``results/llm_tradeoff.png``.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import importlib.util
 import json
@@ -572,7 +573,7 @@ def run(opts: Options) -> Path:
     return write_report(ex.results, opts.out)
 
 
-def main(argv: list[str] | None = None) -> int:
+def cli() -> argparse.ArgumentParser:
     parser = experiment_parser(__doc__, "a tiny random LLaMA, every method in seconds")
     parser.add_argument("--steps", type=int, help="DKM distillation steps per target (default 64)")
     parser.add_argument("--targets", type=float, nargs="+", help="bits per weight, all in (default 4 3 2.5 2)")
@@ -581,16 +582,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", help="results file name (default llm)")
     parser.add_argument("--merge", type=Path, nargs="+", metavar="JSON", help="combine parts run apart into --name")
     parser.add_argument("--jobs", type=int, help="run the parts in this many processes side by side (default 1)")
-    args = parser.parse_args(argv)
-    if args.merge:
-        print(f"wrote {merge(args.merge, args.name or 'llm', args.out)}")
-        return 0
+    return parser
+
+
+def options(args: argparse.Namespace) -> Options:
+    """The run's :class:`Options` from :func:`cli`'s arguments (``--seeds``: one seed, DKM's batch order and
+    torch's generator; the experiment runs one seed at a time)."""
     changes: dict[str, Any] = {"out": args.out, "progress": not args.no_progress}
     changes.update({k: v for k, v in (("name", args.name), ("parts", tuple(args.parts or ()))) if v})
     changes.update({k: v for k, v in (("steps", args.steps), ("lr", args.lr), ("jobs", args.jobs)) if v is not None})
     if args.targets:
         changes["targets"] = tuple(args.targets)
-    opts = Options.tiny(**changes) if args.tiny else Options(**changes)
+    if args.seeds:
+        if len(args.seeds) != 1:
+            raise ValueError(f"--seeds: one seed per run, got {args.seeds}")
+        changes["seed"] = args.seeds[0]
+    return Options.tiny(**changes) if args.tiny else Options(**changes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = cli()
+    args = parser.parse_args(argv)
+    if args.merge:
+        print(f"wrote {merge(args.merge, args.name or 'llm', args.out)}")
+        return 0
+    try:
+        opts = options(args)
+    except ValueError as error:
+        parser.error(str(error))
     started = time.perf_counter()
     path = run(opts)
     print(f"wrote {path}; run time: {time.perf_counter() - started:.0f} s")

@@ -17,7 +17,7 @@ from torch import nn
 
 from experiments import llm_baselines as base
 from experiments.common import run_spread
-from experiments.llm import Options, run, tasks, wait_for_plan
+from experiments.llm import Options, cli, main, options, run, tasks, wait_for_plan
 
 
 def test_round_blocks_keeps_at_most_2_to_the_bits_values_per_block_and_their_extremes() -> None:
@@ -87,7 +87,6 @@ def test_tiny_run_records_every_method_with_sizes_and_completions(tmp_path: Path
 
 def test_parts_run_apart_merge_into_one_report(tmp_path: Path) -> None:
     pytest.importorskip("transformers")
-    from experiments.llm import main
 
     opts = dict(out=tmp_path, progress=False, round_grid=((3, 32),), hqq_grid=(), tensor_bits=(), coreml_bits=())
     run(Options.tiny(parts=("baselines",), name="a", **opts))
@@ -123,6 +122,14 @@ def test_side_by_side_tasks_start_with_the_plan_and_the_slowest_target() -> None
     assert tasks(replace(opts, parts=("baselines",))) == [("baselines", None)]
     with pytest.raises(ValueError, match="jobs: at least 1"):
         run(replace(opts, jobs=0))
+
+
+def test_the_command_line_takes_one_seed_and_the_jobs() -> None:
+    opts = options(cli().parse_args(["--seeds", "1", "--jobs", "2", "--targets", "3", "2.5"]))
+    assert (opts.seed, opts.jobs, opts.targets) == (1, 2, (3.0, 2.5))
+    assert options(cli().parse_args([])).seed == Options().seed
+    with pytest.raises(SystemExit):
+        main(["--seeds", "0", "1"])  # one seed a run: not silently the first
 
 
 def test_a_target_waiting_for_a_failed_plan_stops(tmp_path: Path) -> None:
