@@ -547,7 +547,7 @@ def run_parallel(opts: Options) -> Path:
 
     run_spread(part_child, jobs, opts.jobs, on_exit=ended)
     parts = [work / f"{name}.json" for name in names if (work / f"{name}.json").is_file()]
-    if not any(name.endswith(("_baselines", "_fp32")) for name in map(str, (p.stem for p in parts))):
+    if not any(part.stem.endswith(("_baselines", "_fp32")) for part in parts):
         raise RuntimeError(f"no fp32 row to report against: {'; '.join(failed)} (parts kept in {work})")
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()}
     path = merge(parts, opts.name, opts.out, started=started, config=config, unfinished=failed)
