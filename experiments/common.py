@@ -327,6 +327,11 @@ def run_spread(
     return codes
 
 
+def options_dict(opts: Any) -> dict[str, Any]:
+    """An experiment's options dataclass as a results file's config (paths as strings)."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()}
+
+
 def log_line(text: str) -> None:
     tqdm.write(text)
 

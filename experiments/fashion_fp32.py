@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from experiments.common import RESULTS, environment, human_bytes, log_line, markdown_table
+from experiments.common import RESULTS, environment, human_bytes, log_line, markdown_table, options_dict
 from experiments.fashion import DATA_DIR, Fashion, load_fashion
 from experiments.fashion_models import MODELS, parameter_count
 
@@ -202,7 +202,7 @@ def _merge(opts: Options, data: Fashion, runs: list[Trained], path: Path) -> Pat
     saved: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {"runs": []}
     fresh = {(r.model, r.seed) for r in runs}
     kept = [r for r in saved["runs"] if (r["model"], r["seed"]) not in fresh]
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()}
+    config = options_dict(opts)
     new = [{**asdict(r), "config": config, "environment": environment()} for r in runs]
     payload = {
         "experiment": opts.name,

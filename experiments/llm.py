@@ -48,7 +48,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -65,12 +65,13 @@ from experiments.common import (
     fit,
     log_line,
     markdown_table,
+    options_dict,
     plan_summary,
     run_capped,
     run_spread,
 )
 from torchdkm.feedback import gptq
-from torchdkm.integrations.causal import kl_next_token, perplexity, token_windows, window_losses
+from torchdkm.integrations.causal import kl_next_token, perplexity, spread, token_windows, window_losses
 from torchdkm.integrations.distill import train_mode
 
 FORTUNES = Path("/usr/share/games/fortunes")
@@ -203,7 +204,7 @@ class Experiment:
         self.train = token_windows(self.tokenizer, passages(TRAIN_FILES, opts.tiny_model), opts.train_window)
         held_out = token_windows(self.tokenizer, passages(EVAL_FILES, opts.tiny_model)[::-1], opts.eval_window)
         self.eval = held_out[: opts.eval_windows]
-        self.results = Results(opts.name, {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()})
+        self.results = Results(opts.name, options_dict(opts))
         self.results.config.update(train_files=TRAIN_FILES, eval_files=EVAL_FILES, prompts=PROMPTS,
                                    train_windows=len(self.train), parameters=self.parameters)  # fmt: skip
         log_line(f"loaded {type(self.teacher).__name__} ({self.parameters:,} parameters) in "
@@ -226,14 +227,11 @@ class Experiment:
 
     def calibration_losses(self, model: nn.Module) -> Iterator[Tensor]:
         """The plan's Fisher: the next-token loss of :attr:`Options.calibration_windows` training windows, evenly spread."""
-        count = self.opts.calibration_windows
-        return window_losses(model, self.train[:: max(1, len(self.train) // count)][:count])
+        return window_losses(model, spread(self.train, self.opts.calibration_windows))
 
     def gptq_inputs(self, model: nn.Module) -> None:
         """GPTQ's calibration: :attr:`Options.gptq_windows` training windows, evenly spread, a few at a time."""
-        count = self.opts.gptq_windows
-        windows = self.train[:: max(1, len(self.train) // count)][:count]
-        for batch in windows.split(self.opts.batch_size):
+        for batch in spread(self.train, self.opts.gptq_windows).split(self.opts.batch_size):
             model(input_ids=batch)
 
     def student(self) -> nn.Module:
@@ -374,9 +372,7 @@ def run_target(ex: Experiment, widest: torchdkm.SizePlan, target: float) -> None
     start, started = "k-means", time.perf_counter()  # (DKM's time includes GPTQ's)
     if opts.gptq_windows:
         report = gptq(student, ex.gptq_inputs, reference=ex.teacher)
-        errors = list(report.errors.values())
-        start = (f"GPTQ ({len(errors)} layers, mean output error {sum(a for a, _ in errors) / len(errors):.4f} -> "
-                 f"{sum(b for _, b in errors) / len(errors):.4f}; not: {sorted(set(report.skipped.values()))})")  # fmt: skip
+        start = f"GPTQ ({report.summary()}; not: {sorted(set(report.skipped.values()))})"
         snapped = torchdkm.finalize(copy.deepcopy(student))
         ex.record("k-means planned + GPTQ", f"{target:g} bpw", snapped, saved_bytes(snapped), started,
                   note=f"{start}; {chosen}")  # fmt: skip
@@ -549,7 +545,7 @@ def run_parallel(opts: Options) -> Path:
     parts = [work / f"{name}.json" for name in names if (work / f"{name}.json").is_file()]
     if not any(part.stem.endswith(("_baselines", "_fp32")) for part in parts):
         raise RuntimeError(f"no fp32 row to report against: {'; '.join(failed)} (parts kept in {work})")
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()}
+    config = options_dict(opts)
     path = merge(parts, opts.name, opts.out, started=started, config=config, unfinished=failed)
     shutil.rmtree(work)
     if failed:

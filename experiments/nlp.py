@@ -43,7 +43,7 @@ import tempfile
 import threading
 import time
 import warnings
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,7 @@ from experiments.common import (
     log_line,
     markdown_table,
     minibatches,
+    options_dict,
     plot_histograms,
     plot_tradeoff,
     run_capped,
@@ -382,7 +383,7 @@ class CoremlRunner:
             "setting": job.setting,
             "seed": job.seed,
             "state": job.state,
-            "opts": _opts_dict(self.opts),
+            "opts": options_dict(self.opts),
             "threads": 1 if self.parallel else torch.get_num_threads(),
             **files,
         }
@@ -439,10 +440,6 @@ def coreml_record(job: CoremlJob, opts: Options, size: torchdkm.Report) -> Recor
         base["bytes"] = size_with_dense(size, result["dense"])
         note += f"; left dense by coremltools: {', '.join(n for n, _ in result['dense'])}"
     return Record(metrics=result["metrics"], steps=steps, note=note.lstrip("; "), **base)
-
-
-def _opts_dict(opts: Options) -> dict[str, Any]:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()}
 
 
 def _read(path: str) -> dict[str, Any] | None:
@@ -517,7 +514,7 @@ def _run(opts: Options) -> Results:
     data = load_fortunes(opts.fortunes_dir, per_topic=opts.per_topic)
     results = Results(
         opts.name,
-        {**_opts_dict(opts), "data": {**data.stats, "topics": list(data.topics), "fingerprint": data.fingerprint}},
+        {**options_dict(opts), "data": {**data.stats, "topics": list(data.topics), "fingerprint": data.fingerprint}},
     )
     log_line(f"fortunes: {data.stats} fingerprint {data.fingerprint}")
     runner = None

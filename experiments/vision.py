@@ -29,7 +29,7 @@ from __future__ import annotations
 import copy
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -57,6 +57,7 @@ from experiments.common import (
     log_line,
     markdown_table,
     minibatches,
+    options_dict,
     pivot_table,
     plan_summary,
     plot_histograms,
@@ -410,7 +411,7 @@ def run(opts: Options) -> Results:
 
 def _run(opts: Options) -> Results:
     data = load_data(0)
-    results = Results(opts.name, {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()})
+    results = Results(opts.name, options_dict(opts))
     plots: list[Path] = []
     for seed in opts.seeds:
         torch.manual_seed(seed)

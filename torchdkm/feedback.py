@@ -48,6 +48,11 @@ class GPTQReport:
     errors: dict[str, tuple[float, float]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
 
+    def summary(self) -> str:
+        """One line: how many layers were compensated, and their mean output error before and after."""
+        mean = [sum(pair[i] for pair in self.errors.values()) / max(len(self.errors), 1) for i in (0, 1)]
+        return f"{len(self.errors)} layers, mean output error {mean[0]:.4f} -> {mean[1]:.4f}"
+
     def __str__(self) -> str:
         lines = [f"{name}: output error {a:.4g} -> {b:.4g}" for name, (a, b) in self.errors.items()]
         lines += [f"{name}: not compensated ({why})" for name, why in self.skipped.items()]
@@ -98,7 +103,7 @@ def gptq(
             why = "tied (tied=False)" if not tied else f"tied: compensated as {owner!r}"
         if why:
             report.skipped[key] = why
-        elif key not in layers:
+        else:
             layers[key] = (name, module, param, p)
     if not layers:
         raise TorchdkmError(f"gptq: no layer to compensate (a model from torchdkm.prepare, with Linear or Conv2d weights); skipped: {report.skipped}")

@@ -46,6 +46,11 @@ def token_windows(tokenizer, passages: list[str], length: int) -> Tensor:
     return torch.tensor(ids[: count * length], dtype=torch.long).view(count, length)
 
 
+def spread(windows: Tensor, count: int) -> Tensor:
+    """``count`` of ``windows`` evenly spread over them (all of them if fewer): a calibration from the whole text."""
+    return windows[:: max(1, len(windows) // count)][:count]
+
+
 def window_losses(model: nn.Module, windows: Tensor) -> Iterator[Tensor]:
     """The next-token loss of each window in turn (what :func:`torchdkm.plan_to_size` needs for its Fisher)."""
     for window in windows:

@@ -204,7 +204,7 @@ def compress(
     if target_bpw is not None:
         say(f"planning {target_bpw} bits per parameter (k-means per layer and option) ...", file=sys.stderr, flush=True)
         if windows is not None:  # a causal LM: its next-token loss on a few windows weighs the errors (Fisher)
-            run = functools.partial(causal.window_losses, windows=windows[:: max(1, len(windows) // 8)][:8])
+            run = functools.partial(causal.window_losses, windows=causal.spread(windows, 8))
         else:
             batch = tokenizer(sentences[:16], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
             run = lambda model: model(**batch)  # noqa: E731
@@ -218,14 +218,12 @@ def compress(
     if gptq:
         say("GPTQ: compensating the rounding on the calibration ...", file=sys.stderr, flush=True)
         if windows is not None:
-            chosen = windows[:: max(1, len(windows) // 64)][:64]
+            chosen = causal.spread(windows, 64)
             run = lambda model: [model(input_ids=part) for part in chosen.split(batch_size)]  # noqa: E731
         else:
             batch = tokenizer(sentences[:64], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
             run = lambda model: model(**batch)  # noqa: E731
-        errors = list(compensate(student, run, reference=teacher).errors.values())
-        say(f"GPTQ: {len(errors)} layers, mean output error {sum(a for a, _ in errors) / len(errors):.4f} -> "
-            f"{sum(b for _, b in errors) / len(errors):.4f}", file=sys.stderr, flush=True)  # fmt: skip
+        say(f"GPTQ: {compensate(student, run, reference=teacher).summary()}", file=sys.stderr, flush=True)
     if windows is not None:
         say(f"distilling next-token distributions on {len(windows)} windows of {window} tokens", file=sys.stderr)
         causal.distill_causal(
