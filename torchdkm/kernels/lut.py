@@ -126,12 +126,15 @@ class PackedWeight:
         self.library = lut_library()
         #: Whether the direct product takes the block scales (every 16-index chunk in one block; else tiles).
         self.direct = bool(self.library.tdkm_lut_whole_chunks(self.ref))
+        #: The loops run their parts on torch's OpenMP team (else the Python pool splits the work).
+        self.openmp = bool(self.library.tdkm_openmp())
+        self._gemv = self.library.tdkm_lut_gemv_threads  # (bound once: decoding calls it ~200 times a token)
 
     @property
     def gemm(self) -> bool:
         """Whether ``lut_gemm.c`` multiplies more rows here (AVX-512, vectorised rows, torch's OpenMP team); asked
         at each use, as the instruction set may be capped after the weight is made (the tests do)."""
-        return bool(self.library.tdkm_openmp()) and bool(self.library.tdkm_lut_gemm_ok(self.ref))
+        return self.openmp and bool(self.library.tdkm_lut_gemm_ok(self.ref))
 
     def rows(self, rows: Tensor, scaled: bool = False) -> Tensor:
         """``(len(rows), row_len)`` float32 rows of the weight (``scaled``: block scales applied as decoding does)."""
@@ -150,7 +153,7 @@ class PackedWeight:
         loops joined it (a whole weight decoded for a GEMM is written by every core), else on the
         Python pool above :data:`MIN_PARALLEL`."""
         pointer, work = rows.data_ptr() + 8 * first, count * self.row_len
-        if self.library.tdkm_openmp():
+        if self.openmp:
             self.library.tdkm_lut_rows_threads(self.ref, pointer, count, out.data_ptr(), int(scaled), _team_threads(work))
             return
         function = self.library.tdkm_lut_rows
@@ -163,6 +166,15 @@ class PackedWeight:
     def linear(self, x: Tensor, bias: Tensor | None) -> Tensor:
         """``x @ W.T + bias`` for float32 ``x`` on the CPU (see the module docstring for the four paths)."""
         out_features, row_len = self.out_features, self.row_len
+        if self.direct and self.openmp and row_len and x.shape[-1] == row_len and x.is_contiguous():
+            n = x.numel() // row_len
+            if 0 < n <= GEMV_ROWS:  # decoding: the direct product with no reshapes or copies (each costs ~1 us)
+                y = x.new_empty((*x.shape[:-1], out_features))
+                work = out_features * row_len * n
+                threads = torch.get_num_threads() if work >= MIN_GEMV_PARALLEL else 1  # (a forked child: pool.c's)
+                if self._gemv(self.ref, 0, out_features, x.data_ptr(), row_len, n, y.data_ptr(), out_features, threads):
+                    raise MemoryError("lut_linear: out of memory for the block tables")
+                return y if bias is None else y.add_(bias)
         flat = x.reshape(-1, row_len).contiguous()
         n = flat.shape[0]
         if n <= GEMV_ROWS and self.direct:
@@ -185,7 +197,7 @@ class PackedWeight:
         Python pool (only products of :data:`MIN_PARALLEL` and more: handing jobs to it costs 30-50 us)."""
         n, row_len, out = flat.shape[0], self.row_len, self.out_features
         work = out * row_len * n
-        if self.library.tdkm_openmp():
+        if self.openmp:
             threads = _team_threads(work)
             status = [self.library.tdkm_lut_gemv_threads(self.ref, 0, out, flat.data_ptr(), row_len, n, y.data_ptr(), out, threads)]
         else:
@@ -215,7 +227,7 @@ class PackedWeight:
             count = min(tile, out_features - first)
             # (without OpenMP on this thread: the GEMM's OpenMP threads still spin after each call, so pool
             # threads decoding beside them would fight them for the cores; measured: 768x3072 at batch 64, 7x slower)
-            if self.library.tdkm_openmp():
+            if self.openmp:
                 self._decode(rows, first, count, buffer, True)
             else:
                 self.library.tdkm_lut_rows(self.ref, rows.data_ptr() + 8 * first, count, buffer.data_ptr(), 1)

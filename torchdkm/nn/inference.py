@@ -66,19 +66,24 @@ def _buffer_names(param: str) -> tuple[str, ...]:
     return tuple(f"{param}_{part}" for part in ("indices", "lut", "scales", "offsets"))
 
 
-def packed_weight(module: nn.Module, param: str = "weight") -> lut.PackedWeight:
+def packed_weight(module: nn.Module, param: str = "weight") -> lut.PackedWeight | None:
     """The module's packed weight as the native loops read it, made once and kept (remade if a buffer moves
-    or changes).  Kept beside the module, not in it: copies and pickles of the module do not carry it."""
+    or changes); None where the loops are not available (:func:`torchdkm.kernels.lut.available`, asked when the
+    weight is made, not at every call).  Kept beside the module, not in it: copies and pickles of the module do
+    not carry it."""
     buffers = module._buffers  # (not getattr: a forward's every microsecond counts here)
     tensors = [buffers.get(name) for name in _buffer_names(param)]
     key = tuple((t.data_ptr(), t._version) for t in tensors if t is not None)
-    kept = _PACKED.setdefault(module, {}).get(param)
-    if kept is None or kept[0] != key:
-        spec = module.palette[param]
-        weight = lut.PackedWeight(*lut_args(module, param)[:2], spec.bits, spec.dim, spec.group_size,
-                                  spec.layout.shape[0], spec.layout.row_len, *scale_args(module, param))  # fmt: skip
-        kept = _PACKED[module][param] = (key, weight)
-    return kept[1]
+    kept = _PACKED.get(module)
+    entry = None if kept is None else kept.get(param)
+    if entry is None or entry[0] != key:
+        weight = None
+        if lut.available():
+            spec = module.palette[param]
+            weight = lut.PackedWeight(*lut_args(module, param)[:2], spec.bits, spec.dim, spec.group_size,
+                                      spec.layout.shape[0], spec.layout.row_len, *scale_args(module, param))  # fmt: skip
+        entry = _PACKED.setdefault(module, {})[param] = (key, weight)
+    return entry[1]
 
 
 def native_call(input: Tensor, bias: Tensor | None) -> bool:
@@ -87,19 +92,21 @@ def native_call(input: Tensor, bias: Tensor | None) -> bool:
     The direct call skips the dispatcher and the per-call setup (~40 us a call: SmolLM2 decodes a token in
     211 of them); compiled, exported or differentiated forwards go through ``torch.ops.torchdkm.lut_linear``.
     """
-    if type(input) is not Tensor or input.dtype != torch.float32 or input.device.type != "cpu":
+    if type(input) is not Tensor or input.dtype != torch.float32 or not input.is_cpu:
         return False
     if torch.is_grad_enabled() and (input.requires_grad or (bias is not None and bias.requires_grad)):
         return False
-    return not torch.compiler.is_compiling() and lut.available()
+    return not torch.compiler.is_compiling()
 
 
 def packed_product(module: nn.Module, input: Tensor, out_features: int) -> Tensor:
     """``input @ W.T + bias`` from the module's packed weight: the native loops directly where
-    :func:`native_call` allows, else ``torch.ops.torchdkm.lut_linear``."""
+    :func:`native_call` allows and they are built, else ``torch.ops.torchdkm.lut_linear``."""
     bias = module._parameters.get("bias")  # (not module.bias: nn.Module's __getattr__ costs ~2.5 us a read)
     if native_call(input, bias):
-        return packed_weight(module).linear(input, bias)
+        weight = packed_weight(module)
+        if weight is not None:
+            return weight.linear(input, bias)
     return torch.ops.torchdkm.lut_linear(input, *lut_args(module), out_features, bias, *scale_args(module))
 
 
