@@ -104,6 +104,9 @@ class Options:
     batch_size: int = 4
     steps: int = 64
     lr: float = 1e-3  # (3e-4 before: 5-19 % worse at 64 steps, results/llm_probe_lr1e-3*.md)
+    #: Every planned layer's ``LayerConfig.straight_through`` during DKM (None: each layer's default, 1 at one
+    #: bit per weight and below, else 0)
+    straight_through: float | None = None
     new_tokens: int = 20
     seed: int = 0
     parts: tuple[str, ...] = ("dkm", "baselines", "coreml-dkm")
@@ -365,7 +368,11 @@ def run_target(ex: Experiment, widest: torchdkm.SizePlan, target: float) -> None
     chosen = plan_summary(plan)
     log_line(f"{plan.bits_per_weight:.3f} bits per weight, {chosen}")
     started = time.perf_counter()
-    student = torchdkm.prepare(ex.student(), plan.config, progress=False, importance=plan.importance)
+    config, trained = plan.config, ""
+    if opts.straight_through is not None:
+        config.by_name = {name: rule.replace(straight_through=opts.straight_through) for name, rule in config.by_name.items()}
+        trained = f", straight-through {opts.straight_through:g}"
+    student = torchdkm.prepare(ex.student(), config, progress=False, importance=plan.importance)
     snapped = torchdkm.finalize(copy.deepcopy(student))
     ex.record("k-means planned", f"{target:g} bpw", snapped, saved_bytes(snapped), started, note=chosen)
     del snapped
@@ -380,7 +387,7 @@ def run_target(ex: Experiment, widest: torchdkm.SizePlan, target: float) -> None
     steps = ex.distill(student)
     final = torchdkm.finalize(student)
     ex.record("DKM (torchdkm)", f"{target:g} bpw", final, saved_bytes(final), started, steps=steps,
-              note=f"{steps} steps of {opts.batch_size}x{opts.train_window} tokens, lr {opts.lr:g}, from {start}; {chosen}")  # fmt: skip
+              note=f"{steps} steps of {opts.batch_size}x{opts.train_window} tokens, lr {opts.lr:g}{trained}, from {start}; {chosen}")  # fmt: skip
 
 
 def write_report(results: Results, out: Path) -> Path:
@@ -574,6 +581,7 @@ def cli() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, help="DKM distillation steps per target (default 64)")
     parser.add_argument("--targets", type=float, nargs="+", help="bits per weight, all in (default 4 3 2.5 2)")
     parser.add_argument("--lr", type=float)
+    parser.add_argument("--straight-through", type=float, help="every planned layer's straight-through weight (default: each layer's own)")
     parser.add_argument("--parts", nargs="+", choices=tuple(PARTS), help="what to run (default: all)")
     parser.add_argument("--name", help="results file name (default llm)")
     parser.add_argument("--merge", type=Path, nargs="+", metavar="JSON", help="combine parts run apart into --name")
@@ -586,7 +594,8 @@ def options(args: argparse.Namespace) -> Options:
     torch's generator; the experiment runs one seed at a time)."""
     changes: dict[str, Any] = {"out": args.out, "progress": not args.no_progress}
     changes.update({k: v for k, v in (("name", args.name), ("parts", tuple(args.parts or ()))) if v})
-    changes.update({k: v for k, v in (("steps", args.steps), ("lr", args.lr), ("jobs", args.jobs)) if v is not None})
+    changes.update({k: v for k, v in (("steps", args.steps), ("lr", args.lr), ("jobs", args.jobs),
+                                            ("straight_through", args.straight_through)) if v is not None})  # fmt: skip
     if args.targets:
         changes["targets"] = tuple(args.targets)
     if args.seeds:

@@ -99,6 +99,23 @@ def test_parts_run_apart_merge_into_one_report(tmp_path: Path) -> None:
     assert "DKM 4.5 bpw" in (tmp_path / "both.md").read_text()
 
 
+def test_straight_through_reaches_every_planned_layer(tmp_path: Path, monkeypatch) -> None:
+    pytest.importorskip("transformers")
+    import torchdkm
+
+    seen, prepare = [], torchdkm.prepare
+    monkeypatch.setattr(torchdkm, "prepare", lambda model, config, **kw: seen.append(config) or prepare(model, config, **kw))
+    opts = Options.tiny(out=tmp_path, progress=False, parts=("dkm",), targets=(4.5,), straight_through=1.0, gptq_windows=0)
+    run(opts)
+    rules = seen[0].by_name
+    assert rules and {rule.straight_through for rule in rules.values()} == {1.0}
+    records = json.loads((tmp_path / "llm_tiny.json").read_text())["records"]
+    notes = {r["method"]: r["note"] for r in records}
+    assert "lr 0.001, straight-through 1, from k-means" in notes["DKM (torchdkm)"]
+    assert "straight-through" not in notes["k-means planned"]
+    assert options(cli().parse_args(["--straight-through", "0.5"])).straight_through == 0.5
+
+
 def test_parts_side_by_side_merge_into_one_report(tmp_path: Path) -> None:
     pytest.importorskip("transformers")
     opts = Options.tiny(out=tmp_path, progress=False, jobs=2, parts=("dkm", "baselines"), targets=(4.5,),
