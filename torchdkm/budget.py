@@ -108,12 +108,7 @@ class SizePlan:
     def retarget(self, target_bpw: float) -> SizePlan:
         """The same measured options spent for another size: plans for several sizes cost one measurement.
 
-        ``header``: the budget holds the file's header too (an allowance: the
-    written file never exceeds the target); ``False`` budgets the tensors'
-    bytes only, as :func:`torchdkm.report` counts them (to match a size counted
-    that way, another method's).
-
-    Raises :class:`TorchdkmError` when even the cheapest options do not fit.
+        Raises :class:`TorchdkmError` when even the cheapest options do not fit.
         """
         _check_target(target_bpw)
         layers = [replace(layer, chosen=0) for layer in self.layers]
@@ -173,6 +168,11 @@ def plan_to_size(
     (``for ids in batches: yield m(input_ids=ids, labels=ids).loss``; each is
     backpropagated before the next is computed), and the errors are Fisher
     estimates of the loss increase (the module docstring says why).
+
+    ``header``: the budget holds the file's header too (an allowance: the
+    written file never exceeds the target); ``False`` budgets the tensors'
+    bytes only, as :func:`torchdkm.report` counts them (to match a size counted
+    that way, another method's).
 
     Raises :class:`TorchdkmError` when even the cheapest option of every layer
     does not fit, naming the smallest size that does.
