@@ -71,6 +71,22 @@ def error_sum(plan: torchdkm.SizePlan) -> float:
     return sum(layer.error for layer in plan.layers)
 
 
+def smallest_matching(plan: torchdkm.SizePlan, target: float, error: float) -> float | None:
+    """The smallest float16 plan, ``target`` plus a multiple of :data:`STEP` up to :data:`WIDEST`, whose summed
+    error is at most ``error``: a bisection (a larger budget never raises the greedy plan's error), as each
+    plan of SmolLM2 takes seconds to spend."""
+    low, high = 0, round(WIDEST / STEP)  # error(low) > error is not assumed: low = 0 is the target itself
+    if error_sum(plan.retarget(target + high * STEP)) > error:
+        return None
+    while low < high:
+        middle = (low + high) // 2
+        if error_sum(plan.retarget(target + middle * STEP)) <= error:
+            high = middle
+        else:
+            low = middle + 1
+    return target + low * STEP
+
+
 def compare(plan: torchdkm.SizePlan, model: nn.Module, targets: tuple[float, ...]) -> list[dict]:
     """Per target: the float16 scales' share of the file and both plans' summed errors, and the float16 plan
     size that matches the 8-bit one's error (None: not within :data:`WIDEST` bits per weight more)."""
@@ -78,11 +94,7 @@ def compare(plan: torchdkm.SizePlan, model: nn.Module, targets: tuple[float, ...
     for target in targets:
         half, codes = plan.retarget(target), cheaper.retarget(target)
         spent = sum(scale_bytes(layer.config, *rows_and_length(model, layer))[0] for layer in half.layers)
-        matched = None
-        for step in range(1, round(WIDEST / STEP) + 1):
-            if error_sum(plan.retarget(target + step * STEP)) <= error_sum(codes):
-                matched = target + step * STEP
-                break
+        matched = smallest_matching(plan, target, error_sum(codes))
         rows.append({"target": target, "file_bytes": half.bytes, "scale_bytes": spent,
                      "scale_bpw": 8 * spent / half.parameters, "error_float16": error_sum(half),
                      "error_8bit": error_sum(codes), "float16_plan_matching": matched})  # fmt: skip

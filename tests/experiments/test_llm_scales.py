@@ -56,3 +56,17 @@ def test_the_command_writes_its_table(tmp_path: Path) -> None:
     data = json.loads((tmp_path / "llm_scale_cost.json").read_text())
     assert [r["target"] for r in data["rows"]] == list(Options.tiny().targets)
     assert "| target bpw |" in (tmp_path / "llm_scale_cost.md").read_text()
+
+
+def test_the_matching_plan_is_the_smallest_on_the_grid(planned) -> None:
+    plan, _ = planned
+    from experiments.llm_scales import STEP, error_sum, smallest_matching
+
+    target = Options.tiny().targets[-1]
+    wanted = error_sum(plan.retarget(target + 7 * STEP))
+    found = smallest_matching(plan, target, wanted)
+    assert found is not None and found <= target + 7 * STEP + 1e-9
+    assert error_sum(plan.retarget(found)) <= wanted
+    if found > target:
+        assert error_sum(plan.retarget(found - STEP)) > wanted
+    assert smallest_matching(plan, target, -1.0) is None  # no plan has a negative error
