@@ -370,8 +370,8 @@ def run_target(ex: Experiment, widest: torchdkm.SizePlan, target: float) -> None
     started = time.perf_counter()
     config, trained = plan.config, ""
     if opts.straight_through is not None:
-        config.by_name = {name: rule.replace(straight_through=opts.straight_through) for name, rule in config.by_name.items()}
-        trained = f", straight-through {opts.straight_through:g}"
+        rules = {name: rule.replace(straight_through=opts.straight_through) for name, rule in config.by_name.items()}
+        config, trained = torchdkm.DKMConfig(default=None, by_name=rules), f", straight-through {opts.straight_through:g}"
     student = torchdkm.prepare(ex.student(), config, progress=False, importance=plan.importance)
     snapped = torchdkm.finalize(copy.deepcopy(student))
     ex.record("k-means planned", f"{target:g} bpw", snapped, saved_bytes(snapped), started, note=chosen)
@@ -594,8 +594,8 @@ def options(args: argparse.Namespace) -> Options:
     torch's generator; the experiment runs one seed at a time)."""
     changes: dict[str, Any] = {"out": args.out, "progress": not args.no_progress}
     changes.update({k: v for k, v in (("name", args.name), ("parts", tuple(args.parts or ()))) if v})
-    changes.update({k: v for k, v in (("steps", args.steps), ("lr", args.lr), ("jobs", args.jobs),
-                                            ("straight_through", args.straight_through)) if v is not None})  # fmt: skip
+    given = (("steps", args.steps), ("lr", args.lr), ("jobs", args.jobs), ("straight_through", args.straight_through))
+    changes.update({k: v for k, v in given if v is not None})
     if args.targets:
         changes["targets"] = tuple(args.targets)
     if args.seeds:
