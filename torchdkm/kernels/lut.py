@@ -166,23 +166,15 @@ class PackedWeight:
     def linear(self, x: Tensor, bias: Tensor | None) -> Tensor:
         """``x @ W.T + bias`` for float32 ``x`` on the CPU (see the module docstring for the four paths)."""
         out_features, row_len = self.out_features, self.row_len
-        if self.direct and self.openmp and row_len and x.shape[-1] == row_len and x.is_contiguous():
-            n = x.numel() // row_len
-            if 0 < n <= GEMV_ROWS:  # decoding: the direct product with no reshapes or copies (each costs ~1 us)
-                y = x.new_empty((*x.shape[:-1], out_features))
-                work = out_features * row_len * n
-                threads = torch.get_num_threads() if work >= MIN_GEMV_PARALLEL else 1  # (a forked child: pool.c's)
-                if self._gemv(self.ref, 0, out_features, x.data_ptr(), row_len, n, y.data_ptr(), out_features, threads):
-                    raise MemoryError("lut_linear: out of memory for the block tables")
-                return y if bias is None else y.add_(bias)
+        if self.direct and row_len and x.shape[-1] == row_len and x.numel() // row_len <= GEMV_ROWS:
+            # decoding: the direct product in x's own shape, no reshapes or transposed copies (each costs ~1 us)
+            x = x.contiguous()
+            y = x.new_empty((*x.shape[:-1], out_features))
+            self._product(x, x.numel() // row_len, y)
+            return y if bias is None else y.add_(bias)
         flat = x.reshape(-1, row_len).contiguous()
         n = flat.shape[0]
-        if n <= GEMV_ROWS and self.direct:
-            y = torch.empty(n, out_features, dtype=torch.float32)
-            self._product(flat, y)
-            if bias is not None:
-                y += bias
-        elif (n <= GEMM_ROWS or out_features * row_len <= TILE) and self.gemm:
+        if (n <= GEMM_ROWS or out_features * row_len <= TILE) and self.gemm:
             y = self._gemm(flat, bias)
         elif out_features * row_len <= TILE:  # one tile holds the weight: decode it, then a dense Linear's GEMM
             buffer = scratch((out_features, row_len), torch.float32, flat.device, "lut")
@@ -192,18 +184,18 @@ class PackedWeight:
             y = self._tiles(flat, bias)
         return y.reshape(*x.shape[:-1], out_features)
 
-    def _product(self, flat: Tensor, y: Tensor) -> None:
-        """``y = flat @ W.T`` from the indices: on torch's OpenMP team where the loops joined it, else on the
-        Python pool (only products of :data:`MIN_PARALLEL` and more: handing jobs to it costs 30-50 us)."""
-        n, row_len, out = flat.shape[0], self.row_len, self.out_features
+    def _product(self, x: Tensor, n: int, y: Tensor) -> None:
+        """``y = x @ W.T`` for ``n`` contiguous rows of ``x`` (any leading shape) from the indices: on torch's
+        OpenMP team where the loops joined it, else on the Python pool (only products of :data:`MIN_PARALLEL`
+        and more: handing jobs to it costs 30-50 us)."""
+        row_len, out = self.row_len, self.out_features
         work = out * row_len * n
         if self.openmp:
-            threads = _team_threads(work)
-            status = [self.library.tdkm_lut_gemv_threads(self.ref, 0, out, flat.data_ptr(), row_len, n, y.data_ptr(), out, threads)]
+            failed = self._gemv(self.ref, 0, out, x.data_ptr(), row_len, n, y.data_ptr(), out, _team_threads(work))
         else:
             gemv = self.library.tdkm_lut_gemv
-            status = run_jobs([lambda s=s: gemv(self.ref, *s, flat.data_ptr(), row_len, n, y.data_ptr(), out) for s in _spans(out, work)])
-        if any(status):
+            failed = any(run_jobs([lambda s=s: gemv(self.ref, *s, x.data_ptr(), row_len, n, y.data_ptr(), out) for s in _spans(out, work)]))
+        if failed:
             raise MemoryError("lut_linear: out of memory for the block tables")
 
     def _gemm(self, flat: Tensor, bias: Tensor | None) -> Tensor:
