@@ -18,9 +18,9 @@ Outputs: ``results/llm_scale_cost.{json,md}``.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -55,16 +55,17 @@ def rows_and_length(model: nn.Module, layer: torchdkm.budget.LayerChoice) -> tup
 
 
 def with_8bit_scales(plan: torchdkm.SizePlan, model: nn.Module) -> torchdkm.SizePlan:
-    """The same measured options, each scaled one costed with 8-bit scales (cheapest first again)."""
-    cheaper = copy.deepcopy(plan)
-    for layer in cheaper.layers:
+    """The same measured options, each scaled one costed with 8-bit scales (cheapest first again); the plan's
+    other fields shared, not copied (its Fisher weights are as large as the model)."""
+    layers = []
+    for layer in plan.layers:
         rows, row_len = rows_and_length(model, layer)
-        options = []
+        costed = []
         for config, size, error in layer.options:
             half, codes = scale_bytes(config, rows, row_len)
-            options.append((config, size - half + codes, error))
-        layer.options = sorted(options, key=lambda option: option[1])
-    return cheaper
+            costed.append((config, size - half + codes, error))
+        layers.append(replace(layer, options=sorted(costed, key=lambda option: option[1]), chosen=0))
+    return replace(plan, layers=layers)
 
 
 def error_sum(plan: torchdkm.SizePlan) -> float:
