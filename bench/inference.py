@@ -41,6 +41,7 @@ from torch import nn
 
 import torchdkm
 from bench.dkm_step import machine_info
+from experiments.common import environment
 
 RESULTS = Path(__file__).with_name("results")
 SHAPES = [(576, 1536), (768, 3072), (4096, 4096)]
@@ -265,18 +266,12 @@ def rss(field: str) -> float:
     return int(line.split()[1]) / 1024
 
 
-def commit() -> str:
-    """The checked-out commit, short (the tree may hold uncommitted edits); empty outside a git checkout."""
-    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=RESULTS.parent, capture_output=True, text=True)
-    return done.stdout.strip()
-
-
 def write(rows: list[dict], end_to_end: dict | None, args: argparse.Namespace, decode: dict | None = None) -> None:
     RESULTS.mkdir(exist_ok=True)
     machine = machine_info()
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "isa": torchdkm.kernels.lut.isa(),
             "rounds": args.rounds, "repeat": args.repeat, "cpu": machine["cpu"], "nproc": machine["nproc"],
-            "git": commit()}  # fmt: skip
+            "git": environment()["git"]}  # fmt: skip
     report = {"meta": meta, "layers": rows, "minilm": end_to_end, "smollm2": decode}
     (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=1))
     lines = [f"# Palettized inference (python -m bench.inference{' '.join(['', *sys.argv[1:]])})", "", f"{meta}", "",
